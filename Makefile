@@ -1,0 +1,46 @@
+# One entry point. Each target does its own set-up: creates .venv and installs the pinned
+# environment (pyproject.toml) the first time, or again when pyproject.toml changes.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= all
+
+.PHONY: setup test test-fast figures demo report check-model benchmark clean-results
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (found %s); set PYTHON=/path/to/python3.11" % sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: on this project's CPU machines pip takes the local CPU build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+## Run the test suite (what CI runs).
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+## Regenerate every figure and table from GPT-2 small (needs network once, or model_path).
+figures: $(STAMP)
+	$(BIN)/python -m ioi check-model --configfile config/config.yaml
+	$(BIN)/snakemake --cores $(CORES)
+
+## The whole figure DAG on the planted-circuit model, offline.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/snakemake --cores $(CORES) --configfile config/offline.yaml
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html
+
+check-model: $(STAMP)
+	$(BIN)/python -m ioi check-model --configfile config/config.yaml
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/patching.py
+
+clean-results:
+	rm -rf results .snakemake

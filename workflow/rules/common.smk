@@ -1,0 +1,50 @@
+# Helpers shared by the rules: config validation, the model folder, library sources as inputs.
+from pathlib import Path
+
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+
+def model_spec():
+    """The model the workflow runs on: model_path when set, else the `model` spec."""
+    return config["model_path"] or config["model"]
+
+
+def model_name():
+    """Folder name under results/ and figures/, so runs of different models never mix."""
+    if config["model_name"]:
+        return config["model_name"]
+    from ioi.models import model_slug
+
+    return model_slug(model_spec())
+
+
+MODEL = model_name()
+RESULTS = f"results/{MODEL}"
+FIGURES = f"figures/{MODEL}"
+DATASETS = "results/datasets"
+
+
+def lib_sources(*modules):
+    """Library modules a rule imports, as inputs, so editing them re-runs the rule (mtime)."""
+    root = Path("src/ioi")
+    paths = []
+    for module in modules:
+        package = root / module
+        if package.is_dir():
+            paths.extend(sorted(str(p) for p in package.glob("*.py")))
+        else:
+            paths.append(str(root / f"{module}.py"))
+    return paths
+
+
+def dataset_path(kind, n):
+    """The IOI (or ABC) dataset of n prompts for this config's dataset settings and seed."""
+    return f"{DATASETS}/{kind}_n{n}_seed{config['seed']}.parquet"
+
+
+def all_targets():
+    n_values = sorted(set(config["n"][key] for key in ("baseline", "patching", "knockout", "scatter", "copy_score")))
+    return [dataset_path(kind, n) for kind in ("ioi", "abc") for n in n_values]
