@@ -3,6 +3,8 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from ioi.registry import EXPERIMENTS, FIGURES as FIGURE_SPECS
+
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -45,6 +47,12 @@ def dataset_path(kind, n):
     return f"{DATASETS}/{kind}_n{n}_seed{config['seed']}.parquet"
 
 
+LIBRARY_SOURCES = sorted(str(p) for p in Path("src/ioi").rglob("*.py") if "plots" not in p.parts)
+PLOT_SOURCES = sorted(str(p) for p in Path("src/ioi/plots").glob("*.py")) + ["src/ioi/registry.py"]
+
+
 def all_targets():
-    n_values = sorted(set(config["n"][key] for key in ("baseline", "patching", "knockout", "scatter", "copy_score")))
-    return [dataset_path(kind, n) for kind in ("ioi", "abc") for n in n_values]
+    """Every figure (PNG + PDF) and every experiment's results for the configured model."""
+    figures = [f"{FIGURES}/{name}.{ext}" for name in FIGURE_SPECS for ext in ("png", "pdf")]
+    results = [f"{RESULTS}/{name}/summary.json" for name in EXPERIMENTS]
+    return figures + results

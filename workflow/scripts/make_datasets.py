@@ -1,7 +1,5 @@
 """Write p_IOI and its position-aligned p_ABC (Snakemake script; thin wrapper over ioi.data)."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 from ioi.pipeline import log_to, make_datasets

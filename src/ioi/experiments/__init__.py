@@ -1,0 +1,1 @@
+"""Experiments behind every figure and table (one module per family)."""

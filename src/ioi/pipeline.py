@@ -1,0 +1,155 @@
+"""Glue between Snakemake scripts and the library, so the scripts stay a few lines long."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import torch
+
+from ioi.provenance import provenance, write_json
+
+
+class _Tee:
+    def __init__(self, *streams: TextIO):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def log_to(path: str | Path) -> Iterator[None]:
+    """Copy stdout and stderr (progress bars included) into the rule's log file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as log:
+        old_out, old_err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(old_out, log), _Tee(old_err, log)
+        handler = logging.StreamHandler(sys.stderr)
+        logging.getLogger().addHandler(handler)
+        try:
+            yield
+        finally:
+            logging.getLogger().removeHandler(handler)
+            sys.stdout, sys.stderr = old_out, old_err
+
+
+def set_threads(threads: int | None) -> None:
+    """Use the cores Snakemake gave this job, so parallel jobs do not oversubscribe."""
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def dataset_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """IOIDataset keyword arguments from the config's ``dataset`` section."""
+    return {
+        "prompt_type": settings.get("prompt_type", "mixed"),
+        "all_templates": bool(settings.get("all_templates", False)),
+        "prepend_bos": bool(settings.get("prepend_bos", False)),
+    }
+
+
+def make_datasets(
+    *, n: int, seed: int, settings: dict[str, Any], ioi_path: str, abc_path: str, meta_path: str
+) -> None:
+    """Generate p_IOI (n prompts, seed) and its p_ABC, save both, and record their hashes."""
+    from ioi.data import IOIDataset
+
+    ioi = IOIDataset(N=n, seed=seed, **dataset_kwargs(settings))
+    abc = ioi.abc_dataset(paper_collisions=bool(settings.get("paper_collisions", False)))
+    ioi.save(ioi_path)
+    abc.save(abc_path)
+    write_json(
+        meta_path,
+        provenance(
+            None,
+            N=n,
+            seed=seed,
+            dataset_settings=settings,
+            ioi_hash=ioi.content_hash(),
+            abc_hash=abc.content_hash(),
+            templates=sorted(set(ioi.template_ids)),
+        ),
+    )
+    print(f"wrote {n} IOI prompts ({ioi.content_hash()[:12]}) and their ABC set ({abc.content_hash()[:12]})")
+
+
+def load_workflow_model(spec: str, *, device: str = "auto", seed: int = 0, **processing):
+    """The configured model, with a clear one-paragraph error (no stack trace) when unavailable."""
+    from ioi.models import ModelNotAvailableError, load_model
+
+    try:
+        return load_model(spec, device=None if device == "auto" else device, seed=seed, **processing)
+    except ModelNotAvailableError as err:
+        print(str(err), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_experiment_job(
+    *,
+    name: str,
+    model_spec: str,
+    model_label: str,
+    dataset_paths: dict[str, str],
+    out_dir: str,
+    n: int,
+    seed: int,
+    device: str,
+    dataset_settings: dict[str, Any],
+    memory_budget_mb: int,
+    threads: int | None = None,
+) -> None:
+    """Load model + datasets, run the registered experiment ``name``, write its three files."""
+    from ioi.circuits import circuit_for_model
+    from ioi.data import IOIDataset
+    from ioi.experiments.core import RunContext, run_and_write
+    from ioi.registry import EXPERIMENTS, resolve
+
+    set_threads(threads)
+    spec = EXPERIMENTS[name]
+    model = load_workflow_model(model_spec, device=device, seed=seed)
+    datasets = {kind: IOIDataset.load(path) for kind, path in dataset_paths.items()}
+    circuit = circuit_for_model(model_spec)  # validated by the experiments that use it
+    context = RunContext(
+        datasets=datasets,
+        circuit=circuit,
+        seed=seed,
+        n=n,
+        dataset_settings=dataset_settings,
+        memory_budget_mb=memory_budget_mb,
+        model_label=model_label,
+    )
+    run_and_write(resolve(spec.runner), model, context, out_dir, experiment_name=name)
+    print(f"{name}: done -> {out_dir}")
+
+
+def plot_figure_job(*, name: str, data_csv: str, summary_json: str, meta_json: str,
+                    png: str, pdf: str) -> None:
+    """Draw registered figure ``name`` from its experiment's files; save PNG and PDF atomically."""
+    import json
+
+    import pandas as pd
+
+    from ioi.plots.common import save_figure
+    from ioi.registry import FIGURES, resolve
+
+    spec = FIGURES[name]
+    frame = pd.read_csv(data_csv)
+    summary = json.loads(Path(summary_json).read_text())
+    meta = json.loads(Path(meta_json).read_text())
+    fig = resolve(spec.plotter)(frame, summary, meta)
+    save_figure(fig, png, pdf)

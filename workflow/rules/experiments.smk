@@ -1,0 +1,64 @@
+# One job per registered experiment (ioi.registry.EXPERIMENTS): model + datasets -> results files.
+
+
+def experiment_spec(wildcards):
+    return EXPERIMENTS[wildcards.experiment]
+
+
+def experiment_n(wildcards):
+    return config["n"][experiment_spec(wildcards).n_key]
+
+
+def experiment_inputs(wildcards):
+    spec = experiment_spec(wildcards)
+    inputs = {kind: dataset_path(kind, experiment_n(wildcards)) for kind in spec.datasets}
+    inputs["lib"] = LIBRARY_SOURCES
+    return inputs
+
+
+def experiment_gpus(wildcards):
+    return 0 if config["device"] == "cpu" else experiment_spec(wildcards).gpu
+
+
+def experiment_mem_mb(wildcards):
+    return experiment_spec(wildcards).mem_mb
+
+
+def experiment_runtime(wildcards):
+    return experiment_spec(wildcards).runtime_min
+
+
+def experiment_dataset_kinds(wildcards):
+    return list(experiment_spec(wildcards).datasets)
+
+
+rule experiment:
+    input:
+        unpack(experiment_inputs),
+    output:
+        data=RESULTS + "/{experiment}/data.csv",
+        summary=RESULTS + "/{experiment}/summary.json",
+        meta=RESULTS + "/{experiment}/meta.json",
+    log:
+        "logs/" + MODEL + "/{experiment}.log",
+    benchmark:
+        RESULTS + "/benchmarks/{experiment}.tsv"
+    wildcard_constraints:
+        experiment="|".join(EXPERIMENTS),
+    threads: workflow.cores
+    resources:
+        gpu=experiment_gpus,
+        mem_mb=experiment_mem_mb,
+        runtime=experiment_runtime,
+    params:
+        model_spec=model_spec(),
+        model_label=MODEL,
+        dataset_kinds=experiment_dataset_kinds,
+        out_dir=lambda wildcards: f"{RESULTS}/{wildcards.experiment}",
+        n=experiment_n,
+        seed=config["seed"],
+        device=config["device"],
+        dataset_settings=config["dataset"],
+        memory_budget_mb=config["memory_budget_mb"],
+    script:
+        "../scripts/run_experiment.py"

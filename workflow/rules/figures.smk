@@ -1,0 +1,36 @@
+# One job per registered figure (ioi.registry.FIGURES): experiment files -> PNG + PDF.
+
+
+def figure_inputs(wildcards):
+    experiment_name = FIGURE_SPECS[wildcards.figure].experiment
+    base = f"{RESULTS}/{experiment_name}"
+    return {
+        "data": f"{base}/data.csv",
+        "summary": f"{base}/summary.json",
+        "meta": f"{base}/meta.json",
+        "lib": PLOT_SOURCES,
+    }
+
+
+rule figure:
+    input:
+        unpack(figure_inputs),
+    output:
+        png=report(
+            FIGURES + "/{figure}.png",
+            caption="../report/figure.rst",
+            category="Figures",
+            labels={"figure": "{figure}", "model": MODEL},
+        ),
+        pdf=FIGURES + "/{figure}.pdf",
+    log:
+        "logs/" + MODEL + "/figures/{figure}.log",
+    wildcard_constraints:
+        figure="|".join(FIGURE_SPECS) if FIGURE_SPECS else "NO_FIGURES",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        caption=lambda wildcards: FIGURE_SPECS[wildcards.figure].caption,
+    script:
+        "../scripts/plot_figure.py"
