@@ -54,7 +54,7 @@ def load_reference(path: str | Path) -> dict:
 def load_summary(results_dir: Path, experiment: str) -> dict:
     path = results_dir / experiment / "summary.json"
     if not path.exists():
-        raise MissingResult(f"experiment `{experiment}` not run: no {path}")
+        raise MissingResult(f"experiment `{experiment}` not run: no {experiment}/summary.json")
     return json.loads(path.read_text())
 
 
