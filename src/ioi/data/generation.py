@@ -41,8 +41,12 @@ def check_n_available(
 
 
 def _draw_rows(
-    rng: np.random.Generator, size: int, template_choices: np.ndarray,
-    n_names: int, n_places: int, n_objects: int,
+    rng: np.random.Generator,
+    size: int,
+    template_choices: np.ndarray,
+    n_names: int,
+    n_places: int,
+    n_objects: int,
 ) -> np.ndarray:
     """``[size, 5]`` int rows (template, io, s, place, object), in a fixed draw order."""
     template = template_choices[rng.integers(len(template_choices), size=size)]
@@ -66,8 +70,13 @@ def _row_key(row: np.ndarray, templates: Sequence[Template], symmetric: bool) ->
 
 
 def _draw_unique_rows(
-    rng: np.random.Generator, size: int, templates: Sequence[Template],
-    n_names: int, n_places: int, n_objects: int, symmetric: bool,
+    rng: np.random.Generator,
+    size: int,
+    templates: Sequence[Template],
+    n_names: int,
+    n_places: int,
+    n_objects: int,
+    symmetric: bool,
 ) -> np.ndarray:
     """Rows without duplicate prompts: redraw the shortfall until ``size`` rows are distinct."""
     capacity = np.array(
@@ -89,8 +98,12 @@ def _draw_unique_rows(
 
 
 def _prompt_from_row(
-    row: np.ndarray, templates: Sequence[Template], names: Sequence[str],
-    places: Sequence[str], objects: Sequence[str], swap: bool = False,
+    row: np.ndarray,
+    templates: Sequence[Template],
+    names: Sequence[str],
+    places: Sequence[str],
+    objects: Sequence[str],
+    swap: bool = False,
 ) -> Prompt:
     t, io, s, place, obj = (int(v) for v in row)
     if swap:

@@ -21,7 +21,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from ioi.data.templates import PLACEHOLDER, builtin_template_id
+from ioi.data.templates import PLACEHOLDER, custom_template_id
 
 N_NAME_SLOTS = 4
 ANSWER_SLOT = 3
@@ -67,7 +67,9 @@ class Prompt:
         if len(self.names) != N_NAME_SLOTS:
             raise ValueError(f"A prompt has {N_NAME_SLOTS} name slots, got {self.names!r}")
         if not self.seen_names:
-            object.__setattr__(self, "seen_names", ordered_union((), (self.io, self.s, *self.names)))
+            object.__setattr__(
+                self, "seen_names", ordered_union((), (self.io, self.s, *self.names))
+            )
 
     @functools.cached_property
     def rendered(self) -> RenderedPrompt:
@@ -78,8 +80,14 @@ class Prompt:
         """The full sentence, including the final answer word (as in the paper code)."""
         return self.rendered.text
 
-    def with_slots(self, names: tuple[str, ...], *, io: str | None = None, s: str | None = None,
-                   new_words: tuple[str, ...] = ()) -> "Prompt":
+    def with_slots(
+        self,
+        names: tuple[str, ...],
+        *,
+        io: str | None = None,
+        s: str | None = None,
+        new_words: tuple[str, ...] = (),
+    ) -> "Prompt":
         """A copy with new slot words and labels; ``new_words`` join ``seen_names``."""
         io = self.io if io is None else io
         s = self.s if s is None else s
@@ -97,7 +105,7 @@ def ordered_union(first: tuple[str, ...], more: tuple[str, ...]) -> tuple[str, .
 
 
 def render(prompt: Prompt) -> RenderedPrompt:
-    """Fill the template: name placeholders take ``prompt.names`` in order, [PLACE]/[OBJECT] words."""
+    """Fill the template: name placeholders take ``prompt.names`` in order."""
     pieces: list[str] = []
     spans: list[tuple[int, int]] = []
     cursor = 0
@@ -138,6 +146,7 @@ def prompt_from_mapping(record: Mapping, template_form_of) -> Prompt:
     ``S``, ``PLACE``, ``OBJECT``. Without ``names`` the slots are those of a clean IOI prompt.
     ``template_form_of`` maps a template string to its form ("ABBA"/"BABA").
     """
+
     def get(*keys, default=None):
         for key in keys:
             if key in record and record[key] is not None:
@@ -152,7 +161,7 @@ def prompt_from_mapping(record: Mapping, template_form_of) -> Prompt:
         if template_id not in TEMPLATES_BY_ID:
             raise ValueError(f"Unknown template {template_id!r} in prompt record {dict(record)!r}")
         template = TEMPLATES_BY_ID[template_id]
-    template_id = template_id or builtin_template_id(template) or "custom-0"
+    template_id = template_id or custom_template_id(template)
     io, s = get("io", "IO"), get("s", "S")
     if io is None or s is None:
         raise ValueError(f"Prompt record needs 'io' and 's' names: {dict(record)!r}")

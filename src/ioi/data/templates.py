@@ -83,8 +83,8 @@ def parse_template(text: str, template_id: str) -> Template:
         id=template_id,
         text=text,
         form=pattern,
-        uses_place="[PLACE]" in found,
-        uses_object="[OBJECT]" in found,
+        uses_place="PLACE" in found,
+        uses_object="OBJECT" in found,
     )
 
 
@@ -133,7 +133,10 @@ def resolve_templates(
                 "or a list of template strings / ids like 'BABA-3' (the paper code's 'ABC'/'BAC' "
                 "types are not supported)."
             )
-        return [parse_template(TEMPLATES_BY_ID[t], t) for t in _named_template_ids(prompt_type, all_templates)]
+        return [
+            parse_template(TEMPLATES_BY_ID[t], t)
+            for t in _named_template_ids(prompt_type, all_templates)
+        ]
     items = list(prompt_type)
     if not items:
         raise ValueError("Unknown prompt_type []: the template list is empty.")
@@ -183,10 +186,17 @@ def count_distinct_prompts(
     return sum(distinct_prompts_per_template(t, n_names, n_places, n_objects) for t in templates)
 
 
-def template_sort_key(template_id: str) -> tuple[int, int]:
-    """Canonical order of template ids: BABA-0..14, ABBA-0..14, then custom-0, custom-1, ..."""
+def template_sort_key(template_id: str) -> tuple[int, int, str]:
+    """Canonical order of template ids: BABA-0..14, ABBA-0..14, custom-0, custom-1, ..., others."""
     if template_id in TEMPLATE_IDS:
-        return (0, TEMPLATE_IDS.index(template_id))
+        return (0, TEMPLATE_IDS.index(template_id), "")
     if template_id.startswith("custom-") and template_id[7:].isdigit():
-        return (1, int(template_id[7:]))
-    return (2, 0)
+        return (1, int(template_id[7:]), "")
+    return (2, 0, template_id)
+
+
+def custom_template_id(text: str) -> str:
+    """Id of a template given without one: its paper id, else "custom-" + 8 hex of its SHA-256."""
+    import hashlib
+
+    return builtin_template_id(text) or "custom-" + hashlib.sha256(text.encode()).hexdigest()[:8]

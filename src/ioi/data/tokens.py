@@ -60,7 +60,9 @@ def single_token_id(tokenizer, word: str, kind: str = "word") -> int:
     return ids[0]
 
 
-def validate_word_list(tokenizer, words: Sequence[str], kind: str, minimum: int = 1) -> dict[str, int]:
+def validate_word_list(
+    tokenizer, words: Sequence[str], kind: str, minimum: int = 1
+) -> dict[str, int]:
     """Check a name/place/object list; return ``{word: token id}``.
 
     Raises ValueError for too few words, duplicates, non-strings, or multi-token words.
@@ -85,15 +87,27 @@ def require_fast_tokenizer(tokenizer) -> None:
         )
 
 
-def _slot_token_index(
-    offsets: Sequence[tuple[int, int]], span: tuple[int, int]
-) -> int | None:
+def _slot_token_index(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> int | None:
     """Index of the token covering exactly one slot word (with or without its leading space)."""
     start, end = span
     for index, (tok_start, tok_end) in enumerate(offsets):
         if tok_end == end and tok_start in (start - 1, start):
             return index
     return None
+
+
+def _encode_with_offsets(
+    tokenizer, texts: list[str]
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(token ids, character offsets) per text, via the Rust backend when available (faster)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [
+            (list(e.ids), list(e.offsets))
+            for e in backend.encode_batch(texts, add_special_tokens=False)
+        ]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
 
 
 def tokenize_prompts(
@@ -105,15 +119,13 @@ def tokenize_prompts(
     (raises ValueError naming the prompt and word otherwise). Indices include the BOS shift.
     """
     require_fast_tokenizer(tokenizer)
-    texts = [p.text for p in prompts]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    encodings = _encode_with_offsets(tokenizer, [p.text for p in prompts])
     shift = int(prepend_bos)
     token_of: dict[str, int] = {}
     ids_out: list[list[int]] = []
     slots = np.zeros((len(prompts), len(prompts[0].names) if prompts else 4), dtype=np.int64)
     for row, prompt in enumerate(prompts):
-        ids = list(encoded["input_ids"][row])
-        offsets = encoded["offset_mapping"][row]
+        ids, offsets = encodings[row]
         for slot, span in enumerate(prompt.rendered.slot_spans):
             index = _slot_token_index(offsets, span)
             word = prompt.names[slot]
@@ -134,10 +146,10 @@ def pad_token_ids(
 ) -> Int[torch.Tensor, "batch pos"]:
     """Right-pad token id lists with ``pad_id`` into a LongTensor ``[N, max_len]``."""
     max_len = max(len(row) for row in ids)
-    toks = torch.full((len(ids), max_len), pad_id, dtype=torch.long)
+    toks = np.full((len(ids), max_len), pad_id, dtype=np.int64)
     for row, row_ids in enumerate(ids):
-        toks[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-    return toks.to(device)
+        toks[row, : len(row_ids)] = row_ids
+    return torch.from_numpy(toks).to(device)
 
 
 def _first(ids: Sequence[int], token: int, stop: int) -> int:
@@ -183,8 +195,10 @@ def clean_word_idx(
 
 def canonical_word_idx(word_idx, n: int) -> dict[str, np.ndarray]:
     """Normalise a user-given word_idx (aliases allowed; ``S1+1`` derived if absent)."""
-    given = {WORD_IDX_ALIASES.get(k, k): np.asarray(torch.as_tensor(v).cpu(), dtype=np.int64)
-             for k, v in dict(word_idx).items()}
+    given = {
+        WORD_IDX_ALIASES.get(k, k): np.asarray(torch.as_tensor(v).cpu(), dtype=np.int64)
+        for k, v in dict(word_idx).items()
+    }
     if "S1+1" not in given and "S1" in given:
         given["S1+1"] = given["S1"] + 1
     missing = [k for k in WORD_IDX_KEYS if k not in given]
@@ -212,4 +226,6 @@ def check_word_idx_in_bounds(word_idx: dict[str, np.ndarray], lengths: np.ndarra
 
 def to_word_idx(arrays: dict[str, np.ndarray], device) -> WordIdx:
     """Wrap position arrays as LongTensors on ``device``."""
-    return WordIdx({key: torch.as_tensor(arrays[key], dtype=torch.long).to(device) for key in WORD_IDX_KEYS})
+    return WordIdx(
+        {key: torch.as_tensor(arrays[key], dtype=torch.long).to(device) for key in WORD_IDX_KEYS}
+    )

@@ -49,7 +49,7 @@ BABA_TEMPLATES: tuple[str, ...] = (
     "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
     "Then, [B] and [A] had a lot of fun at the [PLACE]. [B] gave a [OBJECT] to [A]",
     "Then, [B] and [A] were working at the [PLACE]. [B] decided to give a [OBJECT] to [A]",
-    "Then, [B] and [A] were thinking about going to the [PLACE]. [B] wanted to give a [OBJECT] to [A]",
+    "Then, [B] and [A] were thinking about going to the [PLACE]. [B] wanted to give a [OBJECT] to [A]",  # noqa: E501
     "Then, [B] and [A] had a long argument, and afterwards [B] said to [A]",
     "After [B] and [A] went to the [PLACE], [B] gave a [OBJECT] to [A]",
     "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give it to [A]",
@@ -67,7 +67,7 @@ ABBA_TEMPLATES: tuple[str, ...] = (
     "Then, [A] and [B] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
     "Then, [A] and [B] had a lot of fun at the [PLACE]. [B] gave a [OBJECT] to [A]",
     "Then, [A] and [B] were working at the [PLACE]. [B] decided to give a [OBJECT] to [A]",
-    "Then, [A] and [B] were thinking about going to the [PLACE]. [B] wanted to give a [OBJECT] to [A]",
+    "Then, [A] and [B] were thinking about going to the [PLACE]. [B] wanted to give a [OBJECT] to [A]",  # noqa: E501
     "Then, [A] and [B] had a long argument, and afterwards [B] said to [A]",
     "After [A] and [B] went to the [PLACE], [B] gave a [OBJECT] to [A]",
     "When [A] and [B] got a [OBJECT] at the [PLACE], [B] decided to give it to [A]",
