@@ -27,3 +27,24 @@ def tiny_model():
     from ioi.models import load_model
 
     return load_model("random-L2-H4-D16", device="cpu", seed=0)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+CI_RESULTS = REPO / "results" / "planted-ioi-ci"
+CI_FIGURES = REPO / "figures" / "planted-ioi-ci"
+
+
+@pytest.fixture(scope="session")
+def planted_demo():
+    """Run the offline demo DAG (planted model, reduced N: config/ci.yaml) once per session.
+
+    Snakemake only re-runs what is out of date, so a second session is fast."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile",
+               "config/offline.yaml", "config/ci.yaml", "--quiet", "rules"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"offline demo failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return CI_RESULTS

@@ -24,6 +24,7 @@ def model_name():
 
 
 MODEL = model_name()
+PLANTED_REFERENCE = "tests/replication/planted_reference.yaml"
 RESULTS = f"results/{MODEL}"
 FIGURES = f"figures/{MODEL}"
 DATASETS = "results/datasets"
@@ -55,4 +56,4 @@ def all_targets():
     """Every figure (PNG + PDF) and every experiment's results for the configured model."""
     figures = [f"{FIGURES}/{name}.{ext}" for name in FIGURE_SPECS for ext in ("png", "pdf")]
     results = [f"{RESULTS}/{name}/summary.json" for name in EXPERIMENTS]
-    return figures + results
+    return figures + results + [f"{RESULTS}/paper_comparison.md"]
