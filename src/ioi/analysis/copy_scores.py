@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ioi.analysis._common import as_index, gather_positions, model_device, run_cache, unembed_bias
+from ioi.analysis._common import final_ln_affine, as_index, gather_positions, model_device, run_cache, unembed_bias
 
 __all__ = [
     "COPY_POSITIONS",
@@ -175,19 +175,33 @@ def copy_scores_from_resid(
     # normalisation once LN weights are folded).
     ln_layer = min(ln_layer, model.cfg.n_layers - 1)
     x = model.blocks[ln_layer].ln1(resid) if ln1_normalise else resid
-    n_heads_sel, n_samples = len(selected), x.shape[0]
-    chunk = max(1, max_logit_elements // max(1, n_heads_sel * W_U.shape[1]))
-    hits = torch.zeros(n_heads_sel, device=device)
-    for start in range(0, n_samples, chunk):
-        xs, names = x[start : start + chunk], name_ids[start : start + chunk]
-        v = torch.einsum("sd,kde->kse", xs, W_V)
+    n_samples = x.shape[0]
+    # ln_final(out) @ W_U + b_U, factored through the head's d_head-dimensional value space:
+    # out = v @ W_O, so its centred version is v @ W_O_c (W_O with each row centred over d_model),
+    # ln_final(out) = (v @ W_O_c) * gamma / sigma + beta with sigma = sqrt(mean(out_c^2) + eps), and
+    # logits = (v @ M) / sigma + c with M = (W_O_c * gamma) @ W_U and c = beta @ W_U + b_U.
+    # Exact algebra; ~12x fewer FLOPs than unembedding each d_model vector.
+    gamma, beta = final_ln_affine(model)
+    eps = float(getattr(model.cfg, "eps", 1e-5))
+    W_O_c = W_O - W_O.mean(-1, keepdim=True)  # [K, d_head, d_model]
+    const = beta @ W_U + b_U  # [vocab]
+    chunk = max(1, max_logit_elements // max(1, W_U.shape[1]))
+    hits = torch.zeros(len(selected), device=device)
+    for index in range(len(selected)):
+        v_all = x @ W_V[index]
         if add_b_V:
-            v = v + b_V[:, None, :]
-        out = sign * torch.einsum("kse,ked->ksd", v, W_O)  # [K, s, d_model]
-        logits = model.ln_final(out) @ W_U + b_U  # [K, s, vocab]
-        top = torch.topk(logits, k, dim=-1).indices  # [K, s, k]
-        hits += (top == names[None, :, None]).any(-1).float().sum(-1)
-        del logits, top, out, v
+            v_all = v_all + b_V[index]
+        v_all = sign * v_all  # [s, d_head]
+        out_c = v_all @ W_O_c[index]  # [s, d_model]
+        sigma = (out_c.pow(2).mean(-1) + eps).sqrt()  # [s]
+        M = (W_O_c[index] * gamma) @ W_U  # [d_head, vocab]
+        for start in range(0, n_samples, chunk):
+            stop = start + chunk
+            logits = (v_all[start:stop] @ M) / sigma[start:stop, None] + const
+            own = logits.gather(-1, name_ids[start:stop, None])
+            rank = (logits > own).sum(-1)  # tokens strictly above the sample's own name
+            hits[index] += (rank < k).float().sum()
+            del logits
 
     scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), device=device)
     scores[layer_idx, head_idx] = hits / max(1, n_samples)
