@@ -162,3 +162,102 @@ figure("fig17_next_token", "repeated_tokens", "ioi.plots.heads:fig17_next_token"
        "Paper Fig. 17: mean raw contribution <z W_O, W_U[next token]> of each head on the second half "
        "of repeated random tokens, the 30 largest |values| in order, coloured by circuit class. Paper: "
        "induction heads 5.5 and 6.9 are among the 20 largest.", "Appendix")
+
+# ------------------------------------------------------------------------------------------------
+# Seed notebook: activation patching (denoising, S2 -> IO corruption, named per-prompt positions)
+# ------------------------------------------------------------------------------------------------
+_AP = "ioi.experiments.activation_figures"
+_AP_PLOTS = "ioi.plots.activation_figures"
+_AP_DEF = ("Denoising activation patching: the corrupted run (S2 replaced by IO) gets one clean "
+           "activation at a time; cell = (LD - LD_corrupted) / (LD_clean - LD_corrupted). ")
+for _name, _runtime in (("act_patch_resid_pre", 20), ("act_patch_block", 30), ("act_patch_head_out", 20),
+                        ("act_patch_head_every", 40), ("act_patch_head_by_pos", 60)):
+    experiment(_name, f"{_AP}:{_name}", "patching", section="seed notebook",
+               description=_AP_DEF.strip(), runtime_min=_runtime)
+    figure(_name, _name, f"{_AP_PLOTS}:{_name}",
+           _AP_DEF + {
+               "act_patch_resid_pre": "Residual stream entering each layer, at each named position.",
+               "act_patch_block": "resid_pre, attention output and MLP output of each layer, per named position.",
+               "act_patch_head_out": "Each head's output (z) at every position.",
+               "act_patch_head_every": "Each head's output, query, key, value and pattern, one at a time.",
+               "act_patch_head_by_pos": "Each head's output / query / key / value / pattern at one named position.",
+           }[_name], "Seed notebook")
+
+# ------------------------------------------------------------------------------------------------
+# Path patching figures (paper §3.1-3.4, App. G, J): heads -> logits / receiver inputs, knockouts
+# Runners: ioi.experiments.path_figures; plotters: ioi.plots.path_figures. Values: the paper code's
+# % change of the mean LD, 100 * (LD_patched - LD_clean) / LD_clean; x_new = p_ABC into x_orig =
+# p_IOI; every head's z frozen to x_orig except the sender; MLPs and LayerNorms recomputed.
+# ------------------------------------------------------------------------------------------------
+_PP = "ioi.experiments.path_figures"
+_PP_PLOTS = "ioi.plots.path_figures"
+_PP_DEF = ("Path patching (x_new = p_ABC into x_orig = p_IOI; every other head's output frozen to "
+           "p_IOI, MLPs and LayerNorms recomputed; value = % change of the mean logit difference "
+           "relative to the clean LD, negative = the path supports the task; 95% bootstrap CIs over "
+           "prompts in data.csv). ")
+experiment("fig3b", f"{_PP}:fig3b", "patching", section="§3.1, Fig. 3b",
+           description="PP each head -> logits, sender at END (and at every position)",
+           mem_mb=4000, runtime_min=20)
+experiment("fig4b", f"{_PP}:fig4b", "patching", section="§3.2, Fig. 4b",
+           description="PP each head (END) -> name mover queries (END)", mem_mb=4000, runtime_min=20)
+experiment("fig4c", f"{_PP}:fig4c", "patching", section="§3.2, Fig. 4c",
+           description="Name mover attention from END before / after PP of all S-inhibition heads "
+                       "-> name mover queries", mem_mb=4000, runtime_min=15)
+experiment("fig5b", f"{_PP}:fig5b", "patching", section="§3.3, Fig. 5b",
+           description="PP each head (S2) -> S-inhibition values (S2)", mem_mb=4000, runtime_min=20)
+experiment("fig12b", f"{_PP}:fig12b", "patching", section="App. G, Fig. 12b",
+           description="PP each head (S2) -> S-inhibition keys (S2)", mem_mb=4000, runtime_min=20)
+experiment("fig13b", f"{_PP}:fig13b", "patching", section="§3.3, Fig. 13b",
+           description="PP each head (S1+1) -> induction keys (S1+1)", mem_mb=4000, runtime_min=20)
+experiment("fig15", f"{_PP}:fig15", "knockout", section="§3.4, App. F, Fig. 15",
+           description="Name movers mean-ablated at END: LD ratio, PP heads -> logits before / after, "
+                       "backup name mover candidates", mem_mb=6000, runtime_min=30)
+experiment("fig19", f"{_PP}:fig19", "knockout", section="App. J, Fig. 19",
+           description="LD after mean-ablating each MLP / all but MLP0; PP each MLP -> logits",
+           mem_mb=6000, runtime_min=30)
+
+figure("fig3b_path_patching_logits", "fig3b", f"{_PP_PLOTS}:fig3b",
+       "Paper Fig. 3b. " + _PP_DEF + "Sender: each head's output z at END only (paper code "
+       "positions=['end']); receiver: the final residual stream (logits). Small panel: the sender "
+       "patched at every position (seed notebook). Name movers and negative name movers outlined. "
+       "Paper §3.1: patching 9.6, 9.9 and 10.0 causes a large drop, 10.7 and 11.10 a large increase "
+       "(no magnitudes in the text).", "Section 3")
+figure("fig4b_path_patching_nm_queries", "fig4b", f"{_PP_PLOTS}:fig4b",
+       "Paper Fig. 4b. " + _PP_DEF + "Sender: each head at END; receivers: the circuit's name "
+       "movers' queries (hook_q) at END, recomputed in the frozen run and patched into a clean p_IOI "
+       "run; grey: the sender is in the last receiver layer or later. S-inhibition heads outlined, "
+       "receivers dashed. Paper §3.2: 7.3, 7.9, 8.6, 8.10 cause a significant drop (the S-inhibition "
+       "heads).", "Section 3")
+figure("fig4c_nm_attention", "fig4c", f"{_PP_PLOTS}:fig4c",
+       "Paper Fig. 4c: the name movers' attention from END to IO, S1, S2 and the other positions "
+       "(summed) on p_IOI, mean over prompts and name movers with std over prompts, before and after "
+       "path patching all S-inhibition heads together (their z from p_ABC at END, every other head "
+       "frozen to p_IOI, MLPs recomputed) -> the name movers' queries at END. Paper §3.2: patching "
+       "leads to a greater probability on S1 (and thus less on IO).", "Section 3")
+figure("fig5b_path_patching_sinh_values", "fig5b", f"{_PP_PLOTS}:fig5b",
+       "Paper Fig. 5b. " + _PP_DEF + "Sender: each head at S2; receivers: the S-inhibition heads' "
+       "values (hook_v) at S2. Induction and duplicate token heads outlined, receivers dashed. Paper "
+       "§3.3: 4 heads with a significant negative effect, duplicate token 0.1, 3.0 and induction "
+       "5.5, 6.9 (identities inferred from App. C/H).", "Section 3")
+figure("fig12b_path_patching_sinh_keys", "fig12b", f"{_PP_PLOTS}:fig12b",
+       "Paper Fig. 12b. " + _PP_DEF + "Sender: each head at S2; receivers: the S-inhibition heads' "
+       "keys (hook_k) at S2. Induction and duplicate token heads outlined, receivers dashed. Paper "
+       "App. G: 3.0 and 0.1 have the reverse effect of their value path; 5.8, 5.9 and 0.10 support "
+       "the logit difference.", "Appendix")
+figure("fig13b_path_patching_induction_keys", "fig13b", f"{_PP_PLOTS}:fig13b",
+       "Paper Fig. 13b. " + _PP_DEF + "Sender: each head at S1+1; receivers: the induction heads' "
+       "keys (hook_k) at S1+1. Previous token heads outlined, receivers dashed. Paper §3.3: the two "
+       "main heads decreasing the logit difference are 4.11 and 2.2.", "Section 3")
+figure("fig15_backup_name_movers", "fig15", f"{_PP_PLOTS}:fig15",
+       "Paper Fig. 15: the circuit's name movers mean-ablated at END (template-wise p_ABC means of "
+       "hook_z) in every run; path patching each head (END) -> logits before (relative to the clean "
+       "LD, = Fig. 3b) and after the knockout (relative to the knocked-out LD); heads ordered by "
+       "|effect| after; backup candidates = the 10 most negative effects after, excluding "
+       "S-inhibition, name mover and negative name mover heads. Paper §3.4: only 5% drop in LD; "
+       "10.7 even has a positive effect; backups 9.0, 9.7, 10.1, 10.2, 10.6, 10.10, 11.2, 11.9.",
+       "Section 3")
+figure("fig19_mlps", "fig19", f"{_PP_PLOTS}:fig19",
+       "Paper Fig. 19: left, the logit difference after mean-ablating each MLP's output at every "
+       "position (template-wise p_ABC means), and all MLPs except MLP0 together; right, path patching "
+       "each MLP (END) -> logits with every head frozen, % change of LD. Paper App. J: the MLP0 "
+       "knockout reverses the sign of the LD; all but MLP0 knocked out gives -1.1.", "Appendix")
