@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ioi.registry import EXPERIMENTS, FIGURES
 
-from .conftest import CI_FIGURES, CI_RESULTS, REPO
+REPO = Path(__file__).resolve().parents[1]
+CI_RESULTS = REPO / "results" / "planted-ioi-ci"
+CI_FIGURES = REPO / "figures" / "planted-ioi-ci"
 
 PROVENANCE_KEYS = {"model", "N", "seed", "datasets", "device", "dtype", "packages", "git_commit", "seconds"}
 

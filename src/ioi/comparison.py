@@ -84,6 +84,8 @@ def source_value(results_dir: Path, source: Mapping) -> tuple[Any, Any]:
         ci = lookup(summary, source["key"] + "_ci", source["experiment"])
     except MissingResult:
         ci = None
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2):
+        ci = None  # only a [low, high] pair is a CI of this value
     return value, ci
 
 

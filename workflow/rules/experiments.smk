@@ -45,7 +45,7 @@ rule experiment:
         RESULTS + "/benchmarks/{experiment}.tsv"
     wildcard_constraints:
         experiment="|".join(EXPERIMENTS),
-    threads: workflow.cores
+    threads: config["threads_per_job"] or workflow.cores
     resources:
         gpu=experiment_gpus,
         mem_mb=experiment_mem_mb,
