@@ -1,0 +1,1021 @@
+"""Path patching (Wang et al. 2022, Appendix B, Algorithm 1): exact and fast.
+
+Semantics (the seed notebook's ``get_path_patch_head_to_final_resid_post`` and
+``get_path_patch_head_to_heads``, extended with the paper code's position restriction):
+
+* **Senders -> logits** (:func:`path_patch_to_logits`). For each sender, run ``x_orig`` with every
+  head's output (``hook_z``) frozen to its ``x_orig`` value except the sender, whose output comes
+  from ``x_new`` (only at ``sender_positions`` when given, as the paper code's ``positions``
+  argument); MLPs and LayerNorms are recomputed; the metric is read from the resulting logits. An
+  MLP sender patches its ``hook_mlp_out`` from ``x_new`` with all heads frozen and later MLPs
+  recomputed.
+* **Senders -> head inputs** (:func:`path_patch_to_heads`). Step 2: the same frozen run, recording
+  the receivers' ``q``/``k``/``v``. Step 3: a normal ``x_orig`` run whose receivers' ``q``/``k``/``v``
+  are replaced by the recorded ones (only at ``receiver_positions`` when given); everything
+  downstream is recomputed and the metric is read from the logits. Senders that cannot reach any
+  receiver (layer >= the last receiver layer) get NaN.
+
+The paper code freezes every head's ``q``/``k``/``v`` and patches ``hook_result`` at the sender
+positions; with all attention inputs frozen, each head's ``z`` is frozen, and patching ``result``
+(= ``z @ W_O``) at a position is the same as patching ``z`` there, so freezing ``z`` is exact.
+
+Why the fast path is exact
+--------------------------
+With every head's output frozen, attention no longer mixes positions: the residual stream at
+position ``p`` of the patched run is its ``x_orig`` value plus the sender's change at ``p`` (zero
+outside the sender positions) carried through the position-wise MLPs and LayerNorms. So
+
+* senders -> logits only needs the MLPs from the sender's layer on, at the rows the metric reads
+  (each prompt's END row for an :class:`ioi.metrics.LogitDiff`) -- one row per prompt instead of a
+  whole forward pass, and two unembedding columns instead of the vocabulary;
+* step 2 of senders -> heads only needs the rows where the receivers are patched (``receiver
+  positions`` intersected with ``sender positions``);
+* step 3 changes nothing before the first patched receiver position of each prompt (causal
+  attention), so it resumes at the first receiver layer on a per-prompt window of positions
+  ``[first changed, last read]``, attending to the cached ``x_orig`` keys/values before the window.
+
+Many senders share one batched pass (``k`` senders x ``N`` prompts), chunked to a memory budget.
+The results equal the hook-based reference (:mod:`ioi.patching.reference`) to float32 rounding
+(tests: <= 1e-4 absolute).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_MB",
+    "Head",
+    "PathPatchCache",
+    "PathPatchResult",
+    "Positions",
+    "path_patch_to_heads",
+    "path_patch_to_logits",
+    "positions_as_list",
+    "positions_mask",
+    "prepare_path_patching",
+]
+
+Head = tuple[int, int]
+Positions = Union[None, int, Tensor, Sequence[Union[int, Tensor]], Mapping[str, Union[int, Tensor]]]
+SenderKind = Literal["heads", "mlps", "both"]
+ReceiverInput = Literal["q", "k", "v"]
+
+DEFAULT_MEMORY_BUDGET_MB = {"cpu": 1024, "cuda": 4096}
+_BYTES = 4
+
+
+@dataclasses.dataclass
+class PathPatchResult:
+    """Effects of head senders ``[n_layers, n_heads, ...]`` and MLP senders ``[n_layers, ...]``."""
+
+    heads: Tensor
+    mlps: Tensor
+
+    def __iter__(self):
+        return iter((self.heads, self.mlps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions
+# ----------------------------------------------------------------------------------------------
+
+
+def positions_as_list(positions: Positions, n_prompts: int, device=None) -> list[Tensor] | None:
+    """Normalise a positions argument to a list of per-prompt position tensors ``LongTensor[N]``.
+
+    ``None`` -> ``None`` (all positions). Accepted: an int (the same position for every prompt), a
+    ``LongTensor[N]`` (one position per prompt, e.g. ``word_idx["END"]``), a ``LongTensor[k, N]``,
+    a list/tuple of ints or ``LongTensor[N]``, or a mapping ``label -> LongTensor[N]`` (e.g.
+    ``{"S2": ..., "END": ...}``). A 1-D tensor is always read as *per-prompt* positions.
+    """
+    if positions is None:
+        return None
+    if isinstance(positions, Mapping):
+        items = list(positions.values())
+    elif isinstance(positions, Tensor):
+        if positions.dtype == torch.bool:
+            raise ValueError("A boolean positions mask has no list form; use positions_mask().")
+        if positions.ndim == 0:
+            items = [positions]
+        elif positions.ndim == 1:
+            items = [positions]
+        elif positions.ndim == 2:
+            items = list(positions)
+        else:
+            raise ValueError(f"positions tensor must be 0-, 1- or 2-D, got {tuple(positions.shape)}")
+    elif isinstance(positions, int):
+        items = [positions]
+    else:
+        items = list(positions)
+    out = []
+    for item in items:
+        t = torch.as_tensor(item, device=device).long()
+        if t.ndim == 0:
+            t = t.expand(n_prompts)
+        if t.shape != (n_prompts,):
+            raise ValueError(
+                f"Each positions entry must give one position per prompt ({n_prompts}); got shape "
+                f"{tuple(t.shape)}."
+            )
+        out.append(t.to(device) if device is not None else t)
+    if not out:
+        raise ValueError("Empty positions: pass None for all positions, or at least one entry.")
+    return out
+
+
+def positions_mask(
+    positions: Positions, n_prompts: int, seq: int, device=None
+) -> Bool[Tensor, "batch seq"]:
+    """Boolean ``[N, seq]`` mask of the (prompt, position) pairs selected by ``positions``.
+
+    Accepts everything :func:`positions_as_list` does, plus a boolean ``[N, seq]`` mask as is.
+    Built with ``mask[arange(N), pos] = True`` per entry (prompt ``n`` selects its own position).
+    """
+    if positions is None:
+        return torch.ones(n_prompts, seq, dtype=torch.bool, device=device)
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        if tuple(positions.shape) != (n_prompts, seq):
+            raise ValueError(
+                f"A boolean positions mask must have shape ({n_prompts}, {seq}); got "
+                f"{tuple(positions.shape)}."
+            )
+        return positions.to(device)
+    mask = torch.zeros(n_prompts, seq, dtype=torch.bool, device=device)
+    rows = torch.arange(n_prompts, device=device)
+    for pos in positions_as_list(positions, n_prompts, device):
+        if int(pos.min()) < 0 or int(pos.max()) >= seq:
+            raise ValueError(
+                f"positions must lie in [0, {seq}); got [{int(pos.min())}, {int(pos.max())}]."
+            )
+        mask[rows, pos] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's weights as plain tensors
+# ----------------------------------------------------------------------------------------------
+
+_ACTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def _check_supported(model) -> None:
+    cfg = model.cfg
+    problems = []
+    if getattr(cfg, "act_fn", None) not in _ACTS:
+        problems.append(f"activation {getattr(cfg, 'act_fn', None)!r}")
+    if getattr(cfg, "normalization_type", "LN") not in ("LN", "LNPre"):
+        problems.append(f"normalization {getattr(cfg, 'normalization_type', None)!r}")
+    if getattr(cfg, "parallel_attn_mlp", False):
+        problems.append("parallel attention/MLP")
+    if getattr(cfg, "positional_embedding_type", "standard") != "standard":
+        problems.append("non-standard positional embeddings")
+    if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads):
+        problems.append("grouped-query attention")
+    if getattr(cfg, "gated_mlp", False):
+        problems.append("gated MLP")
+    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+    if hf_cfg is not None and getattr(hf_cfg, "scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx")
+    if problems:
+        raise NotImplementedError(
+            "The fast path-patching implementation reproduces GPT-2-style models only; this model "
+            f"has: {', '.join(problems)}. Use ioi.patching.reference instead."
+        )
+
+
+def _ln_params(module) -> tuple[Tensor | None, Tensor | None]:
+    w = getattr(module, "w", None)
+    b = getattr(module, "b", None)
+    w = None if w is None or bool((w == 1).all()) else w.detach()
+    b = None if b is None or bool((b == 0).all()) else b.detach()
+    return w, b
+
+
+@dataclasses.dataclass
+class _Net:
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_model: int
+    eps: float
+    scale: float
+    act: Callable[[Tensor], Tensor]
+    W_Q: Tensor  # [L, H, D, dh]
+    W_K: Tensor
+    W_V: Tensor
+    b_Q: Tensor  # [L, H, dh]
+    b_K: Tensor
+    b_V: Tensor
+    W_qkv: Tensor  # [L, D, 3*H*dh]
+    b_qkv: Tensor  # [L, 3*H*dh]
+    W_O: Tensor  # [L, H, dh, D]
+    W_O_flat: Tensor  # [L, H*dh, D]
+    b_O: Tensor  # [L, D]
+    W_in: Tensor | None
+    b_in: Tensor | None
+    W_out: Tensor | None
+    b_out: Tensor | None
+    ln1: list
+    ln2: list
+    ln_final: tuple
+    W_U: Tensor
+    b_U: Tensor
+    W_E: Tensor
+    W_pos: Tensor
+
+    @classmethod
+    def from_model(cls, model) -> "_Net":
+        _check_supported(model)
+        cfg = model.cfg
+        L, H, dh, D = cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_model
+        W_Q, W_K, W_V = (w.detach() for w in (model.W_Q, model.W_K, model.W_V))
+        b_Q, b_K, b_V = (b.detach() for b in (model.b_Q, model.b_K, model.b_V))
+        W_qkv = torch.cat(
+            [w.permute(0, 2, 1, 3).reshape(L, D, H * dh) for w in (W_Q, W_K, W_V)], dim=-1
+        ).contiguous()
+        b_qkv = torch.cat([b.reshape(L, H * dh) for b in (b_Q, b_K, b_V)], dim=-1).contiguous()
+        W_O = model.W_O.detach()
+        attn_only = getattr(cfg, "attn_only", False)
+        scale = getattr(cfg, "attn_scale", -1.0)
+        if not scale or scale <= 0:
+            scale = math.sqrt(dh) if getattr(cfg, "use_attn_scale", True) else 1.0
+        return cls(
+            n_layers=L,
+            n_heads=H,
+            d_head=dh,
+            d_model=D,
+            eps=float(cfg.eps),
+            scale=float(scale),
+            act=_ACTS[cfg.act_fn],
+            W_Q=W_Q,
+            W_K=W_K,
+            W_V=W_V,
+            b_Q=b_Q,
+            b_K=b_K,
+            b_V=b_V,
+            W_qkv=W_qkv,
+            b_qkv=b_qkv,
+            W_O=W_O,
+            W_O_flat=W_O.reshape(L, H * dh, D).contiguous(),
+            b_O=model.b_O.detach(),
+            W_in=None if attn_only else model.W_in.detach(),
+            b_in=None if attn_only else model.b_in.detach(),
+            W_out=None if attn_only else model.W_out.detach(),
+            b_out=None if attn_only else model.b_out.detach(),
+            ln1=[_ln_params(model.blocks[l].ln1) for l in range(L)],
+            ln2=[_ln_params(model.blocks[l].ln2) for l in range(L)] if not attn_only else [],
+            ln_final=_ln_params(model.ln_final),
+            W_U=model.W_U.detach(),
+            b_U=model.b_U.detach(),
+            W_E=model.W_E.detach(),
+            W_pos=model.W_pos.detach(),
+        )
+
+    @property
+    def has_mlps(self) -> bool:
+        return self.W_in is not None
+
+    def ln(self, x: Tensor, params) -> Tensor:
+        return F.layer_norm(x, (self.d_model,), params[0], params[1], self.eps)
+
+    @staticmethod
+    def _linear(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        shape = x.shape
+        out = torch.addmm(b, x.reshape(-1, shape[-1]), W)
+        return out.reshape(*shape[:-1], W.shape[-1])
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        """MLP output of ``layer`` for residual rows ``x`` (``resid_mid``), any leading shape."""
+        h = self.ln(x, self.ln2[layer])
+        h = self.act(self._linear(h, self.W_in[layer], self.b_in[layer]))
+        return self._linear(h, self.W_out[layer], self.b_out[layer])
+
+    def head_input(self, layer: int, head: int, which: str, x_normed: Tensor) -> Tensor:
+        """``q``/``k``/``v`` of one head from LayerNorm-ed residual rows ``[..., D]`` -> ``[..., dh]``."""
+        W = {"q": self.W_Q, "k": self.W_K, "v": self.W_V}[which][layer, head]
+        b = {"q": self.b_Q, "k": self.b_K, "v": self.b_V}[which][layer, head]
+        return self._linear(x_normed, W, b)
+
+    def answer_logits(self, resid: Tensor, token_ids: Tensor) -> Tensor:
+        """Logits of ``token_ids[n]`` for final residual rows ``resid [k, N, D]`` -> ``[k, N]``."""
+        h = self.ln(resid, self.ln_final)
+        cols = self.W_U[:, token_ids]  # [D, N]
+        return torch.einsum("knd,dn->kn", h, cols) + self.b_U[token_ids]
+
+    def logits(self, resid: Tensor) -> Tensor:
+        return self._linear(self.ln(resid, self.ln_final), self.W_U, self.b_U)
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches of the orig and new runs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Cache:
+    acts: dict[str, Tensor]
+    logits: Tensor | None
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.acts[name]
+
+
+@torch.no_grad()
+def _forward_cache(
+    net: _Net,
+    toks: Tensor,
+    names: set[str],
+    knockout=None,
+    keep_logits: bool = False,
+    n_layers: int | None = None,
+) -> _Cache:
+    """One plain forward pass over ``toks``, keeping the activations named in ``names``.
+
+    Hook names as TransformerLens/the bridge use them (``blocks.{l}.hook_resid_pre``,
+    ``.hook_resid_mid``, ``.hook_mlp_out``, ``.hook_resid_post``, ``.attn.hook_q/k/v/z``). A
+    ``knockout`` (:class:`ioi.ablation.Ablation`) replaces ``z`` / MLP outputs exactly as its hooks
+    do on the bridge. ``n_layers``: stop after that many layers. No unembedding unless
+    ``keep_logits``. Equal to the bridge's forward up to float32 rounding (tests).
+    """
+    L = net.n_layers if n_layers is None else n_layers
+    N, S = toks.shape
+    H, dh = net.n_heads, net.d_head
+    acts: dict[str, Tensor] = {}
+
+    def keep(name: str, value: Tensor) -> None:
+        if name in names:
+            acts[name] = value
+
+    causal = torch.ones(S, S, dtype=torch.bool, device=toks.device).tril()
+    bias = torch.zeros(S, S, device=toks.device, dtype=net.W_E.dtype).masked_fill(~causal, float("-inf"))
+    x = net.W_E[toks] + net.W_pos[:S]
+    for layer in range(L):
+        keep(f"blocks.{layer}.hook_resid_pre", x)
+        h = net.ln(x, net.ln1[layer])
+        qkv = net._linear(h, net.W_qkv[layer], net.b_qkv[layer])
+        q, k, v = (t.reshape(N, S, H, dh) for t in qkv.split(H * dh, dim=-1))
+        keep(f"blocks.{layer}.attn.hook_q", q)
+        keep(f"blocks.{layer}.attn.hook_k", k)
+        keep(f"blocks.{layer}.attn.hook_v", v)
+        scores = torch.einsum("nqhe,nkhe->nhqk", q, k) / net.scale + bias
+        z = torch.einsum("nhqk,nkhe->nqhe", scores.softmax(dim=-1), v)
+        if knockout is not None and knockout.head_keep is not None:
+            z = torch.where(knockout.head_keep[:, :, layer, :, None], z, knockout.head_means[:, :, layer])
+        keep(f"blocks.{layer}.attn.hook_z", z)
+        x = x + net._linear(z.reshape(N, S, H * dh), net.W_O_flat[layer], net.b_O[layer])
+        keep(f"blocks.{layer}.hook_resid_mid", x)
+        if net.has_mlps:
+            mlp_out = net.mlp(layer, x)
+            if knockout is not None and knockout.mlp_keep is not None:
+                mlp_out = torch.where(
+                    knockout.mlp_keep[:, :, layer, None], mlp_out, knockout.mlp_means[:, :, layer]
+                )
+            keep(f"blocks.{layer}.hook_mlp_out", mlp_out)
+            x = x + mlp_out
+        keep(f"blocks.{layer}.hook_resid_post", x)
+    logits = net.logits(x) if keep_logits and L == net.n_layers else None
+    return _Cache(acts=acts, logits=logits)
+
+
+@dataclasses.dataclass
+class PathPatchCache:
+    """The ``x_orig`` and ``x_new`` forward passes, computed once and reused across sweeps.
+
+    Build with :func:`prepare_path_patching`; pass as ``cache=`` to :func:`path_patch_to_logits`
+    / :func:`path_patch_to_heads` with the same model, tokens and knockout (checked).
+    """
+
+    net: _Net
+    model_id: int
+    orig_toks: Tensor
+    new_toks: Tensor
+    knockout: Any
+    orig: _Cache
+    new: _Cache
+
+    def check(self, model, orig_toks: Tensor, new_toks: Tensor, knockout) -> None:
+        if (
+            id(model) != self.model_id
+            or knockout is not self.knockout
+            or not torch.equal(orig_toks, self.orig_toks)
+            or not torch.equal(new_toks, self.new_toks)
+        ):
+            raise ValueError(
+                "cache= was prepared for another model, other tokens or another knockout; call "
+                "prepare_path_patching again with the same arguments."
+            )
+
+
+def _all_names(n_layers: int) -> set[str]:
+    names = {f"blocks.{n_layers - 1}.hook_resid_post"}
+    for l in range(n_layers):
+        names |= {f"blocks.{l}.hook_{x}" for x in ("resid_pre", "resid_mid", "mlp_out")}
+        names |= {f"blocks.{l}.attn.hook_{x}" for x in ("q", "k", "v", "z")}
+    return names
+
+
+@torch.no_grad()
+def prepare_path_patching(
+    model, orig_toks: Int[Tensor, "batch seq"], new_toks: Int[Tensor, "batch seq"], *, knockout=None
+) -> PathPatchCache:
+    """Run ``x_orig`` and ``x_new`` once (with ``knockout``), keeping what any sweep needs."""
+    orig_toks, new_toks = _check_inputs(model, orig_toks, new_toks, knockout)
+    net = _Net.from_model(model)
+    L = net.n_layers
+    new_names = {f"blocks.{l}.attn.hook_z" for l in range(L)} | {f"blocks.{l}.hook_mlp_out" for l in range(L)}
+    return PathPatchCache(
+        net=net,
+        model_id=id(model),
+        orig_toks=orig_toks,
+        new_toks=new_toks,
+        knockout=knockout,
+        orig=_forward_cache(net, orig_toks, _all_names(L), knockout),
+        new=_forward_cache(net, new_toks, new_names, knockout),
+    )
+
+
+def _orig_logits(net: _Net, oc: _Cache) -> Tensor:
+    if oc.logits is None:
+        oc.logits = net.logits(oc[f"blocks.{net.n_layers - 1}.hook_resid_post"])
+    return oc.logits
+
+
+def _check_inputs(model, orig_toks: Tensor, new_toks: Tensor, knockout) -> tuple[Tensor, Tensor]:
+    device = model.W_U.device
+    orig_toks = torch.as_tensor(orig_toks).to(device)
+    new_toks = torch.as_tensor(new_toks).to(device)
+    if orig_toks.ndim != 2 or orig_toks.shape != new_toks.shape:
+        raise ValueError(
+            "orig_toks and new_toks must be [batch, seq] token tensors of the same shape "
+            f"(position-aligned prompts); got {tuple(orig_toks.shape)} and {tuple(new_toks.shape)}."
+        )
+    if knockout is not None:
+        knockout.check_shape(orig_toks.shape[0], orig_toks.shape[1])
+    return orig_toks, new_toks
+
+
+def _is_logit_diff(metric) -> bool:
+    return all(hasattr(metric, a) for a in ("end_idx", "io_ids", "s_ids", "from_answer_logits"))
+
+
+def _budget_bytes(memory_budget_mb: float | None, device: torch.device) -> float:
+    if memory_budget_mb is None:
+        memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB.get(device.type, 1024)
+    return float(memory_budget_mb) * 2**20
+
+
+def _chunk_size(per_sender_bytes: float, budget: float, n: int, max_per_batch: int | None) -> int:
+    k = max(1, int(budget // max(per_sender_bytes, 1.0)))
+    if max_per_batch is not None:
+        k = min(k, max(1, int(max_per_batch)))
+    return max(1, min(k, n))
+
+
+def _sender_list(senders: str, n_layers: int, n_heads: int, below_layer: int | None = None):
+    if senders not in ("heads", "mlps", "both"):
+        raise ValueError(f"senders must be 'heads', 'mlps' or 'both'; got {senders!r}.")
+    top = n_layers if below_layer is None else below_layer
+    out = []
+    if senders in ("heads", "both"):
+        out += [("head", l, h) for l in range(top) for h in range(n_heads)]
+    if senders in ("mlps", "both"):
+        out += [("mlp", l, None) for l in range(top)]
+    # Order by where the sender's change enters the residual stream: head l at resid_mid[l]
+    # (key 2l+1), MLP l at resid_pre[l+1] (key 2l+2). Chunks of consecutive senders then share work.
+    out.sort(key=lambda s: 2 * s[1] + (1 if s[0] == "head" else 2))
+    return out
+
+
+def _entry_key(sender) -> int:
+    kind, layer, _ = sender
+    return 2 * layer + (1 if kind == "head" else 2)
+
+
+def _assemble(values: dict, senders: str, n_layers: int, n_heads: int, device):
+    """Stack per-sender metric values into ``[L, H, *shape]`` / ``[L, *shape]`` (NaN elsewhere)."""
+    shape = next(iter(values.values())).shape if values else ()
+    heads = torch.full((n_layers, n_heads, *shape), float("nan"), device=device)
+    mlps = torch.full((n_layers, *shape), float("nan"), device=device)
+    for (kind, layer, head), value in values.items():
+        if kind == "head":
+            heads[layer, head] = value.to(device)
+        else:
+            mlps[layer] = value.to(device)
+    if senders == "heads":
+        return heads
+    if senders == "mlps":
+        return mlps
+    return PathPatchResult(heads=heads, mlps=mlps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen-heads propagation (position-wise)
+# ----------------------------------------------------------------------------------------------
+
+
+class _Rows:
+    """Residual rows ``(n, p)`` of the frozen-heads run, with memoised gathers of cached tensors."""
+
+    def __init__(self, rows_n: Tensor, rows_p: Tensor, patched: Tensor):
+        self.n, self.p = rows_n, rows_p
+        self.scale = patched.to(torch.float32)[:, None]  # [M, 1]: 1 where the sender is patched
+        self._memo: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.n)
+
+    def get(self, cache: _Cache, name: str) -> Tensor:
+        key = (id(cache), name)
+        if key not in self._memo:
+            self._memo[key] = cache[name][self.n, self.p].contiguous()
+        return self._memo[key]
+
+
+def _ranges(chunk: list, predicate) -> tuple[int, int] | None:
+    """The contiguous index range of the (sorted) chunk whose senders satisfy ``predicate``."""
+    idx = [i for i, s in enumerate(chunk) if predicate(s)]
+    if not idx:
+        return None
+    assert idx == list(range(idx[0], idx[-1] + 1))
+    return idx[0], idx[-1] + 1
+
+
+def _propagate(
+    net: _Net,
+    oc: _Cache,
+    nc: _Cache,
+    chunk: list,
+    rows: _Rows,
+    *,
+    stop: int,
+    record_layers: Sequence[int] = (),
+    freeze_mlps: bool = False,
+    mlp_keep: Tensor | None = None,
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """Run the frozen-heads forward for ``k`` (sorted) senders on the residual ``rows``.
+
+    Returns ``d [k, M, D]``, the change of ``resid_pre[stop]`` (``stop == n_layers``: the final
+    residual stream) relative to ``x_orig``, and ``records[l]``: ``ln1(resid_pre[l])`` of the
+    patched run at layers ``record_layers`` (for the receivers' ``q``/``k``/``v``).
+    """
+    k, M, D = len(chunk), len(rows), net.d_model
+    d = torch.zeros(k, M, D, device=rows.n.device, dtype=net.W_O.dtype)
+    records: dict[int, Tensor] = {}
+    scale = rows.scale.to(d.dtype)
+    keys = [_entry_key(s) for s in chunk]
+    first = min(keys) // 2 if keys else stop
+    if record_layers:
+        first = min(first, min(record_layers))
+    mlp_keep_rows = None
+    if mlp_keep is not None:
+        mlp_keep_rows = mlp_keep[rows.n, rows.p].to(d.dtype)  # [M, L]
+    for layer in range(first, stop + 1):
+        # ---- resid_pre[layer]: MLP senders of layer - 1 enter here ----
+        r = _ranges(chunk, lambda s: s[0] == "mlp" and s[1] == layer - 1)
+        if r is not None:
+            mo = f"blocks.{layer - 1}.hook_mlp_out"
+            d[r[0] : r[1]] += (rows.get(nc, mo) - rows.get(oc, mo)) * scale
+        if layer in record_layers:
+            x = rows.get(oc, f"blocks.{layer}.hook_resid_pre") + d
+            records[layer] = net.ln(x, net.ln1[layer])
+        if layer == stop:
+            break
+        # ---- resid_mid[layer]: head senders of this layer enter here ----
+        r = _ranges(chunk, lambda s: s[0] == "head" and s[1] == layer)
+        if r is not None:
+            heads = [chunk[i][2] for i in range(r[0], r[1])]
+            zn = f"blocks.{layer}.attn.hook_z"
+            dz = (rows.get(nc, zn)[:, heads] - rows.get(oc, zn)[:, heads]) * scale[:, :, None]
+            d[r[0] : r[1]] += torch.einsum("mhe,hed->hmd", dz, net.W_O[layer, heads])
+        n_active = sum(1 for key in keys if key <= 2 * layer + 1)
+        if n_active == 0 or freeze_mlps or not net.has_mlps:
+            continue
+        x = rows.get(oc, f"blocks.{layer}.hook_resid_mid") + d[:n_active]
+        change = net.mlp(layer, x) - rows.get(oc, f"blocks.{layer}.hook_mlp_out")
+        if mlp_keep_rows is not None:
+            change = change * mlp_keep_rows[:, layer, None]
+        d[:n_active] += change
+    return d, records
+
+
+# ----------------------------------------------------------------------------------------------
+# The resumed forward on a per-prompt window of positions (step 3)
+# ----------------------------------------------------------------------------------------------
+
+
+class _Gather:
+    """Memoised ``cache[name][sel]`` for one bucket of prompts."""
+
+    def __init__(self, cache: _Cache, sel: Tensor):
+        self.cache, self.sel = cache, sel
+        self._memo: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._memo:
+            self._memo[name] = self.cache[name][self.sel].contiguous()
+        return self._memo[name]
+
+    def permuted(self, name: str, dims: tuple[int, ...]) -> Tensor:
+        key = f"{name}:{dims}"
+        if key not in self._memo:
+            self._memo[key] = self[name].permute(*dims).contiguous()
+        return self._memo[key]
+
+
+def _window_forward(
+    net: _Net,
+    oc: _Gather,
+    sel: Tensor,
+    a: Tensor,
+    width: int,
+    start: int,
+    k: int,
+    replacements: dict[int, list[tuple[int, str, Tensor, Tensor]]],
+    knockout,
+    last_row_only: bool,
+) -> tuple[Tensor, Tensor]:
+    """Forward from ``resid_pre[start]`` on positions ``a[n] .. a[n] + width - 1`` of prompts ``sel``.
+
+    Positions before ``a[n]`` are unchanged (causal attention): their keys/values come from the
+    ``x_orig`` cache. ``replacements[l]`` lists ``(head, "q"|"k"|"v", mask [n, W], values
+    [k, n, W, dh])``: the head's input is replaced where ``mask``. With ``last_row_only`` the last
+    layer is computed for the last window row only (all a metric reading that row needs).
+    Returns the final residual ``[k, n, W or 1, D]`` and the window positions ``[n, W]``.
+    """
+    n = len(sel)
+    S = oc[f"blocks.{start}.hook_resid_pre"].shape[1]
+    H, dh = net.n_heads, net.d_head
+    device = a.device
+    W = width
+    pos = (a[:, None] + torch.arange(W, device=device)[None, :]).clamp(max=S - 1)  # [n, W]
+    nidx = torch.arange(n, device=device)[:, None].expand(n, W)
+    gidx = sel[:, None].expand(n, W)
+    prefix_ok = torch.arange(S, device=device)[None, :] < a[:, None]  # [n, S]
+    causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
+    dtype = net.W_O.dtype
+    pre_bias = torch.zeros(n, S, device=device, dtype=dtype).masked_fill(~prefix_ok, float("-inf"))
+    win_bias = torch.zeros(W, W, device=device, dtype=dtype).masked_fill(~causal, float("-inf"))
+
+    x = oc[f"blocks.{start}.hook_resid_pre"][nidx, pos].unsqueeze(0)  # [1, n, W, D]
+    for layer in range(start, net.n_layers):
+        h = net.ln(x, net.ln1[layer])
+        qkv = net._linear(h, net.W_qkv[layer], net.b_qkv[layer])
+        q, kk, v = (t.reshape(*t.shape[:-1], H, dh) for t in qkv.split(H * dh, dim=-1))
+        if layer in replacements:
+            tensors = {"q": q, "k": kk, "v": v}
+            for head, which, mask, values in replacements[layer]:
+                t = tensors[which]
+                if t.shape[0] != k:
+                    t = t.expand(k, *t.shape[1:]).clone()
+                t[:, :, :, head] = torch.where(mask[None, :, :, None], values, t[:, :, :, head])
+                tensors[which] = t
+            q, kk, v = tensors["q"], tensors["k"], tensors["v"]
+        rows = slice(W - 1, W) if (last_row_only and layer == net.n_layers - 1) else slice(0, W)
+        q, x = q[:, :, rows], x[:, :, rows]
+        # Attention in [n, H, batch, rows, dh] layout: the window's queries against the cached
+        # x_orig keys before the window (prefix) and the window's own keys (causal).
+        K_preT = oc.permuted(f"blocks.{layer}.attn.hook_k", (0, 2, 3, 1))  # [n, H, dh, S]
+        V_pre = oc.permuted(f"blocks.{layer}.attn.hook_v", (0, 2, 1, 3))  # [n, H, S, dh]
+        qh = q.permute(1, 3, 0, 2, 4) / net.scale  # [n, H, bq, w, dh]
+        kh = kk.permute(1, 3, 0, 4, 2)  # [n, H, bk, dh, W]
+        vh = v.permute(1, 3, 0, 2, 4)  # [n, H, bv, W, dh]
+        s_pre = torch.matmul(qh, K_preT.unsqueeze(2)) + pre_bias[:, None, None, None, :]
+        s_win = torch.matmul(qh, kh) + win_bias[rows]
+        m = torch.maximum(s_pre.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True))
+        e_pre = (s_pre - m).exp_()
+        e_win = (s_win - m).exp_()
+        denom = e_pre.sum(dim=-1, keepdim=True) + e_win.sum(dim=-1, keepdim=True)
+        zh = (torch.matmul(e_pre, V_pre.unsqueeze(2)) + torch.matmul(e_win, vh)) / denom
+        z = zh.permute(2, 0, 3, 1, 4)  # [b, n, w, H, dh]
+        if knockout is not None and knockout.head_keep is not None:
+            keep = knockout.head_keep[gidx[:, rows], pos[:, rows], layer]  # [n, w, H]
+            means = knockout.head_means[gidx[:, rows], pos[:, rows], layer]  # [n, w, H, dh]
+            z = torch.where(keep[None, ..., None], z, means[None])
+        attn_out = net._linear(z.reshape(*z.shape[:-2], H * dh), net.W_O_flat[layer], net.b_O[layer])
+        x = x + attn_out
+        if net.has_mlps:
+            mlp_out = net.mlp(layer, x)
+            if knockout is not None and knockout.mlp_keep is not None:
+                keep = knockout.mlp_keep[gidx[:, rows], pos[:, rows], layer]
+                means = knockout.mlp_means[gidx[:, rows], pos[:, rows], layer]
+                mlp_out = torch.where(keep[None, ..., None], mlp_out, means[None])
+            x = x + mlp_out
+    if x.shape[0] != k:
+        x = x.expand(k, *x.shape[1:])
+    return x, pos
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_value(value) -> Tensor:
+    return torch.as_tensor(value).detach().float()
+
+
+@torch.no_grad()
+def path_patch_to_logits(
+    model,
+    orig_toks: Int[Tensor, "batch seq"],
+    new_toks: Int[Tensor, "batch seq"],
+    metric: Callable[[Tensor], Tensor],
+    *,
+    sender_positions: Positions = None,
+    senders: SenderKind = "heads",
+    knockout=None,
+    freeze_mlps: bool = False,
+    progress: bool = True,
+    max_senders_per_batch: int | None = None,
+    memory_budget_mb: float | None = None,
+    cache: PathPatchCache | None = None,
+) -> Tensor | PathPatchResult:
+    """Path patching from every head (and/or MLP) to the final residual stream (the logits).
+
+    Args:
+        model: a processed TransformerBridge (GPT-2 architecture).
+        orig_toks, new_toks: position-aligned ``[N, seq]`` batches (``x_orig`` ~ p_IOI, ``x_new``
+            ~ p_ABC), right-padded.
+        metric: an :class:`ioi.metrics.LogitDiff` (fast path: END rows and two logits only) or any
+            callable on full logits ``[N, seq, vocab]`` (exact, slower).
+        sender_positions: where the sender is patched, per prompt (e.g. ``word_idx["END"]``, or a
+            list/dict of several such tensors); ``None`` = every position.
+        senders: ``"heads"`` -> ``Tensor[n_layers, n_heads]``; ``"mlps"`` -> ``Tensor[n_layers]``;
+            ``"both"`` -> :class:`PathPatchResult`. A per-prompt metric adds a trailing ``[N]`` axis.
+        knockout: an :class:`ioi.ablation.Ablation` applied in every run (the paper code's
+            ``extra_hooks``), e.g. the name movers mean-ablated at END for the paper's Fig. 15.
+        freeze_mlps: also freeze every MLP other than the sender (default: recompute, as the paper).
+        max_senders_per_batch, memory_budget_mb: how many senders share one batched pass (chunked
+            to the budget; defaults 1 GiB on CPU, 4 GiB on CUDA).
+        cache: a :class:`PathPatchCache` from :func:`prepare_path_patching` (same model, tokens
+            and knockout) to skip the two forward passes on ``x_orig`` and ``x_new``.
+    """
+    orig_toks, new_toks = _check_inputs(model, orig_toks, new_toks, knockout)
+    if cache is not None:
+        cache.check(model, orig_toks, new_toks, knockout)
+    net = _Net.from_model(model) if cache is None else cache.net
+    L, H = net.n_layers, net.n_heads
+    N, S = orig_toks.shape
+    device = orig_toks.device
+    sender_list = _sender_list(senders, L, H)
+    is_ld = _is_logit_diff(metric)
+    if is_ld and len(metric.end_idx) != N:
+        raise ValueError(f"The metric is for {len(metric.end_idx)} prompts; the batch has {N}.")
+    P = positions_mask(sender_positions, N, S, device)
+
+    names_orig = {f"blocks.{l}.attn.hook_z" for l in range(L)}
+    names_orig |= {f"blocks.{l}.hook_resid_mid" for l in range(L)}
+    names_orig |= {f"blocks.{l}.hook_mlp_out" for l in range(L)}
+    names_orig.add(f"blocks.{L - 1}.hook_resid_post")
+    names_new = {f"blocks.{l}.attn.hook_z" for l in range(L)}
+    if senders != "heads":
+        names_new |= {f"blocks.{l}.hook_mlp_out" for l in range(L)}
+    if cache is None:
+        oc = _forward_cache(net, orig_toks, names_orig, knockout)
+        nc = _forward_cache(net, new_toks, names_new, knockout)
+    else:
+        oc, nc = cache.orig, cache.new
+    mlp_keep = None if knockout is None else knockout.mlp_keep
+
+    if is_ld:
+        end = metric.end_idx.to(device).long()
+        rows_n = torch.arange(N, device=device)
+        rows_p = end
+        row_patched = P[rows_n, rows_p]
+        vocab_bytes = 0
+    else:
+        rows_n, rows_p = P.nonzero(as_tuple=True)
+        row_patched = torch.ones_like(rows_n, dtype=torch.bool)
+        vocab_bytes = net.W_U.shape[1] * len(rows_n) * _BYTES
+    rows = _Rows(rows_n, rows_p, row_patched)
+    M = len(rows_n)
+    d_mlp = net.W_in.shape[-1] if net.has_mlps else 0
+    per_sender = M * (4 * net.d_model + 2 * d_mlp) * _BYTES + vocab_bytes
+    k_max = _chunk_size(per_sender, _budget_bytes(memory_budget_mb, device), len(sender_list), max_senders_per_batch)
+
+    results: dict = {}
+    final_name = f"blocks.{L - 1}.hook_resid_post"
+    bar = tqdm(total=len(sender_list), desc="path patching -> logits", disable=not progress)
+    for start in range(0, len(sender_list), k_max):
+        chunk = sender_list[start : start + k_max]
+        d, _ = _propagate(
+            net, oc, nc, chunk, rows, stop=L, freeze_mlps=freeze_mlps, mlp_keep=mlp_keep
+        )
+        resid = rows.get(oc, final_name) + d  # [k, M, D]
+        if is_ld:
+            io = net.answer_logits(resid, metric.io_ids.to(device).long())
+            s = net.answer_logits(resid, metric.s_ids.to(device).long())
+            values = metric.from_answer_logits(io, s)
+            for i, sender in enumerate(chunk):
+                results[sender] = _as_value(values[i])
+        else:
+            for i, sender in enumerate(chunk):
+                logits = _orig_logits(net, oc).clone()
+                if M:
+                    logits[rows_n, rows_p] = net.logits(resid[i])
+                results[sender] = _as_value(metric(logits))
+        bar.update(len(chunk))
+    bar.close()
+    return _assemble(results, senders, L, H, device)
+
+
+def _validate_receivers(receivers, receiver_input, n_layers: int, n_heads: int) -> list[Head]:
+    if receiver_input not in ("q", "k", "v"):
+        raise ValueError(f"receiver_input must be 'q', 'k' or 'v'; got {receiver_input!r}.")
+    try:
+        heads = [(int(l), int(h)) for l, h in receivers]
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"receivers must be a list of (layer, head) pairs; got {receivers!r}."
+        ) from err
+    if not heads:
+        raise ValueError("receivers is empty: pass at least one (layer, head).")
+    for layer, head in heads:
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(
+                f"Receiver head {layer}.{head} does not exist in a model with {n_layers} layers x "
+                f"{n_heads} heads."
+            )
+    return list(dict.fromkeys(heads))
+
+
+@torch.no_grad()
+def path_patch_to_heads(
+    model,
+    orig_toks: Int[Tensor, "batch seq"],
+    new_toks: Int[Tensor, "batch seq"],
+    metric: Callable[[Tensor], Tensor],
+    receivers: Sequence[Head],
+    receiver_input: ReceiverInput,
+    *,
+    sender_positions: Positions = None,
+    receiver_positions: Positions = None,
+    senders: SenderKind = "heads",
+    knockout=None,
+    freeze_mlps: bool = False,
+    progress: bool = True,
+    max_senders_per_batch: int | None = None,
+    memory_budget_mb: float | None = None,
+    cache: PathPatchCache | None = None,
+) -> Tensor | PathPatchResult:
+    """Path patching from every head (sender) to the ``q``/``k``/``v`` inputs of ``receivers``.
+
+    Returns ``Tensor[n_layers, n_heads]`` (``senders="heads"``), NaN for senders in the last
+    receiver layer or later (they cannot reach a receiver). ``receiver_positions``: where the
+    receivers' inputs are patched, per prompt (e.g. END for name-mover queries, S2 for S-inhibition
+    values/keys, S1+1 for induction keys); ``None`` = every position. Other arguments as
+    :func:`path_patch_to_logits`.
+    """
+    orig_toks, new_toks = _check_inputs(model, orig_toks, new_toks, knockout)
+    if cache is not None:
+        cache.check(model, orig_toks, new_toks, knockout)
+    net = _Net.from_model(model) if cache is None else cache.net
+    L, H = net.n_layers, net.n_heads
+    heads = _validate_receivers(receivers, receiver_input, L, H)
+    N, S = orig_toks.shape
+    device = orig_toks.device
+    max_lr = max(l for l, _ in heads)
+    min_lr = min(l for l, _ in heads)
+    receiver_layers = sorted({l for l, _ in heads})
+    sender_list = _sender_list(senders, L, H, below_layer=max_lr)
+    is_ld = _is_logit_diff(metric)
+    if is_ld and len(metric.end_idx) != N:
+        raise ValueError(f"The metric is for {len(metric.end_idx)} prompts; the batch has {N}.")
+    P = positions_mask(sender_positions, N, S, device)
+    R = positions_mask(receiver_positions, N, S, device)
+
+    which = receiver_input
+    names_orig = {f"blocks.{l}.attn.hook_z" for l in range(max_lr)}
+    names_orig |= {f"blocks.{l}.hook_resid_mid" for l in range(max_lr)}
+    names_orig |= {f"blocks.{l}.hook_mlp_out" for l in range(max_lr)}
+    names_orig |= {f"blocks.{l}.hook_resid_pre" for l in receiver_layers}
+    names_orig.add(f"blocks.{min_lr}.hook_resid_pre")
+    names_orig |= {f"blocks.{l}.attn.hook_{x}" for l in range(min_lr, L) for x in ("k", "v")}
+    names_orig |= {f"blocks.{l}.attn.hook_{which}" for l in receiver_layers}
+    names_new = {f"blocks.{l}.attn.hook_z" for l in range(max_lr)}
+    if senders != "heads":
+        names_new |= {f"blocks.{l}.hook_mlp_out" for l in range(max_lr)}
+    names_orig.add(f"blocks.{L - 1}.hook_resid_post")
+    if cache is None:
+        oc = _forward_cache(net, orig_toks, names_orig, knockout)
+        nc = _forward_cache(net, new_toks, names_new, knockout, n_layers=max_lr)
+    else:
+        oc, nc = cache.orig, cache.new
+    mlp_keep = None if knockout is None else knockout.mlp_keep
+
+    # Step 3 only changes positions from the first patched receiver row on (causal attention),
+    # and only positions up to the last one the metric reads matter.
+    if is_ld:
+        b = metric.end_idx.to(device).long()
+        io_ids, s_ids = metric.io_ids.to(device).long(), metric.s_ids.to(device).long()
+    else:
+        b = torch.full((N,), S - 1, device=device, dtype=torch.long)
+    seq_pos = torch.arange(S, device=device)[None, :].expand(N, S)
+    C = P & R & (seq_pos <= b[:, None])  # receiver rows whose recorded input can differ
+    first = torch.where(C, seq_pos, S).min(dim=1).values
+    a = torch.where(C.any(dim=1), first, b)
+    rows_n, rows_p = C.nonzero(as_tuple=True)
+    M = len(rows_n)
+    rows = _Rows(rows_n, rows_p, torch.ones(M, dtype=torch.bool, device=device))
+
+    # Prompts bucketed by window length (no padding waste; last row = each prompt's END).
+    width = b - a + 1
+    buckets = []
+    for w in width.unique().tolist():
+        sel = (width == w).nonzero().flatten()
+        local = torch.full((N,), -1, dtype=torch.long, device=device)
+        local[sel] = torch.arange(len(sel), device=device)
+        in_bucket = local[rows_n] >= 0
+        b_rows = in_bucket.nonzero().flatten()
+        win = (a[sel, None] + torch.arange(w, device=device)[None, :]).clamp(max=S - 1)
+        win_R = R[sel[:, None], win] & (a[sel, None] + torch.arange(w, device=device)[None, :] <= b[sel, None])
+        orig_in = {
+            (layer, head): oc[f"blocks.{layer}.attn.hook_{which}"][sel[:, None], win, head]
+            for layer, head in heads
+        }
+        buckets.append(dict(
+            w=int(w), sel=sel, a=a[sel], gather=_Gather(oc, sel), win=win, win_R=win_R,
+            b_rows=b_rows, b_n=local[rows_n[b_rows]], b_j=(rows_p - a[rows_n])[b_rows], orig_in=orig_in,
+        ))
+    heads_by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        heads_by_layer.setdefault(layer, []).append(head)
+
+    d_mlp = net.W_in.shape[-1] if net.has_mlps else 0
+    D = net.d_model
+    W_max = int(width.max())
+    step2 = M * (4 * D + 2 * d_mlp + 2 * len(heads) * net.d_head) * _BYTES
+    step3 = N * W_max * (8 * D + 2 * d_mlp + 3 * H * (S + W_max) + 8 * H * net.d_head) * _BYTES
+    if not is_ld:
+        step3 += N * W_max * net.W_U.shape[1] * _BYTES
+    k_max = _chunk_size(
+        max(step2, step3), _budget_bytes(memory_budget_mb, device), max(1, len(sender_list)), max_senders_per_batch
+    )
+
+    results: dict = {}
+    bar = tqdm(total=len(sender_list), desc=f"path patching -> {which}", disable=not progress)
+    for start in range(0, len(sender_list), k_max):
+        chunk = sender_list[start : start + k_max]
+        k = len(chunk)
+        _, records = _propagate(
+            net, oc, nc, chunk, rows,
+            stop=max_lr, record_layers=receiver_layers, freeze_mlps=freeze_mlps, mlp_keep=mlp_keep,
+        )
+        recorded = {
+            (layer, head): net.head_input(layer, head, which, records[layer]) for layer, head in heads
+        }  # [k, M, dh] each
+        if is_ld:
+            io = torch.empty(k, N, device=device, dtype=net.W_O.dtype)
+            s = torch.empty_like(io)
+        else:
+            outs = []
+        for bk in buckets:
+            n_b, w = len(bk["sel"]), bk["w"]
+            replacements: dict[int, list] = {}
+            for layer, layer_heads in heads_by_layer.items():
+                for head in layer_heads:
+                    values = bk["orig_in"][(layer, head)].unsqueeze(0).expand(k, n_b, w, net.d_head).clone()
+                    if len(bk["b_rows"]):
+                        values[:, bk["b_n"], bk["b_j"]] = recorded[(layer, head)][:, bk["b_rows"]]
+                    replacements.setdefault(layer, []).append((head, which, bk["win_R"], values))
+            x, pos = _window_forward(
+                net, bk["gather"], bk["sel"], bk["a"], w, min_lr, k, replacements, knockout,
+                last_row_only=is_ld,
+            )
+            if is_ld:
+                last = x[:, :, -1]  # [k, n_b, D]: each prompt's END
+                io[:, bk["sel"]] = net.answer_logits(last, io_ids[bk["sel"]])
+                s[:, bk["sel"]] = net.answer_logits(last, s_ids[bk["sel"]])
+            else:
+                outs.append((bk, x, pos))
+        if is_ld:
+            values = metric.from_answer_logits(io, s)
+            for i, sender in enumerate(chunk):
+                results[sender] = _as_value(values[i])
+        else:
+            for i, sender in enumerate(chunk):
+                logits = _orig_logits(net, oc).clone()
+                for bk, x, pos in outs:
+                    n_b, w = pos.shape
+                    sel_rows = bk["sel"][:, None].expand(n_b, w)
+                    logits[sel_rows, pos] = net.logits(x[i])
+                results[sender] = _as_value(metric(logits))
+        bar.update(k)
+    bar.close()
+    return _assemble(results, senders, L, H, device)

@@ -1,0 +1,373 @@
+"""Path patching: the fast implementation equals the seed-style hook reference, plus properties.
+
+Models are tiny random GPT-2 shapes built with a larger initialisation scale (0.2 instead of
+0.02), so that attention is sharp and path-patching effects are O(0.1-1) rather than O(1e-3):
+a 1e-4 tolerance then actually discriminates. One check uses the standard ``load_model`` weights.
+Batches are IOI-like prompts of different lengths, right-padded with 50256, optionally with BOS.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from ioi.ablation import head_knockout
+from ioi.metrics import LogitDiff
+from ioi.models import bridge_from_hf, load_model, parse_random_spec, random_gpt2_config
+from ioi.patching.path import (
+    PathPatchResult,
+    path_patch_to_heads,
+    path_patch_to_logits,
+    positions_mask,
+    prepare_path_patching,
+)
+from ioi.patching.reference import ref_path_patch_to_heads, ref_path_patch_to_logits
+from ioi.tokenizer import get_gpt2_tokenizer
+
+ATOL = 1e-4
+SHAPES = ("random-L3-H4-D16", "random-L4-H2-D8", "random-L2-H3-D12")
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: models and IOI-like batches
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def sharp_model(spec: str, init: float = 0.2, seed: int = 0):
+    n_layers, n_heads, d_head = parse_random_spec(spec)
+    config = random_gpt2_config(n_layers, n_heads, d_head)
+    config.initializer_range = init
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = GPT2LMHeadModel(config).eval()
+    return bridge_from_hf(hf, get_gpt2_tokenizer(), device=torch.device("cpu"))
+
+
+NAMES = (" Mary", " John", " Tom", " James", " Alice", " Paul", " Anna", " Kate", " Mark", " Lisa",
+         " David", " Laura", " Adam", " Rose", " Peter", " Emma")
+TEMPLATES = (
+    "When{A} and{B} went to the store,{B} gave a drink to",
+    "Then,{B} and{A} had a long and really fun day at the park.{B} gave a ring to",
+    "After{A} and{B} went to the house,{B} handed a book to",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def make_batch(n: int = 5, bos: bool = False, seed: int = 0):
+    """(toks, abc_toks, word_idx, io_ids, s_ids, groups): right-padded, position-aligned."""
+    tok = get_gpt2_tokenizer()
+    gen = torch.Generator().manual_seed(seed)
+    ids = [tok.encode(name)[0] for name in NAMES]
+    assert all(len(tok.encode(name)) == 1 for name in NAMES)
+    rows, rows_new, info, template_of = [], [], [], []
+    for i in range(n):
+        t = i % len(TEMPLATES)
+        a, b, x, y, z = (ids[p] for p in torch.randperm(len(ids), generator=gen)[:5].tolist())
+        seq, seq_new, where = [], [], {"A": [], "B": []}
+        for part in TEMPLATES[t].replace("{A}", "|A|").replace("{B}", "|B|").split("|"):
+            if part in ("A", "B"):
+                where[part].append(len(seq))
+                seq.append(a if part == "A" else b)
+                seq_new.append(x if part == "A" else (y if len(where["B"]) == 1 else z))
+            elif part:
+                seq += tok.encode(part)
+                seq_new += tok.encode(part)
+        shift = int(bos)
+        if bos:
+            seq, seq_new = [50256] + seq, [50256] + seq_new
+        info.append((where["A"][0] + shift, where["B"][0] + shift, where["B"][1] + shift, len(seq) - 1, a, b))
+        rows.append(seq)
+        rows_new.append(seq_new)
+        template_of.append(t)
+    S = max(len(r) for r in rows)
+    toks = torch.full((n, S), 50256, dtype=torch.long)
+    new = toks.clone()
+    for i, (r, rn) in enumerate(zip(rows, rows_new)):
+        toks[i, : len(r)] = torch.tensor(r)
+        new[i, : len(rn)] = torch.tensor(rn)
+    t = torch.tensor(info)
+    word_idx = {"IO": t[:, 0], "S1": t[:, 1], "S1+1": t[:, 1] + 1, "S2": t[:, 2], "END": t[:, 3]}
+    template_of = torch.tensor(template_of)
+    groups = [torch.nonzero(template_of == k).flatten() for k in range(len(TEMPLATES)) if (template_of == k).any()]
+    return toks, new, word_idx, t[:, 4], t[:, 5], groups
+
+
+def ld_metric(word_idx, io, s, **kw) -> LogitDiff:
+    return LogitDiff(word_idx["END"], io, s, **kw)
+
+
+class AllPositionsMetric:
+    """A generic metric (not a LogitDiff) that reads every position of the logits."""
+
+    def __init__(self, word_idx, io, s):
+        self.ld = LogitDiff(word_idx["END"], io, s)
+        self.io = io
+
+    def __call__(self, logits):
+        return self.ld(logits) + 0.05 * logits[:, :, self.io[0]].mean() - 0.03 * logits[:, :, 262].std()
+
+
+def assert_close(fast, ref, atol=ATOL):
+    assert fast.shape == ref.shape
+    assert torch.equal(fast.isnan(), ref.isnan())
+    diff = (fast - ref).nan_to_num().abs().max().item()
+    assert diff <= atol, diff
+
+
+def spread(ref):
+    """Range of the finite entries: the test is only meaningful when effects are >> ATOL."""
+    finite = ref[~ref.isnan()]
+    return (finite.max() - finite.min()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast == reference
+# ----------------------------------------------------------------------------------------------
+
+LOGIT_CASES = [
+    # (shape, bos, positions key, senders)
+    ("random-L3-H4-D16", False, None, "heads"),
+    ("random-L3-H4-D16", True, "END", "mlps"),
+    ("random-L4-H2-D8", True, None, "heads"),
+    ("random-L4-H2-D8", False, "S2+END", "heads"),
+    ("random-L2-H3-D12", False, "END", "both"),
+    ("random-L2-H3-D12", True, "S2+END", "mlps"),
+]
+
+
+def _positions(key, word_idx):
+    if key is None:
+        return None
+    if key == "S2+END":
+        return {"S2": word_idx["S2"], "END": word_idx["END"]}
+    if key == "S1+1":
+        return word_idx["S1+1"]
+    return word_idx[key]
+
+
+@pytest.mark.parametrize("shape,bos,pos_key,senders", LOGIT_CASES)
+def test_logits_fast_equals_reference_logit_diff(shape, bos, pos_key, senders):
+    model = sharp_model(shape)
+    toks, new, wi, io, s, _ = make_batch(4, bos)
+    metric = ld_metric(wi, io, s)
+    kw = dict(sender_positions=_positions(pos_key, wi), senders=senders, progress=False)
+    fast = path_patch_to_logits(model, toks, new, metric, **kw)
+    ref = ref_path_patch_to_logits(model, toks, new, metric, **kw)
+    if senders == "both":
+        assert isinstance(fast, PathPatchResult)
+        assert_close(fast.heads, ref.heads)
+        assert_close(fast.mlps, ref.mlps)
+        assert spread(ref.heads) > 1e-2
+    else:
+        assert_close(fast, ref)
+        assert spread(ref) > 1e-2
+
+
+@pytest.mark.parametrize("shape,bos,pos_key", [("random-L2-H3-D12", True, "S2+END")])
+def test_logits_fast_equals_reference_generic_metric(shape, bos, pos_key):
+    """A callable reading every position takes the exact full-logits path."""
+    model = sharp_model(shape)
+    toks, new, wi, io, s, _ = make_batch(4, bos)
+    metric = AllPositionsMetric(wi, io, s)
+    kw = dict(sender_positions=_positions(pos_key, wi), senders="both", progress=False)
+    fast = path_patch_to_logits(model, toks, new, metric, **kw)
+    ref = ref_path_patch_to_logits(model, toks, new, metric, **kw)
+    assert_close(fast.heads, ref.heads)
+    assert_close(fast.mlps, ref.mlps)
+
+
+# The reference costs two forward passes per sender: on the largest shape it runs on a subset.
+SUBSET_L3 = [(0, 0), (0, 3), (1, 1), (1, 2), (1, 3)]
+
+HEAD_CASES = [
+    # (shape, bos, receivers, input, sender positions, receiver positions)
+    ("random-L3-H4-D16", False, [(2, 1), (1, 3)], "q", "END", "END"),
+    ("random-L3-H4-D16", True, [(2, 0), (2, 3)], "v", "S2", "S2"),
+    ("random-L4-H2-D8", True, [(3, 1), (2, 0)], "k", "S1+1", "S1+1"),
+    ("random-L4-H2-D8", False, [(3, 0)], "v", None, None),
+    ("random-L2-H3-D12", False, [(1, 2)], "k", None, "S2"),
+    ("random-L2-H3-D12", True, [(1, 0), (1, 1)], "q", "S2+END", None),
+]
+
+
+@pytest.mark.parametrize("shape,bos,receivers,which,sp,rp", HEAD_CASES)
+def test_heads_fast_equals_reference(shape, bos, receivers, which, sp, rp):
+    model = sharp_model(shape)
+    toks, new, wi, io, s, _ = make_batch(4, bos)
+    metric = ld_metric(wi, io, s)
+    kw = dict(sender_positions=_positions(sp, wi), receiver_positions=_positions(rp, wi), progress=False)
+    fast = path_patch_to_heads(model, toks, new, metric, receivers, which, **kw)
+    subset = SUBSET_L3 if shape == "random-L3-H4-D16" else None
+    ref = ref_path_patch_to_heads(model, toks, new, metric, receivers, which, sender_subset=subset, **kw)
+    if subset is not None:
+        rows, cols = zip(*subset)
+        assert_close(fast[list(rows), list(cols)], ref[list(rows), list(cols)])
+    else:
+        assert_close(fast, ref)
+    max_layer = max(l for l, _ in receivers)
+    assert fast[:max_layer].isnan().sum() == 0
+    assert fast[max_layer:].isnan().all()
+    assert spread(fast) > 1e-3
+
+
+@pytest.mark.parametrize("which,rp", [("v", "S2")])
+def test_heads_fast_equals_reference_generic_metric(which, rp):
+    model = sharp_model("random-L3-H4-D16")
+    toks, new, wi, io, s, _ = make_batch(4, True)
+    metric = AllPositionsMetric(wi, io, s)
+    kw = dict(sender_positions=None, receiver_positions=_positions(rp, wi), senders="both", progress=False)
+    fast = path_patch_to_heads(model, toks, new, metric, [(2, 1), (1, 0)], which, **kw)
+    subset = [(0, 1), (1, 3), (0, None), (1, None)]  # the reference on a few senders (slow)
+    ref = ref_path_patch_to_heads(model, toks, new, metric, [(2, 1), (1, 0)], which, sender_subset=subset, **kw)
+    for layer, head in subset:
+        got, want = (fast.heads[layer, head], ref.heads[layer, head]) if head is not None else (fast.mlps[layer], ref.mlps[layer])
+        assert abs(got.item() - want.item()) <= ATOL
+
+
+def test_standard_init_model_and_per_prompt_metric():
+    """The plain load_model weights, and a per-prompt, normalised LogitDiff ([L, H, N] result)."""
+    model = load_model("random-L2-H3-D12", device="cpu")
+    toks, new, wi, io, s, _ = make_batch(4, False)
+    metric = ld_metric(wi, io, s, per_prompt=True)
+    fast = path_patch_to_logits(model, toks, new, metric, progress=False)
+    ref = ref_path_patch_to_logits(model, toks, new, metric, progress=False)
+    assert fast.shape == (2, 3, 4)
+    assert_close(fast, ref, atol=1e-5)
+    clean = ld_metric(wi, io, s)(model(toks)).item()
+    norm = ld_metric(wi, io, s, normalisation="percent_change", clean=clean)
+    fast_q = path_patch_to_heads(model, toks, new, norm, [(1, 1)], "q", progress=False)
+    ref_q = ref_path_patch_to_heads(model, toks, new, norm, [(1, 1)], "q", progress=False)
+    assert_close(fast_q, ref_q, atol=1e-3)  # percentages: 1e-3 % of a tiny clean LD
+
+
+def test_knockout_and_freeze_mlps_match_reference():
+    """Fig. 15 (path patching after mean-ablating heads at END) and the freeze_mlps option."""
+    model = sharp_model("random-L3-H4-D16")
+    toks, new, wi, io, s, groups = make_batch(4, True)
+    metric = ld_metric(wi, io, s)
+    from ioi.ablation import compute_template_means
+
+    means = compute_template_means(model, new, groups)
+    ko = head_knockout(means, {(1, 2): wi["END"], (2, 0): wi["END"], (0, 1): [wi["S2"], wi["S1+1"]]})
+    fast = path_patch_to_logits(model, toks, new, metric, knockout=ko, senders="both", progress=False)
+    ref = ref_path_patch_to_logits(model, toks, new, metric, knockout=ko, progress=False)
+    assert_close(fast.heads, ref)
+    plain = path_patch_to_logits(model, toks, new, metric, progress=False)
+    assert (plain - fast.heads).abs().max() > 1e-3  # the knockout matters
+    assert fast.heads[2, 0].item() == pytest.approx(metric(model.run_with_hooks(toks, fwd_hooks=ko.hooks())).item(), abs=ATOL)
+    fast_h = path_patch_to_heads(model, toks, new, metric, [(2, 1)], "v", knockout=ko,
+                                 sender_positions=wi["S2"], receiver_positions=wi["S2"], progress=False)
+    ref_h = ref_path_patch_to_heads(model, toks, new, metric, [(2, 1)], "v", knockout=ko, sender_subset=SUBSET_L3,
+                                    sender_positions=wi["S2"], receiver_positions=wi["S2"], progress=False)
+    rows, cols = zip(*SUBSET_L3)
+    assert_close(fast_h[list(rows), list(cols)], ref_h[list(rows), list(cols)])
+    small = sharp_model("random-L2-H3-D12")
+    fast_f = path_patch_to_logits(small, toks, new, metric, freeze_mlps=True, senders="both", progress=False)
+    ref_f = ref_path_patch_to_logits(small, toks, new, metric, freeze_mlps=True, senders="both", progress=False)
+    assert_close(fast_f.heads, ref_f.heads)
+    assert_close(fast_f.mlps, ref_f.mlps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Properties and independent checks
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_patching_a_dataset_into_itself_changes_nothing(shape):
+    model = sharp_model(shape)
+    toks, _, wi, io, s, _ = make_batch(5, True)
+    metric = ld_metric(wi, io, s)
+    clean = metric(model(toks)).item()
+    both = path_patch_to_logits(model, toks, toks, metric, senders="both", progress=False)
+    assert torch.allclose(both.heads, torch.full_like(both.heads, clean), atol=ATOL)
+    assert torch.allclose(both.mlps, torch.full_like(both.mlps, clean), atol=ATOL)
+    L = model.cfg.n_layers
+    heads = path_patch_to_heads(model, toks, toks, metric, [(L - 1, 0)], "k", progress=False)
+    assert torch.allclose(heads[: L - 1], torch.full_like(heads[: L - 1], clean), atol=ATOL)
+
+
+def test_one_layer_model_path_patching_equals_activation_patching():
+    """With one layer, no head reads another: path patching to the logits is activation patching."""
+    model = sharp_model("random-L1-H3-D12")
+    toks, new, wi, io, s, _ = make_batch(5, False)
+    metric = ld_metric(wi, io, s)
+    _, new_cache = model.run_with_cache(new, names_filter=lambda n: n == "blocks.0.attn.hook_z")
+    z_new = new_cache["blocks.0.attn.hook_z"]
+    end = wi["END"]
+    for positions in (None, end):
+        fast = path_patch_to_logits(model, toks, new, metric, sender_positions=positions, progress=False)
+        for head in range(3):
+            def patch(z, hook, head=head):
+                if positions is None:
+                    z[:, :, head] = z_new[:, :, head]
+                else:
+                    rows = torch.arange(len(end))
+                    z[rows, end, head] = z_new[rows, end, head]
+                return z
+
+            logits = model.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_z", patch)])
+            assert abs(fast[0, head].item() - metric(logits).item()) <= ATOL
+        assert spread(fast) > 1e-2
+
+
+def test_chunking_and_cache_reuse_give_identical_results():
+    model = sharp_model("random-L3-H4-D16")
+    toks, new, wi, io, s, _ = make_batch(5, True)
+    metric = ld_metric(wi, io, s)
+    base = path_patch_to_logits(model, toks, new, metric, senders="both", progress=False)
+    one = path_patch_to_logits(model, toks, new, metric, senders="both", max_senders_per_batch=1, progress=False)
+    tiny = path_patch_to_logits(model, toks, new, metric, senders="both", memory_budget_mb=1e-3, progress=True)
+    cache = prepare_path_patching(model, toks, new)
+    cached = path_patch_to_logits(model, toks, new, metric, senders="both", cache=cache, progress=False)
+    for other in (one, tiny, cached):
+        assert_close(other.heads, base.heads, atol=1e-6)
+        assert_close(other.mlps, base.mlps, atol=1e-6)
+    args = (model, toks, new, metric, [(2, 1), (2, 2)], "v")
+    kw = dict(sender_positions=wi["S2"], receiver_positions=wi["S2"], progress=False)
+    h_base = path_patch_to_heads(*args, **kw)
+    h_chunk = path_patch_to_heads(*args, max_senders_per_batch=3, **kw)
+    h_cached = path_patch_to_heads(*args, cache=cache, **kw)
+    assert_close(h_chunk, h_base, atol=1e-6)
+    assert_close(h_cached, h_base, atol=1e-6)
+    with pytest.raises(ValueError, match="cache"):
+        path_patch_to_logits(model, toks, toks, metric, cache=cache, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_receiver_validation_and_nan_layout():
+    model = sharp_model("random-L3-H4-D16")
+    toks, new, wi, io, s, _ = make_batch(3, False)
+    metric = ld_metric(wi, io, s)
+    for receivers, which in (([], "q"), ([(3, 0)], "q"), ([(0, 4)], "v"), ([(-1, 0)], "k"), ([(1, 0)], "z")):
+        with pytest.raises(ValueError):
+            path_patch_to_heads(model, toks, new, metric, receivers, which, progress=False)
+        with pytest.raises(ValueError):
+            ref_path_patch_to_heads(model, toks, new, metric, receivers, which, progress=False)
+    # A receiver in layer 0: no sender can reach it -> all NaN (not an error).
+    out = path_patch_to_heads(model, toks, new, metric, [(0, 1)], "q", progress=False)
+    assert out.shape == (3, 4) and out.isnan().all()
+    with pytest.raises(ValueError):
+        path_patch_to_logits(model, toks, new[:, :-1], metric, progress=False)
+    with pytest.raises(ValueError):
+        path_patch_to_logits(model, toks, new, metric, senders="attn", progress=False)
+    with pytest.raises(ValueError):
+        path_patch_to_logits(model, toks, new, metric, sender_positions=torch.full((3,), 99), progress=False)
+    with pytest.raises(ValueError):
+        path_patch_to_logits(model, toks[:2], new[:2], metric, progress=False)
+
+
+def test_positions_mask_is_per_prompt():
+    pos = torch.tensor([1, 3])
+    mask = positions_mask(pos, 2, 5)
+    assert mask.tolist() == [[False, True, False, False, False], [False, False, False, True, False]]
+    both = positions_mask({"a": pos, "b": torch.tensor([0, 0])}, 2, 5)
+    assert both.sum().item() == 4 and both[0, 0] and both[1, 3] and not both[0, 3]
+    assert positions_mask(None, 2, 5).all()
