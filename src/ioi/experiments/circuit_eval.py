@@ -1,0 +1,794 @@
+"""Circuit evaluation (paper §4, App. M; Figs. 6, 7, 20): faithfulness, completeness, minimality.
+
+All three are knockouts with template-wise mean ablation (:mod:`ioi.ablation`): every replaced head
+output ``z`` becomes its mean over the p_ABC prompts of the same template (``ctx.abc`` grouped by
+``ctx.ioi.groups``), per position. The means are computed **once per experiment** and reused by
+every evaluation. MLPs, LayerNorms and embeddings are never ablated. The metric is the per-prompt
+logit difference ``LD = logit(IO) - logit(S)`` at each prompt's END; every F below is the mean of
+the per-prompt LDs (so F(C)/F(M) is a ratio of means).
+
+* F(M): the model, nothing ablated.
+* F(C): every head at every position mean-ablated except the circuit heads at their relevant
+  positions (``Circuit.relevant_positions``: name movers / backups / negatives / S-inhibition at
+  END, induction and duplicate token heads at S2, previous token heads at S1+1).
+* F(C\\K): K's heads leave the circuit and are ablated at every position, like non-circuit heads.
+* F(M\\K): only K's heads are ablated, only at their relevant positions (the paper code's
+  completeness asymmetry, ioi_paper.md §1.4); everything else runs clean.
+
+Experiments:
+
+* ``faithfulness``: F(M), F(C), F(C)/F(M), |F(M) - F(C)| for the model's circuit and for its naive
+  circuit (the paper's ``NAIVE`` for the paper circuit; otherwise the circuit without its backup and
+  negative name movers), paired-bootstrap CIs over prompts, the per-template ratio, and the spread of
+  the ratio over ``N_EXTRA_SEEDS`` regenerated datasets (p_IOI with seed+1.. and its p_ABC).
+* ``completeness`` (Fig. 6): (x, y) = (F(C\\K), F(M\\K)) for K = ∅, each class, ``N_RANDOM_SETS``
+  uniformly random subsets and a greedy search (paper Algorithm 3, with the counts below); the
+  incompleteness of K is |x - y|. For K, the "name mover" class merges the name movers and the
+  backup name movers, as the paper code's ``CIRCUIT["name mover"]`` does.
+* ``minimality`` (Figs. 7, 20): for each circuit head v with K(v) from
+  :func:`ioi.circuits.minimality_k_sets`, score(v) = |F(C\\(K∪{v})) - F(C\\K)|, also as a fraction
+  of F(M).
+
+Speed: every evaluation reads only the LD at END, so the forward pass stops at the unembedding
+input (the two answer columns of ``W_U`` are applied by hand) and runs only up to the last END
+position. F(C\\K) and F(M\\K) resume from the cached residual stream of the F(C) and clean runs at
+the first layer K touches (layers below are identical). Both shortcuts are checked against a
+plain forward pass at start-up and switched off if they disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ioi.ablation import Ablation, ablate_circuit, circuit_positions, compute_template_means
+from ioi.circuits import (
+    BACKUP_NAME_MOVER,
+    NAIVE_CIRCUIT,
+    NAME_MOVER,
+    NEGATIVE_NAME_MOVER,
+    Circuit,
+    minimality_k_sets,
+)
+from ioi.experiments.attribution import circuit_summary, finite, head_key
+from ioi.experiments.core import ExperimentResult, RunContext, batch_size_for
+from ioi.stats import bootstrap_ci, bootstrap_ratio_ci
+
+Head = tuple[int, int]
+
+N_BOOTSTRAP = 1000
+
+# Faithfulness: datasets regenerated with seed+1 .. seed+N_EXTRA_SEEDS for the seed spread.
+N_EXTRA_SEEDS = 3
+
+# Completeness (Fig. 6; paper Algorithm 3 / App. M: 10 runs x 10 iterations, 10 candidates per step
+# for the full circuit and 5 for the naive one, 100 random sets in the released data). Reduced run
+# count so that the CPU workflow stays affordable; the counts are recorded in the summary.
+N_RANDOM_SETS = 20
+GREEDY_RUNS = 3
+GREEDY_ITERATIONS = 10  # bounded by the circuit size
+GREEDY_CANDIDATES = {"full": 10, "naive": 5}
+GREEDY_KEEP = 5  # sets with the largest incompleteness reported in ``greedy_sets``
+
+# ------------------------------------------------------------------------------------------------
+# What the paper reports (GPT-2 small). Only drawn / compared for the paper circuit.
+# ------------------------------------------------------------------------------------------------
+
+PAPER_FAITHFULNESS = {
+    "faithfulness_ratio": 0.87,
+    "faithfulness_gap": 0.46,
+    "F_M_text": 3.56,
+    "naive_gap_text": 0.1,
+    "released_F_C": 2.838,
+    "released_F_M": 3.302,
+    "released_F_C_naive": 2.862,
+    "source": "ioi_paper.md §4.3 (paper §4.1: |F(M)-F(C)| = 0.46, 87%; §4.3 naive 0.1, probably "
+              "stale); released data pts/*_perf_by_sets.pt (one N=100 run): F(C) 2.838, naive "
+              "2.862, F(M) 3.302",
+}
+
+PAPER_COMPLETENESS_SOURCE = (
+    "Paper's released data for Fig. 6 (redwoodresearch/Easy-Transformer pts/full_perf_by_sets.pt "
+    "and naive_perf_by_sets.pt; one N=100 run on GPT-2 small), quoted in ioi_paper.md §4.3 and "
+    "peers.md §1.7b"
+)
+# (F(C\K), F(M\K)) per class K; "none" is K = ∅; the "name mover" class includes the backups.
+PAPER_COMPLETENESS_POINTS: dict[str, dict[str, tuple[float, float]]] = {
+    "full": {
+        "none": (2.838, 3.302),
+        NAME_MOVER: (0.930, 1.529),
+        NEGATIVE_NAME_MOVER: (4.267, 5.620),
+        "s-inhibition": (0.227, 0.297),
+        "induction": (1.035, 1.571),
+        "duplicate token": (0.724, 1.515),
+        "previous token": (1.517, 2.900),
+    },
+    "naive": {
+        "none": (2.862, 3.302),
+        NAME_MOVER: (0.577, 3.329),
+        "s-inhibition": (-0.992, 0.297),
+        "induction": (0.551, 2.217),
+        "duplicate token": (0.235, 2.555),
+        "previous token": (1.184, 2.900),
+    },
+}
+PAPER_COMPLETENESS_TEXT = {
+    "greedy_max_text": 3.09,
+    "greedy_max_released_full": 3.466,
+    "greedy_max_released_naive": 3.034,
+    "random_mean_released_full": 0.45,
+    "random_mean_released_naive": 0.47,
+}
+
+PAPER_FIG20_SOURCE = "Paper Fig. 20 (verbatim in ioi_paper.md §4.4); % = score / 3.56 computed there"
+# head -> (F(C\(K∪{v})), F(C\K), % of F(M)) in the paper's Fig. 20 row order.
+PAPER_FIG20: dict[str, tuple[float, float, float]] = {
+    "9.9": (2.26, 2.62, 10.1), "10.0": (1.91, 2.26, 9.8), "9.6": (2.11, 1.91, 5.6),
+    "10.7": (4.07, 3.13, 26.4), "11.10": (4.07, 3.27, 22.5),
+    "8.10": (0.24, 1.01, 21.6), "7.9": (0.24, 0.92, 19.1), "8.6": (0.24, 0.86, 17.4),
+    "7.3": (0.24, 0.43, 5.3),
+    "5.5": (0.97, 2.12, 32.3), "5.9": (3.33, 4.07, 20.8), "6.9": (0.97, 1.46, 13.8),
+    "5.8": (3.83, 4.07, 6.7),
+    "0.1": (0.60, 1.90, 36.5), "0.10": (0.60, 1.66, 29.8), "3.0": (0.60, 1.05, 12.6),
+    "4.11": (1.31, 2.28, 27.2), "2.2": (1.31, 1.75, 12.4),
+    "11.2": (0.95, 1.37, 11.8), "10.6": (1.65, 1.88, 6.5), "10.10": (1.88, 2.11, 6.5),
+    "10.2": (1.49, 1.65, 4.5), "9.7": (0.81, 0.95, 3.9), "10.1": (1.37, 1.49, 3.4),
+    "11.9": (0.41, 0.45, 1.1), "9.0": (0.41, 0.45, 1.1),
+}
+PAPER_FIG20_K_TEXT = {
+    "11.2": "all previous NMs and backup NMs", "10.6": "all previous NMs and backup NMs",
+    "10.10": "all previous NMs and backup NMs", "10.2": "all previous NMs and backup NMs",
+    "9.7": "all previous NMs and backup NMs", "10.1": "all previous NMs and backup NMs",
+    "11.9": "all name movers and negative heads", "9.0": "all name movers and negative heads",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def heads_key(heads: Iterable[Head]) -> list[str]:
+    """Heads as sorted ``"layer.head"`` strings."""
+    return [head_key(*h) for h in sorted({tuple(map(int, h)) for h in heads})]
+
+
+def heads_text(heads: Iterable[Head]) -> str:
+    """``"{9.9, 10.0}"`` (braces so that a CSV reader never takes one head for a number)."""
+    return "{" + ", ".join(heads_key(heads)) + "}"
+
+
+def ci_list(low_high) -> list[float | None]:
+    return [finite(low_high[0]), finite(low_high[1])]
+
+
+def mean_ci(values, seed: int) -> list[float | None]:
+    return ci_list(bootstrap_ci(np.asarray(values, dtype=float), n_resamples=N_BOOTSTRAP, seed=seed))
+
+
+def abs_mean_diff_ci(a, b, seed: int) -> list[float | None]:
+    """95% paired-bootstrap CI of ``|mean(a) - mean(b)|`` (prompts resampled jointly)."""
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return ci_list(bootstrap_ci(diff, statistic=lambda d: abs(d.mean()), n_resamples=N_BOOTSTRAP, seed=seed))
+
+
+def naive_circuit_for(circuit: Circuit) -> Circuit:
+    """The paper's ``NAIVE`` circuit for the paper circuit; otherwise ``circuit`` without its backup
+    and negative name movers (the naive circuit's definition, paper §4.3)."""
+    if circuit.name == "paper":
+        return NAIVE_CIRCUIT
+    classes = {cls: tuple(heads) for cls, heads in circuit.classes.items()
+               if cls not in (BACKUP_NAME_MOVER, NEGATIVE_NAME_MOVER) and heads}
+    return Circuit(name=f"{circuit.name}-naive", classes=classes,
+                   relevant_positions=dict(circuit.relevant_positions))
+
+
+def knockout_classes(circuit: Circuit) -> dict[str, tuple[Head, ...]]:
+    """K sets by class for completeness: the circuit's classes, with the backup name movers merged
+    into "name mover" (paper code ``CIRCUIT["name mover"]`` = the 3 name movers + 8 backups)."""
+    out: dict[str, tuple[Head, ...]] = {}
+    for cls in circuit.class_names():
+        heads = tuple(tuple(map(int, h)) for h in circuit.classes[cls])
+        if not heads:
+            continue
+        target = NAME_MOVER if cls == BACKUP_NAME_MOVER else cls
+        out[target] = out.get(target, ()) + tuple(h for h in heads if h not in out.get(target, ()))
+    return out
+
+
+def compute_means(model, ctx: RunContext, ioi=None, abc=None) -> torch.Tensor:
+    """Template-wise means of every head's ``z`` over p_ABC, per prompt of p_IOI (computed once)."""
+    ioi = ctx.ioi if ioi is None else ioi
+    abc = ctx.abc if abc is None else abc
+    step = batch_size_for(model, abc.max_len, ctx.memory_budget_mb)
+    return compute_template_means(model, abc.toks, ioi.groups, batch_size=step)
+
+
+def is_paper_circuit(circuit: Circuit) -> bool:
+    return circuit.name == "paper"
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast per-prompt LD under head ablations
+# ------------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised from the unembedding-input hook: nothing after it is needed."""
+
+
+def _device(model) -> torch.device:
+    return model.W_U.device
+
+
+class EndLogitDiff:
+    """Per-prompt LD at END on one dataset, with arbitrary forward hooks, chunked by prompts.
+
+    ``run(hooks_for_rows)`` takes a callable ``rows (slice) -> [(hook name, fn)]`` (so per-prompt
+    hooks can be sliced per chunk) and returns a float64 CPU tensor ``[N]``. With
+    ``start_layer > 0`` the run resumes from ``prefix[start_layer]`` (the residual stream entering
+    that block, ``[N, seq, d_model]``). ``capture_prefix=True`` also returns the residual stream
+    entering every block (for later resumes).
+    """
+
+    def __init__(self, model, dataset, *, memory_budget_mb: int = 2048, fast: bool = True):
+        self.model = model
+        device = _device(model)
+        self.end = dataset.word_idx["END"].to(device)
+        self.seq = int(self.end.max()) + 1  # nothing after the last END is read
+        self.toks = dataset.toks[:, : self.seq].to(device)
+        self.io = dataset.io_token_ids.to(device)
+        self.s = dataset.s_token_ids.to(device)
+        self.n = len(dataset)
+        self.step = batch_size_for(model, self.seq, memory_budget_mb)
+        self.n_layers = model.cfg.n_layers
+        self.fast = fast
+        self._direction = None
+        if fast:
+            self.fast = self._check_fast_path()
+
+    # -- the LD from the unembedding input --------------------------------------------------------
+    def _answer_direction(self):
+        if self._direction is None:
+            W_U = self.model.W_U
+            b_U = getattr(self.model, "b_U", None)
+            direction = (W_U[:, self.io] - W_U[:, self.s]).T  # [N, d_model]
+            bias = torch.zeros(self.n, device=W_U.device) if b_U is None else b_U[self.io] - b_U[self.s]
+            self._direction = (direction, bias)
+        return self._direction
+
+    def _forward_chunk(self, inputs, hooks, rows: slice, start_layer: int, capture_prefix: bool):
+        """LD of one chunk of prompts (and the residual stream entering every block)."""
+        captured: dict[str, torch.Tensor] = {}
+        prefix: list[torch.Tensor | None] = [None] * self.n_layers
+
+        def keep_prefix(layer):
+            def hook(x, hook):
+                prefix[layer] = x.detach().clone()
+                return x
+            return hook
+
+        def unembed_in(x, hook):
+            captured["x"] = x
+            raise _StopForward
+
+        fwd = list(hooks)
+        if capture_prefix:
+            fwd += [(f"blocks.{l}.hook_resid_pre", keep_prefix(l)) for l in range(start_layer, self.n_layers)]
+        end = self.end[rows]
+        idx = torch.arange(end.shape[0], device=end.device)
+        kwargs = {"start_at_layer": start_layer} if start_layer > 0 else {}
+        if self.fast:
+            fwd.append(("unembed.hook_in", unembed_in))
+            try:
+                self.model.run_with_hooks(inputs, fwd_hooks=fwd, **kwargs)
+            except _StopForward:
+                pass
+            if "x" not in captured:
+                raise RuntimeError("the unembedding-input hook did not fire")
+            direction, bias = self._answer_direction()
+            x = captured["x"][idx, end].float()
+            ld = (x * direction[rows].float()).sum(-1) + bias[rows].float()
+        else:
+            logits = self.model.run_with_hooks(inputs, fwd_hooks=fwd, **kwargs)
+            at_end = logits[idx, end].float()
+            ld = at_end[idx, self.io[rows]] - at_end[idx, self.s[rows]]
+        return ld.double().cpu(), prefix
+
+    def run(self, hooks_for_rows: Callable[[slice], list] | None = None, *, start_layer: int = 0,
+            prefix: Sequence[torch.Tensor] | None = None, capture_prefix: bool = False):
+        lds, prefixes = [], []
+        for start in range(0, self.n, self.step):
+            rows = slice(start, min(self.n, start + self.step))
+            inputs = self.toks[rows] if start_layer == 0 else prefix[start_layer][rows]
+            hooks = hooks_for_rows(rows) if hooks_for_rows is not None else []
+            ld, pre = self._forward_chunk(inputs, hooks, rows, start_layer, capture_prefix)
+            lds.append(ld)
+            prefixes.append(pre)
+        ld = torch.cat(lds)
+        if not capture_prefix:
+            return ld
+        merged = [None if prefixes[0][l] is None else torch.cat([p[l] for p in prefixes])
+                  for l in range(self.n_layers)]
+        return ld, merged
+
+    def _check_fast_path(self) -> bool:
+        """The stop-at-unembedding shortcut against a plain forward pass on the first chunk."""
+        rows = slice(0, min(self.n, self.step))
+        fast, _ = self._forward_chunk(self.toks[rows], [], rows, 0, False)
+        self.fast = False
+        slow, _ = self._forward_chunk(self.toks[rows], [], rows, 0, False)
+        scale = max(1.0, float(slow.abs().max()))
+        return bool(torch.allclose(fast, slow, atol=1e-3 * scale, rtol=0))
+
+
+def _ablation_hooks(ablation: Ablation) -> Callable[[slice], list]:
+    """``rows -> hooks`` of an :class:`Ablation` restricted to a chunk of prompts."""
+
+    def hooks(rows: slice) -> list:
+        if ablation.head_keep is None:
+            return []
+        part = Ablation(head_keep=ablation.head_keep[rows], head_means=ablation.head_means[rows])
+        return part.hooks()
+
+    return hooks
+
+
+class KnockoutEvaluator:
+    """F(C), F(C\\K), F(M\\K), F(M) per prompt for one circuit (positions per head), one dataset and
+    one set of means, with results cached by K.
+
+    ``positions``: ``{(layer, head): per-prompt positions or None (= every position)}``, e.g.
+    :func:`ioi.ablation.circuit_positions`. ``clean``: an :class:`EndLogitDiff` (shared between
+    circuits of the same dataset so the clean run and its prefix are computed once).
+    """
+
+    def __init__(self, clean: "CleanRun", means: torch.Tensor, positions: Mapping[Head, Any]):
+        self.clean = clean
+        self.ld = clean.ld
+        self.means = means[:, : self.ld.seq]
+        self.positions = {tuple(map(int, h)): p for h, p in positions.items()}
+        self._cache: dict[tuple[str, frozenset], torch.Tensor] = {}
+        circuit_ablation = ablate_circuit(self.means, self.positions, seq=self.ld.seq)
+        if clean.cache_prefix:
+            self.f_circuit, self._circuit_prefix = self.ld.run(_ablation_hooks(circuit_ablation),
+                                                               capture_prefix=True)
+        else:
+            self.f_circuit, self._circuit_prefix = self.ld.run(_ablation_hooks(circuit_ablation)), None
+        self.f_model = clean.f_model
+        self.n_forward = 1
+
+    @staticmethod
+    def _start(knockout: frozenset) -> int:
+        return min(layer for layer, _ in knockout)
+
+    def without(self, knockout: Iterable[Head]) -> torch.Tensor:
+        """F(C\\K) per prompt: K's heads leave the circuit (ablated at every position)."""
+        k = frozenset(tuple(map(int, h)) for h in knockout)
+        if not k:
+            return self.f_circuit
+        key = ("C", k)
+        if key not in self._cache:
+            ablation = ablate_circuit(self.means, self.positions, knockout=sorted(k),
+                                      knockout_mode="all_positions", seq=self.ld.seq)
+            start = self._start(k) if self._circuit_prefix is not None else 0
+            self._cache[key] = self.ld.run(_ablation_hooks(ablation), start_layer=start,
+                                           prefix=self._circuit_prefix)
+            self.n_forward += 1
+        return self._cache[key]
+
+    def model_without(self, knockout: Iterable[Head]) -> torch.Tensor:
+        """F(M\\K) per prompt: only K's heads ablated, only at their relevant positions."""
+        k = frozenset(tuple(map(int, h)) for h in knockout)
+        if not k:
+            return self.f_model
+        missing = [h for h in k if h not in self.positions]
+        if missing:
+            raise ValueError(f"Heads {missing} are not in the circuit (no relevant position).")
+        key = ("M", k)
+        if key not in self._cache:
+            ablation = ablate_circuit(self.means, self.positions, knockout=sorted(k),
+                                      knockout_mode="relevant_positions", seq=self.ld.seq)
+            start = self._start(k) if self.clean.prefix is not None else 0
+            self._cache[key] = self.ld.run(_ablation_hooks(ablation), start_layer=start,
+                                           prefix=self.clean.prefix)
+            self.n_forward += 1
+        return self._cache[key]
+
+
+@dataclasses.dataclass
+class CleanRun:
+    """The clean run of one dataset: F(M) per prompt and (if it fits) the residual stream entering
+    every block, shared by every :class:`KnockoutEvaluator` on that dataset."""
+
+    ld: EndLogitDiff
+    f_model: torch.Tensor
+    prefix: list | None
+    cache_prefix: bool
+
+    @classmethod
+    def build(cls, model, dataset, *, memory_budget_mb: int, resumable: bool = True) -> "CleanRun":
+        """``resumable``: cache the residual stream entering every block (clean run and each
+        circuit's F(C) run) when it fits in a quarter of the memory budget each."""
+        ld = EndLogitDiff(model, dataset, memory_budget_mb=memory_budget_mb)
+        cfg = model.cfg
+        prefix_mb = cfg.n_layers * len(dataset) * ld.seq * cfg.d_model * 4 / 2**20
+        cache_prefix = resumable and 2 * prefix_mb <= memory_budget_mb / 2  # clean + one circuit
+        if cache_prefix:
+            f_model, prefix = ld.run(None, capture_prefix=True)
+        else:
+            f_model, prefix = ld.run(None), None
+        return cls(ld=ld, f_model=f_model, prefix=prefix, cache_prefix=cache_prefix)
+
+    def evaluator(self, means, circuit: Circuit | Mapping[Head, Any], dataset) -> KnockoutEvaluator:
+        positions = circuit_positions(circuit, dataset.word_idx) if isinstance(circuit, Circuit) else circuit
+        return KnockoutEvaluator(self, means, positions)
+
+
+def _prompt_frame(dataset, **columns) -> pd.DataFrame:
+    return pd.DataFrame({"prompt": np.arange(len(dataset)), "template": dataset.template_ids, **columns})
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def _progress(ctx: RunContext, iterable, **kwargs):
+    return tqdm(iterable, disable=not ctx.progress, **kwargs)
+
+
+def _is_gpt2_shaped(model) -> bool:
+    return model.cfg.n_layers == 12 and model.cfg.n_heads == 12
+
+
+# ------------------------------------------------------------------------------------------------
+# Faithfulness
+# ------------------------------------------------------------------------------------------------
+
+
+def _faithfulness_values(f_m: np.ndarray, f_c: np.ndarray, seed: int, suffix: str) -> dict[str, Any]:
+    ratio = f_c.mean() / f_m.mean()
+    gap = abs(f_m.mean() - f_c.mean())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_prompt = f_c / f_m
+    per_prompt = per_prompt[np.isfinite(per_prompt)]
+    return {
+        f"faithfulness_ratio{suffix}": finite(ratio),
+        f"faithfulness_ratio{suffix}_ci": ci_list(bootstrap_ratio_ci(f_c, f_m, n_resamples=N_BOOTSTRAP, seed=seed)),
+        f"faithfulness_gap{suffix}": finite(gap),
+        f"faithfulness_gap{suffix}_ci": abs_mean_diff_ci(f_m, f_c, seed),
+        f"faithfulness_ratio_per_prompt_mean{suffix}": finite(per_prompt.mean()) if per_prompt.size else None,
+        f"F_C{suffix}": finite(f_c.mean()),
+        f"F_C{suffix}_ci": mean_ci(f_c, seed),
+    }
+
+
+def _extra_seed_datasets(ctx: RunContext, seed: int):
+    """p_IOI regenerated with another seed and the same settings as ``ctx.ioi``, and its p_ABC."""
+    from ioi.data import IOIDataset
+
+    base = ctx.ioi
+    st = base.settings
+    ioi = IOIDataset(
+        prompt_type=st.prompt_type if isinstance(st.prompt_type, str) else list(st.prompt_type),
+        N=len(base), seed=seed, tokenizer=base.tokenizer, prepend_bos=st.prepend_bos,
+        all_templates=st.all_templates, names=st.names, places=st.places, objects=st.objects,
+        symmetric=st.symmetric, unique=st.unique, distinct_names=st.distinct_names,
+    )
+    abc = ioi.abc_dataset(paper_collisions=bool(ctx.dataset_settings.get("paper_collisions", False)))
+    return ioi, abc
+
+
+def faithfulness(model, ctx: RunContext) -> ExperimentResult:
+    """F(M), F(C), F(C)/F(M) and |F(M) - F(C)| for the model's circuit and its naive circuit."""
+    circuit = ctx.circuit_for(model)
+    naive = naive_circuit_for(circuit)
+    naive.validate(model.cfg.n_layers, model.cfg.n_heads)
+    rows, per_seed = [], []
+    summary: dict[str, Any] = {}
+    base_seed = int(ctx.ioi.seed)
+    seeds = [base_seed] + [base_seed + k for k in range(1, N_EXTRA_SEEDS + 1)]
+    for index, seed in enumerate(_progress(ctx, seeds, desc="faithfulness (dataset seeds)")):
+        ioi, abc = (ctx.ioi, ctx.abc) if index == 0 else _extra_seed_datasets(ctx, seed)
+        means = compute_means(model, ctx, ioi, abc)
+        # two circuit runs only: nothing to resume, so no residual-stream cache
+        clean = CleanRun.build(model, ioi, memory_budget_mb=ctx.memory_budget_mb, resumable=False)
+        f_m = _np(clean.f_model)
+        f_c = _np(clean.evaluator(means, circuit, ioi).f_circuit)
+        f_naive = _np(clean.evaluator(means, naive, ioi).f_circuit)
+        rows.append(_prompt_frame(ioi, dataset_seed=seed, main=index == 0, F_M=f_m, F_C=f_c,
+                                  F_C_naive=f_naive))
+        per_seed.append({"seed": seed, "F_M": finite(f_m.mean()), "F_C": finite(f_c.mean()),
+                         "F_C_naive": finite(f_naive.mean()),
+                         "faithfulness_ratio": finite(f_c.mean() / f_m.mean()),
+                         "faithfulness_gap": finite(abs(f_m.mean() - f_c.mean())),
+                         "faithfulness_ratio_naive": finite(f_naive.mean() / f_m.mean()),
+                         "faithfulness_gap_naive": finite(abs(f_m.mean() - f_naive.mean()))})
+        if index == 0:
+            summary.update(_faithfulness_values(f_m, f_c, ctx.seed, ""))
+            summary.update(_faithfulness_values(f_m, f_naive, ctx.seed, "_naive"))
+            summary["F_M"] = finite(f_m.mean())
+            summary["F_M_ci"] = mean_ci(f_m, ctx.seed)
+            gaps = np.stack([f_m, f_c, f_naive], 1)
+            summary["naive_minus_full_gap_abs"] = finite(
+                abs(abs(f_m.mean() - f_naive.mean()) - abs(f_m.mean() - f_c.mean())))
+            summary["naive_minus_full_gap_abs_ci"] = ci_list(bootstrap_ci(
+                gaps, n_resamples=N_BOOTSTRAP, seed=ctx.seed,
+                statistic=lambda a: abs(abs((a[:, 0] - a[:, 2]).mean()) - abs((a[:, 0] - a[:, 1]).mean()))))
+            frame = rows[0]
+            by_template = {}
+            for template, part in frame.groupby("template", sort=True):
+                by_template[str(template)] = {
+                    "n": int(len(part)),
+                    "F_M": finite(part["F_M"].mean()),
+                    "F_C": finite(part["F_C"].mean()),
+                    "F_C_naive": finite(part["F_C_naive"].mean()),
+                    "faithfulness_ratio": finite(part["F_C"].mean() / part["F_M"].mean()),
+                    "faithfulness_ratio_naive": finite(part["F_C_naive"].mean() / part["F_M"].mean()),
+                }
+            summary["by_template"] = by_template
+        del means, clean
+    ratios = np.array([s["faithfulness_ratio"] for s in per_seed], dtype=float)
+    summary.update({
+        "seeds": per_seed,
+        "faithfulness_ratio_seeds": [finite(r) for r in ratios],
+        "faithfulness_ratio_seed_mean": finite(ratios.mean()),
+        "faithfulness_ratio_seed_std": finite(ratios.std(ddof=1)) if len(ratios) > 1 else None,
+        "faithfulness_gap_seed_std": finite(np.std([s["faithfulness_gap"] for s in per_seed], ddof=1))
+        if len(per_seed) > 1 else None,
+        "n_extra_seeds": N_EXTRA_SEEDS,
+        "ratio_definition": "ratio of means: mean_i F_C(x_i) / mean_i F_M(x_i); "
+                            "faithfulness_ratio_per_prompt_mean = mean_i F_C(x_i)/F_M(x_i) (information only)",
+        "circuit": circuit_summary(circuit),
+        "naive_circuit": circuit_summary(naive),
+        "n_layers": int(model.cfg.n_layers),
+        "n_heads": int(model.cfg.n_heads),
+    })
+    if is_paper_circuit(circuit):
+        summary["paper_reference"] = dict(PAPER_FAITHFULNESS)
+    meta = {
+        "definition": "LD at END; mean ablation of z with template-wise p_ABC means (computed once per "
+                      "dataset); circuit heads kept at their relevant positions; MLPs never ablated",
+        "naive_circuit": naive.name,
+        "dataset_seeds": seeds,
+        "ci": "95% percentile bootstrap over prompts, paired (F_M, F_C resampled jointly), "
+              f"{N_BOOTSTRAP} resamples",
+    }
+    return ExperimentResult(pd.concat(rows, ignore_index=True), summary, meta)
+
+
+# ------------------------------------------------------------------------------------------------
+# Completeness
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Point:
+    circuit: str
+    kind: str  # empty | class | random | greedy | greedy_candidate
+    label: str
+    heads: tuple[Head, ...]
+    x: np.ndarray
+    y: np.ndarray
+    run: int = -1
+    iteration: int = -1
+
+    @property
+    def incompleteness(self) -> float:
+        return float(abs(self.x.mean() - self.y.mean()))
+
+    def row(self, seed: int, with_ci: bool) -> dict[str, Any]:
+        ci = abs_mean_diff_ci(self.x, self.y, seed) if with_ci else [None, None]
+        return {
+            "circuit": self.circuit, "kind": self.kind, "label": self.label,
+            "heads": heads_text(self.heads), "size": len(self.heads), "run": self.run,
+            "iteration": self.iteration, "x": float(self.x.mean()), "y": float(self.y.mean()),
+            "incompleteness": self.incompleteness,
+            "incompleteness_ci_low": ci[0], "incompleteness_ci_high": ci[1],
+        }
+
+
+def _greedy(evaluator: KnockoutEvaluator, heads: list[Head], name: str, rng: np.random.Generator,
+            candidates: int, iterations: int, run: int) -> list[_Point]:
+    """One run of the paper's greedy search: from K = ∅, each step evaluates ``candidates`` random
+    heads v not in K and adds the one maximising |F(C\\(K∪{v})) - F(M\\(K∪{v}))|; every evaluated
+    set is returned (the chosen one of each step as kind "greedy")."""
+    points: list[_Point] = []
+    k: tuple[Head, ...] = ()
+    for iteration in range(iterations):
+        pool = [h for h in heads if h not in k]
+        if not pool:
+            break
+        picks = rng.choice(len(pool), size=min(candidates, len(pool)), replace=False)
+        best: _Point | None = None
+        for pick in sorted(int(p) for p in picks):
+            trial = k + (pool[pick],)
+            point = _Point(name, "greedy_candidate", f"run {run} step {iteration}", trial,
+                           _np(evaluator.without(trial)), _np(evaluator.model_without(trial)), run, iteration)
+            points.append(point)
+            if best is None or point.incompleteness > best.incompleteness:
+                best = point
+        best.kind = "greedy"
+        k = best.heads
+    return points
+
+
+def _circuit_points(evaluator: KnockoutEvaluator, circuit: Circuit, name: str, ctx: RunContext,
+                    rng: np.random.Generator) -> list[_Point]:
+    heads = [tuple(map(int, h)) for h in circuit.heads()]
+    points = [_Point(name, "empty", "none", (), _np(evaluator.f_circuit), _np(evaluator.f_model))]
+    for cls, members in knockout_classes(circuit).items():
+        points.append(_Point(name, "class", cls, members, _np(evaluator.without(members)),
+                             _np(evaluator.model_without(members))))
+    for index in range(N_RANDOM_SETS):
+        chosen: tuple[Head, ...] = ()
+        while not chosen:  # uniform over the non-empty subsets of C
+            chosen = tuple(h for h, keep in zip(heads, rng.random(len(heads)) < 0.5) if keep)
+        points.append(_Point(name, "random", f"random {index}", chosen, _np(evaluator.without(chosen)),
+                             _np(evaluator.model_without(chosen))))
+    iterations = min(GREEDY_ITERATIONS, len(heads))
+    for run in _progress(ctx, range(GREEDY_RUNS), desc=f"greedy completeness ({name})"):
+        points += _greedy(evaluator, heads, name, rng, GREEDY_CANDIDATES[name], iterations, run)
+    return points
+
+
+def _greedy_top(points: list[_Point], keep: int) -> list[dict[str, Any]]:
+    unique: dict[frozenset, _Point] = {}
+    for p in points:
+        if p.kind == "greedy":
+            unique.setdefault(frozenset(p.heads), p)
+    best = sorted(unique.values(), key=lambda p: -p.incompleteness)[:keep]
+    return [{"heads": heads_key(p.heads), "incompleteness": finite(p.incompleteness),
+             "x": finite(p.x.mean()), "y": finite(p.y.mean())} for p in best]
+
+
+def completeness(model, ctx: RunContext) -> ExperimentResult:
+    """Fig. 6: (F(C\\K), F(M\\K)) for K = ∅, each class, random subsets and a greedy search, for the
+    model's circuit ("full") and its naive circuit."""
+    circuit = ctx.circuit_for(model)
+    naive = naive_circuit_for(circuit)
+    naive.validate(model.cfg.n_layers, model.cfg.n_heads)
+    means = compute_means(model, ctx)
+    clean = CleanRun.build(model, ctx.ioi, memory_budget_mb=ctx.memory_budget_mb)
+    all_points: list[_Point] = []
+    summary: dict[str, Any] = {}
+    n_forward = 0
+    for index, (name, circ) in enumerate((("full", circuit), ("naive", naive))):
+        evaluator = clean.evaluator(means, circ, ctx.ioi)
+        rng = np.random.default_rng([int(ctx.seed), 7919, index])
+        points = _circuit_points(evaluator, circ, name, ctx, rng)
+        n_forward += evaluator.n_forward
+        all_points += points
+        empty = points[0]
+        classes = [p for p in points if p.kind == "class"]
+        randoms = np.array([p.incompleteness for p in points if p.kind == "random"])
+        greedy = [p for p in points if p.kind in ("greedy", "greedy_candidate")]
+        summary.update({
+            f"empty_{name}": {"x": finite(empty.x.mean()), "y": finite(empty.y.mean()),
+                              "incompleteness": finite(empty.incompleteness)},
+            f"class_incompleteness_{name}": {p.label: finite(p.incompleteness) for p in classes},
+            f"class_incompleteness_ci_{name}": {p.label: abs_mean_diff_ci(p.x, p.y, ctx.seed) for p in classes},
+            f"class_points_{name}": {p.label: [finite(p.x.mean()), finite(p.y.mean())] for p in classes},
+            f"class_heads_{name}": {p.label: heads_key(p.heads) for p in classes},
+            f"random_mean_incompleteness_{name}": finite(randoms.mean()),
+            f"random_median_incompleteness_{name}": finite(np.median(randoms)),
+            f"random_max_incompleteness_{name}": finite(randoms.max()),
+            f"greedy_max_incompleteness_{name}": finite(max(p.incompleteness for p in greedy)),
+            f"forward_passes_{name}": int(evaluator.n_forward),
+        })
+        summary.setdefault("greedy_sets", {})[name] = _greedy_top(points, GREEDY_KEEP)
+    f_m = float(clean.f_model.mean())
+    summary.update({
+        "F_M": finite(f_m),
+        "greedy_max_incompleteness_full_fraction_of_F_M": finite(summary["greedy_max_incompleteness_full"] / f_m)
+        if f_m else None,
+        "counts": {"random_sets": N_RANDOM_SETS, "greedy_runs": GREEDY_RUNS,
+                   "greedy_iterations_max": GREEDY_ITERATIONS, "greedy_candidates": dict(GREEDY_CANDIDATES),
+                   "greedy_keep": GREEDY_KEEP, "forward_passes": n_forward + 1},
+        "paper_counts": {"random_sets": "10 (caption) / 100 (released data)", "greedy_runs": 10,
+                         "greedy_iterations": 10, "greedy_candidates": {"full": 10, "naive": 5}},
+        "name_mover_class_note": "K = 'name mover' merges the name movers and the backup name movers "
+                                 "(paper code CIRCUIT['name mover'])",
+        "circuit": circuit_summary(circuit),
+        "naive_circuit": circuit_summary(naive),
+        "n_layers": int(model.cfg.n_layers),
+        "n_heads": int(model.cfg.n_heads),
+    })
+    if is_paper_circuit(circuit) and _is_gpt2_shaped(model):
+        summary["paper_points"] = {k: {c: list(v) for c, v in pts.items()}
+                                   for k, pts in PAPER_COMPLETENESS_POINTS.items()}
+        summary["paper_points_source"] = PAPER_COMPLETENESS_SOURCE
+        summary["paper_reference"] = dict(PAPER_COMPLETENESS_TEXT)
+    frame = pd.DataFrame([p.row(ctx.seed, with_ci=p.kind in ("empty", "class", "greedy"))
+                          for p in all_points])
+    meta = {
+        "definition": "x = F(C\\K): K's heads ablated at every position like non-circuit heads; "
+                      "y = F(M\\K): only K's heads ablated, at their relevant positions; "
+                      "incompleteness = |x - y| of the means over prompts",
+        "random_sets": "each head in K independently with probability 1/2 (uniform over subsets), "
+                       "empty sets redrawn",
+        "greedy": "paper Algorithm 3: from K = ∅, each step draws `candidates` heads of C\\K at "
+                  "random and adds the one maximising |x - y|; every intermediate set is kept",
+        "counts": summary["counts"],
+    }
+    return ExperimentResult(frame, summary, meta)
+
+
+# ------------------------------------------------------------------------------------------------
+# Minimality
+# ------------------------------------------------------------------------------------------------
+
+
+def _paper_row_order(circuit: Circuit) -> list[Head]:
+    heads = [tuple(map(int, h)) for h in circuit.heads()]
+    if not is_paper_circuit(circuit):
+        return heads
+    order = [tuple(int(x) for x in key.split(".")) for key in PAPER_FIG20]
+    return [h for h in order if h in heads] + [h for h in heads if h not in order]
+
+
+def minimality(model, ctx: RunContext) -> ExperimentResult:
+    """Figs. 7, 20: |F(C\\(K∪{v})) - F(C\\K)| for every circuit head v with its K(v)."""
+    circuit = ctx.circuit_for(model)
+    means = compute_means(model, ctx)
+    clean = CleanRun.build(model, ctx.ioi, memory_budget_mb=ctx.memory_budget_mb)
+    evaluator = clean.evaluator(means, circuit, ctx.ioi)
+    f_m = _np(clean.f_model)
+    k_sets = minimality_k_sets(circuit)
+    paper = is_paper_circuit(circuit) and _is_gpt2_shaped(model)
+    rows, score, fraction, score_cis = [], {}, {}, {}
+    for v in _progress(ctx, _paper_row_order(circuit), desc="minimality"):
+        k = tuple(sorted(k_sets.get(v, frozenset())))
+        with_v = _np(evaluator.without(k + (v,)))
+        without_k = _np(evaluator.without(k))
+        value = abs(with_v.mean() - without_k.mean())
+        ci = abs_mean_diff_ci(with_v, without_k, ctx.seed)
+        key = head_key(*v)
+        score[key] = finite(value)
+        fraction[key] = finite(value / f_m.mean()) if f_m.mean() else None
+        score_cis[key] = ci
+        paper_row = PAPER_FIG20.get(key) if paper else None
+        rows.append({
+            "layer": v[0], "head": v[1], "class": circuit.class_of(v),
+            "K": heads_text(k), "K_union_v": heads_text(k + (v,)), "K_size": len(k),
+            "F_C_without_K_and_v": float(with_v.mean()), "F_C_without_K": float(without_k.mean()),
+            "score": float(value), "score_ci_low": ci[0], "score_ci_high": ci[1],
+            "score_fraction": float(value / f_m.mean()) if f_m.mean() else float("nan"),
+            "paper_F_C_without_K_and_v": paper_row[0] if paper_row else float("nan"),
+            "paper_F_C_without_K": paper_row[1] if paper_row else float("nan"),
+            "paper_percent_of_F_M": paper_row[2] if paper_row else float("nan"),
+            "paper_K_text": PAPER_FIG20_K_TEXT.get(key, "") if paper_row else "",
+        })
+    fractions = [v for v in fraction.values() if v is not None]
+    summary = {
+        "score": score,
+        "score_fraction": fraction,
+        "score_cis": score_cis,
+        "min_score_fraction": finite(min(fractions)) if fractions else None,
+        "min_score_head": min(fraction, key=lambda k: fraction[k] if fraction[k] is not None else math.inf)
+        if fractions else None,
+        "F_M": finite(f_m.mean()),
+        "F_C": finite(_np(evaluator.f_circuit).mean()),
+        "k_sets": {head_key(*v): heads_key(k_sets.get(v, ())) for v in _paper_row_order(circuit)},
+        "row_order": [head_key(*v) for v in _paper_row_order(circuit)],
+        "forward_passes": int(evaluator.n_forward + 1),
+        "circuit": circuit_summary(circuit),
+        "n_layers": int(model.cfg.n_layers),
+        "n_heads": int(model.cfg.n_heads),
+    }
+    if paper:
+        summary["paper_fig20"] = {k: list(v) for k, v in PAPER_FIG20.items()}
+        summary["paper_fig20_source"] = PAPER_FIG20_SOURCE
+    meta = {
+        "definition": "score(v) = |F(C\\(K∪{v})) - F(C\\K)|, K(v) from ioi.circuits.minimality_k_sets "
+                      "(the paper's Fig. 20 sets for the paper circuit); F(C\\K): K ablated at every "
+                      "position; score_fraction = score / F(M)",
+        "score_cis": "95% paired bootstrap over prompts of |mean difference| (key score_cis, per head)",
+    }
+    return ExperimentResult(pd.DataFrame(rows), summary, meta)

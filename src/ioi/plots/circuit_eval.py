@@ -1,0 +1,353 @@
+"""Figures of circuit evaluation (paper §4; Figs. 6, 7, 20): faithfulness, completeness, minimality.
+
+Plotters get ``(frame, summary, meta)`` from :mod:`ioi.experiments.circuit_eval`. The paper's own
+numbers (released completeness data, Fig. 20) are in the summary only when the circuit is the
+paper's and the model has GPT-2 small's shape; they are drawn hollow / as markers and labelled as
+the paper's, never as ours.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+
+from ioi.plots.common import CLASS_COLOURS, model_title, paper_panel
+
+KIND_STYLE = {
+    "empty": dict(marker="*", s=170, color="black", label="K = ∅ (x = F(C), y = F(M))", zorder=5),
+    "random": dict(marker="o", s=22, color="#9e9e9e", alpha=0.75, label="random K", zorder=2),
+    "greedy": dict(marker="^", s=36, color="#c0392b", alpha=0.85, label="greedy K (incl. intermediate)",
+                   zorder=3),
+}
+SHORT_CLASS = {
+    "name mover": "NM (+backup)", "negative name mover": "negative", "s-inhibition": "S-inh",
+    "induction": "induction", "duplicate token": "duplicate", "previous token": "previous",
+    "backup name mover": "backup",
+}
+
+
+def _paper_ok(summary: Mapping, meta: Mapping) -> bool:
+    """Draw the paper's GPT-2 numbers only for a GPT-2-shaped, non-planted model."""
+    spec = str(meta.get("model", {}).get("spec", ""))
+    return (spec != "planted-ioi" and "planted" not in spec
+            and summary.get("n_layers") == 12 and summary.get("n_heads") == 12)
+
+
+def _maybe(value, fmt: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _ci_err(mean: float, ci) -> list[float]:
+    if not ci or ci[0] is None or ci[1] is None:
+        return [0.0, 0.0]
+    return [max(0.0, mean - ci[0]), max(0.0, ci[1] - mean)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Faithfulness
+# ------------------------------------------------------------------------------------------------
+
+PAPER_FAITHFULNESS_TEXT = (
+    "Paper §4.1 (GPT-2 small): |F(M) − F(C)| = 0.46, 13% of F(M) = 3.56, i.e. C achieves 87% of the "
+    "model's logit difference. §4.3: the naive circuit's faithfulness score is 0.1, 'comparable' "
+    "(probably stale: the released data of one N=100 run give F(C) 2.838, naive 2.862, F(M) 3.302, "
+    "i.e. gaps 0.46 and 0.44)."
+)
+
+
+def faithfulness(frame, summary, meta):
+    """F(M), F(C), F(C_naive) with CIs; F(C)/F(M) per template; the spread over dataset seeds."""
+    main = frame[frame["main"].astype(bool)] if "main" in frame else frame
+    fig, (ax_bar, ax_tpl, ax_text) = plt.subplots(
+        1, 3, figsize=(14, 4.4), gridspec_kw={"width_ratios": [1.0, 1.5, 1.1]})
+    labels = ["F(M)\nmodel", "F(C)\ncircuit", "F(C naive)\nnaive circuit"]
+    values = [summary["F_M"], summary["F_C"], summary["F_C_naive"]]
+    cis = [summary.get("F_M_ci"), summary.get("F_C_ci"), summary.get("F_C_naive_ci")]
+    err = np.array([_ci_err(v, c) for v, c in zip(values, cis)]).T
+    ax_bar.bar(range(3), values, yerr=err, color=["#4c72b0", "#55a868", "#dd8452"], capsize=4)
+    if _paper_ok(summary, meta) and "paper_reference" in summary:
+        ref = summary["paper_reference"]
+        ax_bar.scatter(range(3), [ref["released_F_M"], ref["released_F_C"], ref["released_F_C_naive"]],
+                       marker="D", facecolors="none", edgecolors="black", s=45, zorder=5,
+                       label="paper (GPT-2, released data)")
+        ax_bar.legend(fontsize=7, loc="lower right")
+    ax_bar.axhline(0, color="black", lw=0.6)
+    ax_bar.set_xticks(range(3))
+    ax_bar.set_xticklabels(labels, fontsize=8)
+    ax_bar.set_ylabel("mean logit difference (95% bootstrap CI)")
+    ax_bar.set_title(f"F(C)/F(M) = {summary['faithfulness_ratio']:.3f}, "
+                     f"naive {summary['faithfulness_ratio_naive']:.3f}", fontsize=9)
+
+    templates = sorted(summary.get("by_template", {}))
+    x = np.arange(len(templates))
+    full = [summary["by_template"][t]["faithfulness_ratio"] for t in templates]
+    naive = [summary["by_template"][t]["faithfulness_ratio_naive"] for t in templates]
+    ax_tpl.bar(x - 0.2, [np.nan if v is None else v for v in full], 0.4, color="#55a868", label="circuit")
+    ax_tpl.bar(x + 0.2, [np.nan if v is None else v for v in naive], 0.4, color="#dd8452", label="naive circuit")
+    ax_tpl.axhline(1, color="black", lw=0.6, ls=":")
+    ax_tpl.axhline(0.87, color="black", lw=1, ls="--", label="paper 0.87 (all templates)")
+    counts = main.groupby("template").size() if len(main) else {}
+    ax_tpl.set_xticks(x)
+    ax_tpl.set_xticklabels([f"{t}\n(n={int(counts.get(t, 0))})" for t in templates], rotation=90, fontsize=7)
+    ax_tpl.set_ylabel("F(C)/F(M) (ratio of template means)")
+    ax_tpl.set_title("Per template (few prompts each: noisy)", fontsize=9)
+    ax_tpl.legend(fontsize=7)
+
+    seeds = summary.get("seeds", [])
+    seed_text = ", ".join(f"{s['seed']}: {s['faithfulness_ratio']:.3f}" for s in seeds
+                          if s.get("faithfulness_ratio") is not None)
+    std = summary.get("faithfulness_ratio_seed_std")
+    lo, hi = summary.get("faithfulness_ratio_ci", [None, None])
+    ours = (
+        f"Ours: F(M) {summary['F_M']:.3f}, F(C) {summary['F_C']:.3f}, ratio of means "
+        f"{summary['faithfulness_ratio']:.3f}"
+        + (f" (95% CI {lo:.3f}–{hi:.3f})" if lo is not None else "")
+        + f"; gap |F(M) − F(C)| {summary['faithfulness_gap']:.3f}; naive gap "
+        f"{summary['faithfulness_gap_naive']:.3f}; |gap_naive − gap_full| "
+        f"{summary['naive_minus_full_gap_abs']:.3f}.\n"
+        f"Mean of per-prompt ratios (information only): "
+        f"{_maybe(summary.get('faithfulness_ratio_per_prompt_mean'))}.\n"
+        f"Ratio over dataset seeds ({seed_text})"
+        + (f": std {std:.3f}." if std is not None else ".")
+    )
+    paper_panel(ax_text, PAPER_FAITHFULNESS_TEXT + "\n\n" + ours)
+    fig.suptitle(model_title("Faithfulness: circuit vs model logit difference (paper §4.1, §4.3)", meta), y=1.03)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Completeness (Fig. 6)
+# ------------------------------------------------------------------------------------------------
+
+PAPER_COMPLETENESS_TEXT = (
+    "Paper §4.1, Fig. 6: random and class-wise K give small incompleteness; the greedy search finds "
+    "K with incompleteness up to 3.09 (87% of F(M)) for the full circuit, and the naive circuit also "
+    "fails (Fig. 6b). Released data (one N=100 run): greedy max 3.47 (full), 3.03 (naive); random-K "
+    "mean 0.45 / 0.47; removing the name mover class: 0.60 (full) vs 2.75 (naive)."
+)
+
+
+def _padded(values) -> tuple[float, float]:
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    pad = 0.06 * (hi - lo or abs(hi) or 1.0)
+    return lo - pad, hi + pad
+
+
+def _draw_paper_points(ax, paper_points) -> None:
+    for label, (px, py) in paper_points.items():
+        colour = "black" if label == "none" else CLASS_COLOURS.get(label, "#333333")
+        ax.scatter([px], [py], marker="o" if label == "none" else "s", s=70, facecolors="none",
+                   edgecolors=colour, linewidths=1.4, zorder=4)
+
+
+def _completeness_panel(ax, frame, summary, name: str, paper_points, limits, full_limits):
+    """One Fig. 6 panel. ``limits``: our points' range (and the paper's when comparable);
+    ``full_limits``: set when the paper's points lie far outside ours -- they are then drawn in an
+    inset at full scale, with our region boxed."""
+    rows = frame[frame["circuit"] == name]
+    ax.plot(limits, limits, color="black", lw=0.8, ls="--", zorder=1)
+    for kind in ("random", "greedy"):
+        part = rows[rows["kind"] == kind]
+        if len(part):
+            ax.scatter(part["x"], part["y"], **{**KIND_STYLE[kind], "label": f"{KIND_STYLE[kind]['label']} ({len(part)})"})
+    offsets = ((6, -10), (6, 4), (-6, 6), (-6, -12), (8, -3), (-8, 0), (0, 9))
+    for index, r in enumerate(rows[rows["kind"] == "class"].itertuples()):
+        colour = CLASS_COLOURS.get(r.label, "#333333")
+        ax.scatter([r.x], [r.y], marker="s", s=60, color=colour, edgecolors="black", linewidths=0.5, zorder=4)
+        dx, dy = offsets[index % len(offsets)]
+        ax.annotate(SHORT_CLASS.get(r.label, r.label), (r.x, r.y), textcoords="offset points",
+                    xytext=(dx, dy), fontsize=7, color=colour, ha="left" if dx >= 0 else "right")
+    empty = rows[rows["kind"] == "empty"]
+    if len(empty):
+        ax.scatter(empty["x"], empty["y"], **KIND_STYLE["empty"])
+    if paper_points and full_limits is None:
+        _draw_paper_points(ax, paper_points)
+    elif paper_points:
+        inset = ax.inset_axes([0.04, 0.6, 0.36, 0.36])
+        inset.plot(full_limits, full_limits, color="black", lw=0.6, ls="--")
+        _draw_paper_points(inset, paper_points)
+        inset.scatter(rows["x"], rows["y"], s=4, color="#555555")
+        inset.add_patch(plt.Rectangle((limits[0], limits[0]), limits[1] - limits[0], limits[1] - limits[0],
+                                      fill=False, edgecolor="#c0392b", lw=1))
+        inset.set_xlim(full_limits)
+        inset.set_ylim(full_limits)
+        inset.tick_params(labelsize=6)
+        inset.set_title("full scale: paper (hollow) vs ours (red box)", fontsize=6.5)
+    ax.set_xlim(limits)
+    ax.set_ylim(limits)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x = F(C \\ K)  (K removed from the circuit)")
+    ax.set_ylabel("y = F(M \\ K)  (K knocked out of the model)")
+    greedy_max = summary.get(f"greedy_max_incompleteness_{name}")
+    random_mean = summary.get(f"random_mean_incompleteness_{name}")
+    ax.set_title(f"({'a' if name == 'full' else 'b'}) {name} circuit: greedy max |x−y| = "
+                 f"{greedy_max:.3g}, random mean {random_mean:.3g}", fontsize=9)
+    ax.grid(alpha=0.25)
+
+
+def fig6_completeness(frame, summary, meta):
+    """Fig. 6a/6b: (F(C\\K), F(M\\K)) for the full and the naive circuit, with y = x."""
+    paper = summary.get("paper_points") if _paper_ok(summary, meta) else None
+    ours = list(frame["x"]) + list(frame["y"])
+    limits, full_limits = _padded(ours), None
+    if paper:
+        both = _padded(ours + [v for pts in paper.values() for xy in pts.values() for v in xy])
+        if (limits[1] - limits[0]) >= 0.25 * (both[1] - both[0]):
+            limits = both  # comparable scales: one plot
+        else:
+            full_limits = both  # ours would be a dot next to the paper's: zoom, paper in an inset
+    fig = plt.figure(figsize=(15.5, 7.2), layout="constrained")
+    grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 0.85])
+    axes = [fig.add_subplot(grid[0, i]) for i in range(2)]
+    ax_text = fig.add_subplot(grid[0, 2])
+    for ax, name in zip(axes, ("full", "naive")):
+        _completeness_panel(ax, frame, summary, name, paper.get(name) if paper else None, limits, full_limits)
+    handles = [Line2D([], [], ls="--", color="black", lw=0.8, label="y = x (complete)")]
+    handles += [Line2D([], [], marker=s["marker"], ls="", color=s["color"], markersize=8 if k != "empty" else 12,
+                       label=s["label"]) for k, s in KIND_STYLE.items()]
+    handles.append(Line2D([], [], marker="s", ls="", color="#888888", markeredgecolor="black",
+                          label="K = one class (colour = class)"))
+    if paper:
+        handles.append(Line2D([], [], marker="s", ls="", markerfacecolor="none", markeredgecolor="#333333",
+                              markersize=8, label="paper (GPT-2, released data): class K (hollow)"))
+        handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="black",
+                              markersize=8, label="paper (GPT-2, released data): K = ∅"))
+    classes = [c for c in CLASS_COLOURS if c in set(frame.loc[frame["kind"] == "class", "label"])]
+    handles += [Line2D([], [], marker="s", ls="", color=CLASS_COLOURS[c], label=f"class: {c}"
+                       + (" (+ backup NMs)" if c == "name mover" else "")) for c in classes]
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=7, frameon=False)
+    counts = summary.get("counts", {})
+    top = summary.get("greedy_sets", {}).get("full", [])[:2]
+    top_text = "; ".join(f"{{{', '.join(s['heads'])}}} {s['incompleteness']:.3g}" for s in top)
+    ours = (
+        f"Ours: F(M) {summary['F_M']:.3g}; class incompleteness (full) 'name mover' "
+        f"{summary['class_incompleteness_full'].get('name mover', float('nan')):.3g}, (naive) "
+        f"{summary['class_incompleteness_naive'].get('name mover', float('nan')):.3g}; random mean "
+        f"{summary['random_mean_incompleteness_full']:.3g} / {summary['random_mean_incompleteness_naive']:.3g}; "
+        f"greedy max {summary['greedy_max_incompleteness_full']:.3g} / "
+        f"{summary['greedy_max_incompleteness_naive']:.3g}.\nTop greedy sets (full): {top_text}.\n"
+        f"Counts: {counts.get('random_sets')} random K per circuit; greedy {counts.get('greedy_runs')} runs × "
+        f"≤{counts.get('greedy_iterations_max')} steps × {counts.get('greedy_candidates', {}).get('full')} "
+        f"(full) / {counts.get('greedy_candidates', {}).get('naive')} (naive) candidates (paper: 10 runs). "
+        "K 'name mover' = name movers + backup name movers (paper code)."
+    )
+    if paper:
+        ours += "\nHollow markers: " + summary.get("paper_points_source", "paper's released data") + "."
+    paper_panel(ax_text, PAPER_COMPLETENESS_TEXT + "\n\n" + ours)
+    fig.suptitle(model_title("Completeness (paper Fig. 6): x = F(C\\K), y = F(M\\K), incompleteness |x − y|",
+                             meta))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Minimality (Figs. 7, 20)
+# ------------------------------------------------------------------------------------------------
+
+PAPER_MINIMALITY_TEXT = (
+    "Paper §4.2, Fig. 7: every circuit head has a nontrivial minimality score |F(C\\(K∪{v})) − F(C\\K)|, "
+    "at least 1% of F(M); 9.0 and 11.9 are the smallest (0.04, 1.1%); 0.1, 5.5, 0.10, 4.11, 10.7 the "
+    "largest (Fig. 20). Fig. 7's F(M) is not stated; the paper % shown are score / 3.56."
+)
+
+
+def fig7_minimality(frame, summary, meta):
+    """Fig. 7: minimality score of each circuit head as % of F(M), coloured by class."""
+    rows = _rows_in_order(frame, summary)
+    f_m = summary["F_M"]
+    pct = 100 * rows["score_fraction"].to_numpy(float)
+    low = 100 * rows["score_ci_low"].to_numpy(float) / f_m if f_m else np.zeros(len(rows))
+    high = 100 * rows["score_ci_high"].to_numpy(float) / f_m if f_m else np.zeros(len(rows))
+    err = np.nan_to_num(np.abs(np.stack([pct - np.minimum(low, high), np.maximum(low, high) - pct])))
+    colours = [CLASS_COLOURS.get(c, "#666666") for c in rows["class"]]
+    fig, (ax, ax_text) = plt.subplots(1, 2, figsize=(max(10, 0.42 * len(rows) + 6), 4.6),
+                                      gridspec_kw={"width_ratios": [max(2.0, 0.09 * len(rows)), 1]})
+    x = np.arange(len(rows))
+    ax.bar(x, pct, color=colours, yerr=err, error_kw=dict(lw=0.8, capsize=1.5))
+    ax.axhline(1, color="black", ls=":", lw=1, label="1% of F(M) (paper's threshold)")
+    paper = _paper_ok(summary, meta) and "paper_fig20" in summary
+    if paper:
+        paper_pct = rows["paper_percent_of_F_M"].to_numpy(float)
+        ax.scatter(x, paper_pct, marker="D", facecolors="none", edgecolors="black", s=30, zorder=5,
+                   label="paper Fig. 20 (score / 3.56, GPT-2)")
+    ax.set_xticks(x)
+    ax.set_xticklabels(rows["v"], rotation=90, fontsize=8)
+    ax.set_xlabel("circuit head v")
+    ax.set_ylabel("minimality score, % of F(M)  (95% bootstrap CI)")
+    ax.grid(axis="y", alpha=0.3)
+    seen = list(dict.fromkeys(rows["class"]))
+    class_handles = [Line2D([], [], marker="s", ls="", color=CLASS_COLOURS.get(c, "#666666"), label=c) for c in seen]
+    extra = ax.get_legend_handles_labels()[0]
+    ax.legend(handles=class_handles + extra, fontsize=7, ncol=2, loc="upper right")
+    smallest = summary.get("min_score_head")
+    ours = (f"Ours: F(M) {f_m:.3g}, F(C) {summary['F_C']:.3g}; smallest score {smallest} "
+            f"({100 * summary['min_score_fraction']:.2g}% of F(M)). K(v) as in Fig. 20 for the paper "
+            "circuit (ioi.circuits.minimality_k_sets), else the other heads of v's class (name movers: "
+            "the ones listed before v).")
+    paper_panel(ax_text, PAPER_MINIMALITY_TEXT + "\n\n" + ours)
+    fig.suptitle(model_title("Minimality (paper Fig. 7): |F(C\\(K∪{v})) − F(C\\K)| / F(M)", meta), y=1.03)
+    return fig
+
+
+def _rows_in_order(frame, summary):
+    """The minimality rows in the summary's row order, with a ``v`` = "layer.head" column."""
+    rows = frame.copy()
+    rows["v"] = [f"{int(l)}.{int(h)}" for l, h in zip(rows["layer"], rows["head"])]
+    order = summary.get("row_order", list(rows["v"]))
+    return rows.set_index("v").loc[order].reset_index()
+
+
+def _abbreviate(heads: str, limit: int = 5) -> str:
+    parts = [p for p in str(heads).strip("{}").split(", ") if p]
+    if len(parts) <= limit:
+        return "{" + ", ".join(parts) + "}"
+    return "{" + ", ".join(parts[:limit]) + f", … +{len(parts) - limit}" + "}"
+
+
+def fig20_minimality_table(frame, summary, meta):
+    """Fig. 20 as a table: v, class, K∪{v}, F(C\\(K∪{v})), F(C\\K), score, and the paper's F values."""
+    rows = _rows_in_order(frame, summary)
+    paper = _paper_ok(summary, meta) and "paper_fig20" in summary
+    columns = ["v", "class", "K ∪ {v}", "F(C\\(K∪{v}))\nours", "F(C\\K)\nours", "score\nours",
+               "% of F(M)\nours"]
+    if paper:
+        columns += ["F(C\\(K∪{v}))\npaper", "F(C\\K)\npaper", "% of 3.56\npaper"]
+    cells = []
+    for r in rows.itertuples():
+        row = [r.v, rows.loc[r.Index, "class"], _abbreviate(str(r.K_union_v)),
+               f"{r.F_C_without_K_and_v:.3g}", f"{r.F_C_without_K:.3g}", f"{r.score:.3g}",
+               f"{100 * r.score_fraction:.2g}%"]
+        if paper:
+            k_text = rows.loc[r.Index, "paper_K_text"]
+            if isinstance(k_text, str) and k_text:
+                row[2] += f"\n(paper: {k_text})"
+            row += [f"{r.paper_F_C_without_K_and_v:.2f}", f"{r.paper_F_C_without_K:.2f}",
+                    f"{r.paper_percent_of_F_M:.1f}%"]
+        cells.append(row)
+    height = 0.3 * len(cells) + 1.2 + 0.1 * sum("\n" in c[2] for c in cells)
+    fig, ax = plt.subplots(figsize=(14 if paper else 11, height))
+    ax.axis("off")
+    table = ax.table(cellText=cells, colLabels=columns, loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7.5)
+    table.auto_set_column_width(range(len(columns)))
+    for (r, c), cell in table.get_celld().items():
+        if r == 0:
+            cell.set_height(cell.get_height() * 2.0)
+            cell.set_facecolor("#e8e8e8")
+            cell.set_text_props(fontweight="bold")
+        elif "\n" in cells[r - 1][2]:
+            cell.set_height(cell.get_height() * 1.8)
+        if r > 0 and c == 1:
+            cell.get_text().set_color(CLASS_COLOURS.get(cells[r - 1][1], "black"))
+        if paper and r > 0 and c >= 7:
+            cell.set_facecolor("#f4f4f4")
+    note = (f"Ours: F(M) = {summary['F_M']:.3f}, F(C) = {summary['F_C']:.3f}. "
+            "Grey columns: the paper's Fig. 20 (GPT-2 small, one N=100 run; % = score / 3.56)."
+            if paper else f"Ours: F(M) = {summary['F_M']:.3f}, F(C) = {summary['F_C']:.3f}.")
+    ax.set_title(model_title("Minimality sets and scores (paper Fig. 20)", meta) + "\n"
+                 + textwrap.fill(note, 140), fontsize=9)
+    return fig
