@@ -11,9 +11,14 @@ implementation (:mod:`ioi.patching.path`) and reports their largest absolute dif
 
 The reference costs one or two full forward passes per sender, so on CPU it can be timed on a
 subset of senders (``reference_senders``): its per-sender cost is then measured on that subset
-and extrapolated to all senders (plus the measured cost of its two caching runs); such rows carry
-``reference_senders_timed < reference_senders_total`` and ``reference_extrapolated: true``, and
-``max_abs_diff`` covers the timed senders only. Nothing is estimated otherwise.
+(each sender's loop iteration timed) and extrapolated to all senders, plus its measured caching
+runs (step 1); such rows carry ``reference_senders_timed < reference_senders_total`` and
+``reference_extrapolated: true``, and ``max_abs_diff`` covers the timed senders only.
+
+Two comparisons per row: end to end (``seconds_reference`` vs ``seconds_fast``: each side runs its
+own forward passes on ``x_orig`` and ``x_new``) and sweep only (``*_sweep``: both sides given those
+runs, as the seed notebook's functions are given ``orig_cache``/``new_cache``; the fast side via
+``prepare_path_patching``).
 
 Command line (GPT-2 small's shape with random weights, IOI prompts and their p_ABC corruption)::
 
@@ -97,11 +102,6 @@ def run(
             kind="heads", receivers=sinh, which="v", kw=dict(sender_positions=s2, receiver_positions=s2)
         ),
     }
-    # The reference's caching runs (x_orig and x_new, z and MLP outputs), timed once.
-    _, t_setup = _timed(
-        lambda: ref_path_patch_to_logits(model, orig_toks, new_toks, metric, sender_subset=[], progress=False),
-        device,
-    )
     # The fast implementation's two forward passes, shared by the "sweep only" timings.
     cache, t_prepare = _timed(lambda: prepare_path_patching(model, orig_toks, new_toks), device)
     rows = []
@@ -113,8 +113,9 @@ def run(
                 model, orig_toks, new_toks, metric, progress=progress, cache=cache, **spec["kw"]
             )
             subset = _spread(all_senders, reference_senders)
-            ref_fn = lambda: ref_path_patch_to_logits(  # noqa: E731
-                model, orig_toks, new_toks, metric, sender_subset=subset, progress=progress, **spec["kw"]
+            ref_fn = lambda timings: ref_path_patch_to_logits(  # noqa: E731
+                model, orig_toks, new_toks, metric, sender_subset=subset, progress=progress,
+                timings=timings, **spec["kw"],
             )
         else:
             top = max(l for l, _ in spec["receivers"])
@@ -124,18 +125,20 @@ def run(
                 cache=cache, **spec["kw"],
             )
             subset = _spread(all_senders, reference_senders)
-            ref_fn = lambda: ref_path_patch_to_heads(  # noqa: E731
+            ref_fn = lambda timings: ref_path_patch_to_heads(  # noqa: E731
                 model, orig_toks, new_toks, metric, spec["receivers"], spec["which"],
-                sender_subset=subset, progress=progress, **spec["kw"],
+                sender_subset=subset, progress=progress, timings=timings, **spec["kw"],
             )
         fast, t_fast = _timed(fast_fn, device)
         fast_cached, t_fast_sweep = _timed(lambda: fast_fn(cache), device)
-        ref, t_ref_subset = _timed(ref_fn, device)
+        timings: dict = {}
+        ref, t_ref_subset = _timed(lambda: ref_fn(timings), device)
+        t_setup = timings["setup_seconds"]
         idx_l = torch.tensor([l for l, _ in subset])
         idx_h = torch.tensor([h for _, h in subset])
         diff = (fast[idx_l, idx_h] - ref[idx_l, idx_h]).abs().max().item()
         diff_cached = (fast_cached - fast).nan_to_num().abs().max().item()
-        per_sender = max(t_ref_subset - t_setup, 0.0) / len(subset)
+        per_sender = sum(timings["sender_seconds"]) / len(subset)
         extrapolated = len(subset) < len(all_senders)
         t_ref = t_setup + per_sender * len(all_senders) if extrapolated else t_ref_subset
         row = {

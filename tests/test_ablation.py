@@ -160,6 +160,8 @@ def test_knocking_out_nothing_gives_full_model():
     assert evaluate_circuit(model, toks, metric, means, None).item() == pytest.approx(f_m, abs=1e-6)
     assert knockout_heads(model, toks, metric, means, {}).item() == pytest.approx(f_m, abs=1e-6)
     assert head_knockout(means, {}).n_ablated() == 0 and head_knockout(means, {}).hooks() == []
+    assert evaluate_circuit(model, toks, metric, means, {(2, 1): wi["END"]}, knockout=[],
+                            knockout_mode="relevant_positions").item() == pytest.approx(f_m, abs=1e-6)
     f_c, f_mk = completeness_pair(model, toks, metric, means, {(2, 1): wi["END"]}, [])
     assert f_mk.item() == pytest.approx(f_m, abs=1e-6)
     assert f_c.item() == pytest.approx(evaluate_circuit(model, toks, metric, means, {(2, 1): wi["END"]}).item(), abs=1e-6)

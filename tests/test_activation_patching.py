@@ -269,6 +269,10 @@ def test_every_functions_match_tl_directly(models, batches, caches):
                  "get_act_patch_attn_head_by_pos_every"):
         expected = getattr(tlp, name)(model, batch.corrupted, cache, batch.ld)
         _close(_fast(name, model, batch, cache, batch.ld), expected)
+        # TL's *_every helpers name the metric ``metric``; the keyword works here too
+        got = getattr(fast, name)(model=model, corrupted_tokens=batch.corrupted, clean_cache=cache,
+                                  metric=batch.ld, progress=False)
+        _close(got, expected)
 
 
 def test_pattern_dest_src_matches_tl(models, batches, caches):

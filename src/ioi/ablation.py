@@ -329,6 +329,9 @@ def ablate_circuit(
       at their relevant positions (from ``circuit``, or K given as ``{head: positions}``);
       everything else is intact (the circuit's other heads are not ablated).
     * ``circuit=None``, no knockout: F(M) (nothing ablated).
+
+    ``knockout=None`` means "no K" (F(C) / F(M)); an empty K with ``"relevant_positions"`` is
+    F(M\{}) = F(M), and with ``"all_positions"`` F(C\{}) = F(C).
     """
     if knockout_mode not in ("all_positions", "relevant_positions"):
         raise ValueError(f"knockout_mode must be 'all_positions' or 'relevant_positions'; got {knockout_mode!r}.")
@@ -338,7 +341,7 @@ def ablate_circuit(
     ko = _normalise_knockout(knockout, circuit, knockout_mode)
     for head in ko:
         _check_head(head, L, H)
-    if knockout_mode == "relevant_positions" and ko:
+    if knockout_mode == "relevant_positions" and knockout is not None:  # F(M\K), even for K = {}
         keep = torch.ones(N, S, L, H, dtype=torch.bool, device=means.device)
         for (layer, index), positions in ko.items():
             _set_head(keep, layer, index, positions, False)
@@ -438,10 +441,7 @@ def completeness_pair(
     """``(F(C\\K), F(M\\K))`` for one set K (the paper code's completeness asymmetry)."""
     knockout = [tuple(h) for h in knockout]
     f_c = evaluate_circuit(model, toks, metric, means, circuit, knockout=knockout, knockout_mode="all_positions")
-    if knockout:
-        f_m = evaluate_circuit(model, toks, metric, means, circuit, knockout=knockout, knockout_mode="relevant_positions")
-    else:
-        f_m = metric(run_with_ablation(model, toks, None))
+    f_m = evaluate_circuit(model, toks, metric, means, circuit, knockout=knockout, knockout_mode="relevant_positions")
     return f_c, f_m
 
 

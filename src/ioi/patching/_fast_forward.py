@@ -13,10 +13,13 @@ logits at each prompt's END. This module holds
   asked for) ``z``;
 * :class:`RowSet` - which (prompt, position) rows a group of patches can change: from each prompt's
   first changed position to its last needed one (END for a LogitDiff, the last position otherwise);
-* :func:`run_from` - the batched "resume" forward: ``K`` patched residual streams that join the
-  computation at their own (layer, stage), recomputing only the rows of the :class:`RowSet` (keys and
-  values of all other rows come from the corrupted run) and, for a LogitDiff, only the END rows in
-  the last layer and only the IO/S columns of the unembedding.
+* :class:`ResumeForward` - the batched "resume" forward: ``K`` patched residual streams that join
+  the computation at their own (layer, stage), recomputing only the rows of the :class:`RowSet`
+  (keys and values of all other rows come from the corrupted run) and, for a LogitDiff, only the
+  END rows in the last layer (whose keys/values are never projected: see
+  :meth:`ResumeForward._attention_block_end`) and only the IO/S columns of the unembedding;
+* :meth:`NetWeights.add_mlp_low_rank_` - the MLP after a head patch, whose input changed by a
+  rank-``d_head`` term, with a ``d_head``-deep instead of ``d_model``-deep input projection.
 
 Every shortcut is exact (causal attention, position-wise MLPs and LayerNorms); results equal a full
 TransformerLens forward up to float32 rounding (tests: <= 1e-4 absolute).
@@ -415,14 +418,6 @@ class CorruptedRun:
     @property
     def final(self) -> Tensor:
         return self.resid[-1]
-
-    def at_stage(self, layer: int, stage: str) -> Tensor:
-        """The residual stream entering (layer, stage): pre = resid_pre, mid, post = resid_post."""
-        if stage == "pre":
-            return self.resid[layer]
-        if stage == "mid":
-            return self.resid_mid[layer]
-        return self.resid[layer + 1]
 
 
 # ----------------------------------------------------------------------------------------------

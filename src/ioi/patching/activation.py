@@ -12,13 +12,16 @@ How it is faster (all exact; see :mod:`ioi.patching._fast_forward`):
 * one unpatched forward on the corrupted tokens is cached (residual stream, ``q|k|v``, ``z``);
   a patch at layer ``L`` resumes from there, so layers before ``L`` are never re-run;
 * a head patch (``z``/``q``/``k``/``v``/pattern) only changes that head's output: layer ``L``'s
-  attention is recomputed for the patched quantity only and the change ``dz @ W_O`` is added to the
-  cached ``resid_mid``;
+  attention is recomputed for the patched quantity only, the change ``dz @ W_O`` is added to the
+  cached ``resid_mid``, and layer ``L``'s MLP input projection is computed from the rank-``d_head``
+  change (``dz @ (W_O[h] W_in)`` plus a term shared by all heads) instead of a full matmul;
 * only rows that can change are recomputed: per prompt, from the first patched (or first
   clean/corrupted-differing) position to the last position the metric reads; other rows' keys and
   values come from the cache;
-* with an :class:`ioi.metrics.LogitDiff` metric, the last layer runs only at each prompt's END and
-  the unembedding computes only the IO and S columns (no ``[batch, pos, vocab]`` logits);
+* with an :class:`ioi.metrics.LogitDiff` metric, the last layer runs only at each prompt's END
+  (its keys/values enter through ``W_K q`` and the pattern-weighted mean of the inputs, never as
+  full projections) and the unembedding computes only the IO and S columns (no
+  ``[batch, pos, vocab]`` logits);
 * many patches run in one batched pass (memory-budgeted), under ``torch.inference_mode``.
 
 Any other callable metric gets full ``[batch, pos, d_vocab]`` logits per patch (the exact, slower
@@ -204,7 +207,9 @@ class _Sweep:
         cache = self.clean_cache
         if cache is None:
             wanted = set(names)
-            _, cache = self.model.run_with_cache(self.clean_tokens, names_filter=lambda n: n in wanted)
+            _, cache = self.model.run_with_cache(
+                self.clean_tokens.to(self.out_device), names_filter=lambda n: n in wanted
+            )
             self.clean_cache = cache
         acts = {name: _get_activation(cache, name).to(self.device, torch.float32) for name in names}
         if self.shared_prefix and self.clean_tokens is None and _EMBED_NAME not in acts:
@@ -437,7 +442,7 @@ class _Sweep:
                 self._tick(len(group))
                 continue
             self._run_group(group, rowset, out)
-        return out.to(self.out_device).clone()
+        return out.to(self.out_device)
 
     def _run_group(self, group: list[_Spec], rowset: RowSet, out: Tensor) -> None:
         net = self.net
@@ -500,6 +505,8 @@ def _run(
     if unknown:
         raise TypeError(f"{tl_name}() got unexpected keyword argument(s) {sorted(unknown)}")
     opts = {**_OPTION_DEFAULTS, **options}
+    if patching_metric is None:
+        raise TypeError(f"{tl_name}() needs patching_metric")
     reason = unsupported_reason(model)
     if reason is not None:
         return _fallback(tl_name, reason, model, corrupted_tokens, clean_cache, patching_metric, opts)
@@ -512,7 +519,7 @@ def _run(
             result = sweep.run(specs, shape)
         finally:
             bar.close()
-    return result.clone()
+    return result.clone()  # a normal tensor (not an inference-mode one), like TL's
 
 
 def _fallback(tl_name, reason, model, corrupted_tokens, clean_cache, metric, opts) -> Tensor:
@@ -641,6 +648,8 @@ def _make(tl_name: str, build, shape_doc: str, what: str):
         patching_metric: PatchingMetric | None = None,
         **options: Any,
     ) -> Tensor:
+        if "metric" in options and patching_metric is None:  # TL's *_every helpers call it ``metric``
+            patching_metric = options.pop("metric")
         return _run(tl_name, model, corrupted_tokens, clean_cache, patching_metric, build, options)
 
     fn.__name__ = fn.__qualname__ = tl_name

@@ -19,6 +19,7 @@ Used by the tests (fast == reference) and the benchmark; not meant for real swee
 from __future__ import annotations
 
 import itertools
+import time
 from functools import partial
 from typing import Callable, Sequence
 
@@ -160,6 +161,21 @@ def _cache_runs(model, orig_toks, new_toks, extra_hooks, names_filter):
     return new_cache, orig_cache
 
 
+def _elapsed(t0: float) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _record(timings: dict | None, key: str, seconds: float, append: bool = False) -> None:
+    if timings is None:
+        return
+    if append:
+        timings.setdefault(key, []).append(seconds)
+    else:
+        timings[key] = seconds
+
+
 def _assemble(values: dict, senders: str, n_layers: int, n_heads: int, device):
     shape = next(iter(values.values())).shape if values else ()
     heads = torch.full((n_layers, n_heads, *shape), float("nan"), device=device)
@@ -189,11 +205,13 @@ def ref_path_patch_to_logits(
     freeze_mlps: bool = False,
     sender_subset: Sequence[tuple] | None = None,
     progress: bool = True,
+    timings: dict | None = None,
 ):
     """Seed-style path patching, each sender -> final residual stream (see module docstring).
 
     ``sender_subset``: only these senders (``(layer, head)`` for heads, ``(layer, None)`` for MLPs);
-    the rest of the result is NaN (the benchmark times the reference on a subset).
+    the rest of the result is NaN (the benchmark times the reference on a subset). ``timings``: a
+    dict to receive ``setup_seconds`` (step 1) and ``sender_seconds`` (one entry per sender).
     """
     device = model.W_U.device
     orig_toks, new_toks = orig_toks.to(device), new_toks.to(device)
@@ -206,7 +224,9 @@ def ref_path_patch_to_logits(
 
     # ========== Step 1 ==========  Gather activations on x_orig and x_new
     cache_filter = lambda name: _z_name_filter(name) or name.endswith("hook_mlp_out")  # noqa: E731
+    t0 = time.perf_counter()
     new_cache, orig_cache = _cache_runs(model, orig_toks, new_toks, extra_hooks, cache_filter)
+    _record(timings, "setup_seconds", _elapsed(t0))
 
     loop = _sender_loop(senders, L, H, L)
     if sender_subset is not None:
@@ -214,6 +234,7 @@ def ref_path_patch_to_logits(
         loop = [s for s in loop if (s[1], s[2]) in wanted]
     values = {}
     for sender in tqdm(loop, desc="reference path patching -> logits", disable=not progress):
+        t0 = time.perf_counter()
         # ========== Step 2 ==========  x_orig, sender patched from x_new, every other head frozen
         hooks = _sender_hooks(model, sender, new_cache, orig_cache, positions, freeze_mlps)
         hooks += extra_hooks + _mlp_sender_hook(sender, new_cache, positions)
@@ -227,6 +248,7 @@ def ref_path_patch_to_logits(
         # ========== Step 3 ==========  unembed the final residual stream
         patched_logits = model.unembed(model.ln_final(patched_cache[resid_post_hook_name]))
         values[sender] = torch.as_tensor(metric(patched_logits)).detach().float()
+        _record(timings, "sender_seconds", _elapsed(t0), append=True)
     return _assemble(values, senders, L, H, device)
 
 
@@ -246,10 +268,12 @@ def ref_path_patch_to_heads(
     freeze_mlps: bool = False,
     sender_subset: Sequence[tuple] | None = None,
     progress: bool = True,
+    timings: dict | None = None,
 ):
     """Seed-style path patching, each sender -> the receivers' ``q``/``k``/``v`` (module docstring).
 
     Result ``[n_layers, n_heads]`` (NaN for senders at or after the last receiver layer).
+    ``sender_subset`` and ``timings`` as :func:`ref_path_patch_to_logits`.
     """
     device = model.W_U.device
     orig_toks, new_toks = orig_toks.to(device), new_toks.to(device)
@@ -266,7 +290,9 @@ def ref_path_patch_to_heads(
 
     # ========== Step 1 ==========
     cache_filter = lambda name: _z_name_filter(name) or name.endswith("hook_mlp_out")  # noqa: E731
+    t0 = time.perf_counter()
     new_cache, orig_cache = _cache_runs(model, orig_toks, new_toks, extra_hooks, cache_filter)
+    _record(timings, "setup_seconds", _elapsed(t0))
 
     loop = _sender_loop(senders, L, H, max(receiver_layers))
     if sender_subset is not None:
@@ -274,6 +300,7 @@ def ref_path_patch_to_heads(
         loop = [s for s in loop if (s[1], s[2]) in wanted]
     values = {}
     for sender in tqdm(loop, desc=f"reference path patching -> {receiver_input}", disable=not progress):
+        t0 = time.perf_counter()
         # ========== Step 2 ==========  x_orig, sender patched from x_new, every other head frozen
         hooks = _sender_hooks(model, sender, new_cache, orig_cache, s_positions, freeze_mlps)
         hooks += extra_hooks + _mlp_sender_hook(sender, new_cache, s_positions)
@@ -295,4 +322,5 @@ def ref_path_patch_to_heads(
             return_type="logits",
         )
         values[sender] = torch.as_tensor(metric(patched_logits)).detach().float()
+        _record(timings, "sender_seconds", _elapsed(t0), append=True)
     return _assemble(values, senders, L, H, device)

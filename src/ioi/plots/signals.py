@@ -130,10 +130,11 @@ def fig10_nm_attention(frame, summary, meta):
         ax.set_xticklabels(["END → IO", "END → S1", "END → S2"])
         ax.set_ylabel("attention probability (mean over name movers)")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, title="error bars: std over prompts", title_fontsize=7)
+        ax.legend(fontsize=7, title="error bars: std over prompts", title_fontsize=7, loc="upper center",
+                  ncol=2)
     for ax in axes[:2]:
         if ax.axison:
-            ax.set_ylim(0, max(top * 1.1, 1e-3))
+            ax.set_ylim(0, max(top * 1.3, 1e-3))  # room for the legend above the bars
     heads = ", ".join(summary.get("name_mover_heads", []))
     paper_panel(axes[2], PAPER_NM_TEXT + f"\n\nOurs: name movers {heads}; S-inhibition heads "
                 f"{', '.join(summary.get('patched_heads', []))} patched at END.")
