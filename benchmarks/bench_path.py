@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -247,6 +248,11 @@ def main(argv=None) -> list[dict]:
         help="senders the reference is timed on per experiment (0 = all; else extrapolated)",
     )
     parser.add_argument("--experiments", nargs="*", default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads (default: torch's own, = the core count); on a busy machine "
+        "1 thread can be faster for both sides",
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
 
@@ -254,6 +260,8 @@ def main(argv=None) -> list[dict]:
     from ioi.models import load_model
 
     torch.set_grad_enabled(False)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
     toks, new, word_idx, io, s, source = _dataset(args.n, args.seed)
     metric = LogitDiff(word_idx["END"].to(args.device), io.to(args.device), s.to(args.device))
@@ -267,6 +275,7 @@ def main(argv=None) -> list[dict]:
     meta = {
         "model": args.model, "n": args.n, "seed": args.seed, "data": source,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     header = (f"{'experiment':<22}{'ref s':>9}{'fast s':>8}{'speedup':>8}{'ref sweep':>10}{'fast sweep':>11}"
               f"{'speedup':>8}{'max|diff|':>10}  ref senders")

@@ -31,6 +31,16 @@ from ioi.tokenizer import get_gpt2_tokenizer
 ATOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core runner OpenMP's thread
+    synchronisation makes their many small ops several times slower; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @functools.lru_cache(maxsize=None)
 def sharp_model(spec: str = "random-L3-H4-D16", init: float = 0.2, seed: int = 0):
     """A tiny random GPT-2 with a larger init scale, so ablations move the logit difference."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -396,7 +397,7 @@ def test_snakemake_dry_run_lists_the_figures(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("model: random-tiny\n")
     targets = [f"figures/random-tiny/{name}.png" for name in OUR_FIGURES]
-    run = subprocess.run(["snakemake", "-n", *targets, "--configfile", str(config)], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-n", *targets, "--configfile", str(config)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     listed = run.stdout + run.stderr

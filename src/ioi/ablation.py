@@ -331,7 +331,7 @@ def ablate_circuit(
     * ``circuit=None``, no knockout: F(M) (nothing ablated).
 
     ``knockout=None`` means "no K" (F(C) / F(M)); an empty K with ``"relevant_positions"`` is
-    F(M\{}) = F(M), and with ``"all_positions"`` F(C\{}) = F(C).
+    F(M minus nothing) = F(M), and with ``"all_positions"`` F(C).
     """
     if knockout_mode not in ("all_positions", "relevant_positions"):
         raise ValueError(f"knockout_mode must be 'all_positions' or 'relevant_positions'; got {knockout_mode!r}.")
