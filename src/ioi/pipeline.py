@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-import torch
-
 from ioi.provenance import provenance, write_json
 
 
@@ -51,6 +49,8 @@ def log_to(path: str | Path) -> Iterator[None]:
 def set_threads(threads: int | None) -> None:
     """Use the cores Snakemake gave this job, so parallel jobs do not oversubscribe."""
     if threads:
+        import torch  # here, so figure jobs (which never call this) do not pay torch's import
+
         torch.set_num_threads(max(1, int(threads)))
 
 

@@ -18,9 +18,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 TRACKED_PACKAGES = (
     "torch",
@@ -63,6 +64,8 @@ def git_commit(repo: str | Path | None = None) -> str | None:
 
 
 def device_description(device: str | torch.device) -> str:
+    import torch  # lazily: figure and dataset jobs write provenance without loading torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
