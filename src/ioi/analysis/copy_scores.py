@@ -48,7 +48,9 @@ __all__ = [
 
 COPY_POSITIONS = ("IO", "S1", "S2")
 RESID_HOOK = "blocks.0.hook_resid_post"
-DEFAULT_MAX_LOGIT_ELEMENTS = 2**26  # logits materialised per chunk (256 MiB in float32)
+# Logits materialised per chunk: 2**22 floats (16 MiB, ~80 samples of GPT-2's vocabulary). Small
+# enough that the rank comparison reads them from cache: ~2x faster on CPU than 256 MiB chunks.
+DEFAULT_MAX_LOGIT_ELEMENTS = 2**22
 
 Variant = Literal["paper", "arena"]
 
@@ -194,10 +196,12 @@ def copy_scores_from_resid(
         v_all = sign * v_all  # [s, d_head]
         out_c = v_all @ W_O_c[index]  # [s, d_model]
         sigma = (out_c.pow(2).mean(-1) + eps).sqrt()  # [s]
-        M = (W_O_c[index] * gamma) @ W_U  # [d_head, vocab]
+        # One matmul per chunk: [v / sigma, 1] @ [M; const] = (v @ M) / sigma + const.
+        M_aug = torch.cat([(W_O_c[index] * gamma) @ W_U, const[None]], dim=0)  # [d_head + 1, vocab]
+        v_aug = torch.cat([v_all / sigma[:, None], torch.ones_like(sigma)[:, None]], dim=1)
         for start in range(0, n_samples, chunk):
             stop = start + chunk
-            logits = (v_all[start:stop] @ M) / sigma[start:stop, None] + const
+            logits = v_aug[start:stop] @ M_aug
             own = logits.gather(-1, name_ids[start:stop, None])
             rank = (logits > own).sum(-1)  # tokens strictly above the sample's own name
             hits[index] += (rank < k).float().sum()

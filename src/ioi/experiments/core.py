@@ -115,13 +115,8 @@ def batch_size_for(model, seq_len: int, memory_budget_mb: int) -> int:
 
 
 def end_logits_batched(model, toks: torch.Tensor, end_idx: torch.Tensor, *, memory_budget_mb: int = 2048):
-    """Logits at each prompt's END, ``[batch, vocab]``, computed in memory-bounded chunks."""
-    from ioi.metrics import end_logits
+    """Logits at each prompt's END, ``[batch, vocab]``, in memory-bounded chunks (only END rows
+    are unembedded: :func:`ioi.forward.end_logits`)."""
+    from ioi.forward import end_logits
 
-    device = next(model.parameters()).device
-    step = batch_size_for(model, toks.shape[1], memory_budget_mb)
-    chunks = []
-    for start in range(0, toks.shape[0], step):
-        logits = model(toks[start : start + step].to(device))
-        chunks.append(end_logits(logits, end_idx[start : start + step].to(device)).float().cpu())
-    return torch.cat(chunks)
+    return end_logits(model, toks, end_idx, memory_budget_mb=memory_budget_mb)

@@ -268,10 +268,8 @@ def copy_scores(model, ctx: RunContext) -> ExperimentResult:
     value_biases_unfolded = check_value_biases(model)
     positions = {key: dataset.word_idx[key] for key in ("IO", "S1", "S2")}
     resid, names = paper_copy_inputs(model, dataset.toks, positions)
-    max_logits = max(2**20, ctx.memory_budget_mb * 2**20 // (4 * 3))
     scores = {
-        negative: copy_scores_from_resid(model, resid, names, negative=negative,
-                                         max_logit_elements=max_logits).double().cpu().numpy()
+        negative: copy_scores_from_resid(model, resid, names, negative=negative).double().cpu().numpy()
         for negative in (False, True)
     }
     classes = class_of_heads(circuit, n_layers, n_heads)

@@ -49,7 +49,8 @@ from ioi.experiments.attribution import (
     per_head_dict,
 )
 from ioi.experiments.core import ExperimentResult, RunContext, batch_size_for
-from ioi.metrics import LogitDiff, logit_diff
+from ioi.forward import end_logits
+from ioi.metrics import LogitDiff, logit_diff_from_end_logits
 from ioi.patching.path import path_patch_to_heads, path_patch_to_logits, positions_mask
 from ioi.stats import bootstrap_ratio_ci
 
@@ -113,14 +114,12 @@ def logit_diffs(model, dataset, memory_budget_mb: int, ablation: Ablation | None
     for start in range(0, toks.shape[0], step):
         rows = slice(start, start + step)
         part = _slice_ablation(ablation, rows)
-        if part is None:
-            logits = model(toks[rows])
-        else:
+        hooks = ()
+        if part is not None:
             part.check_shape(*toks[rows].shape)
-            logits = model.run_with_hooks(toks[rows], fwd_hooks=part.hooks())
-        out.append(logit_diff(logits, end[rows].to(device), io[rows].to(device), s[rows].to(device),
-                              per_prompt=True).double().cpu())
-        del logits
+            hooks = part.hooks()
+        at_end = end_logits(model, toks[rows], end[rows], fwd_hooks=hooks, memory_budget_mb=None)
+        out.append(logit_diff_from_end_logits(at_end, io[rows], s[rows]).double())
     return torch.cat(out).numpy()
 
 
@@ -382,7 +381,7 @@ def patch_senders_to_receiver_inputs(
         orig_acts: dict[str, torch.Tensor] = {}
         fwd = [(name, store(orig_acts)) for name in z_names]
         fwd += [(pattern_hook_name(l), store(orig_acts)) for l in pattern_layers]
-        logits_before = model.run_with_hooks(o, fwd_hooks=fwd)
+        logits_before = end_logits(model, o, q_pos, fwd_hooks=fwd, memory_budget_mb=None)
         new_acts: dict[str, torch.Tensor] = {}
         model.run_with_hooks(nw, fwd_hooks=[(f"blocks.{l}.attn.hook_z", store(new_acts))
                                             for l in sender_layers])
@@ -413,7 +412,7 @@ def patch_senders_to_receiver_inputs(
         after_acts: dict[str, torch.Tensor] = {}
         fwd = [(in_name[l], patch_input) for l in receiver_layers]
         fwd += [(pattern_hook_name(l), store(after_acts)) for l in pattern_layers]
-        logits_after = model.run_with_hooks(o, fwd_hooks=fwd)
+        logits_after = end_logits(model, o, q_pos, fwd_hooks=fwd, memory_budget_mb=None)
 
         for (layer, head) in pattern_heads:
             name = pattern_hook_name(layer)
@@ -422,7 +421,7 @@ def patch_senders_to_receiver_inputs(
         if answer_ids is not None:
             io, s = (t.to(device)[rows] for t in answer_ids)
             for key, logits in (("logit_diff_before", logits_before), ("logit_diff_after", logits_after)):
-                out[key].append(logit_diff(logits, q_pos, io, s, per_prompt=True).double().cpu())
+                out[key].append(logit_diff_from_end_logits(logits, io, s).double().cpu())
         del logits_before, logits_after, orig_acts, new_acts, recorded, after_acts
 
     result: dict[str, Any] = {

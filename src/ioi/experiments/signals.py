@@ -48,6 +48,7 @@ from ioi.circuits import NAME_MOVER, S_INHIBITION
 from ioi.experiments.attribution import circuit_summary, finite, head_key
 from ioi.experiments.circuit_eval import EndLogitDiff, mean_ci
 from ioi.experiments.core import ExperimentResult, RunContext, batch_size_for
+from ioi.forward import end_logits
 from ioi.metrics import logit_diff_from_end_logits
 
 # ------------------------------------------------------------------------------------------------
@@ -344,10 +345,8 @@ def _metrics(model, toks, end, io, s, memory_budget_mb: int) -> dict[str, np.nda
     lds, probs = [], []
     for start in range(0, toks.shape[0], step):
         rows = slice(start, start + step)
-        logits = model(toks[rows].to(device))
-        idx = torch.arange(logits.shape[0], device=device)
-        at_end = logits[idx, end[rows].to(device)].float()
-        del logits
+        at_end = end_logits(model, toks[rows], end[rows], memory_budget_mb=None).to(device)
+        idx = torch.arange(at_end.shape[0], device=device)
         lds.append(logit_diff_from_end_logits(at_end, io[rows], s[rows]).double().cpu())
         probs.append(at_end.softmax(-1)[idx, io[rows].to(device)].double().cpu())
     ld = torch.cat(lds).numpy()

@@ -1,0 +1,95 @@
+"""Forward passes that unembed only the rows a metric reads.
+
+The IOI metrics read one position per prompt (its END). A full forward pass unembeds every
+position against the whole vocabulary (``batch * seq * d_model * d_vocab`` multiply-adds, and a
+``batch * seq * d_vocab`` float array: most of the cost for a small model, a third of it for
+GPT-2 small). Here the forward pass stops at the unembedding's input (``unembed.hook_in``, the
+residual stream after ``ln_final``) and only the END rows are unembedded, with the model's own
+``W_U`` and ``b_U``:
+
+    end_logits(model, toks, end)[i] == model(toks)[i, end[i]]        (up to fp32 rounding; tested)
+
+Any forward hooks (ablations, patches) run as usual on the way.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+UNEMBED_INPUT = "unembed.hook_in"
+
+
+class _StopForward(Exception):
+    """Raised from the unembedding-input hook: nothing after it is needed."""
+
+
+@torch.no_grad()
+def final_residual(
+    model, toks: Int[Tensor, "batch seq"], *, fwd_hooks: Sequence = ()
+) -> Float[Tensor, "batch seq d_model"]:
+    """The residual stream entering the unembedding (after ``ln_final``), with ``fwd_hooks`` on.
+
+    The forward pass is cut at ``unembed.hook_in``, so no logits are computed.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def capture(x, hook):
+        captured["x"] = x
+        raise _StopForward
+
+    try:
+        model.run_with_hooks(toks, fwd_hooks=[*fwd_hooks, (UNEMBED_INPUT, capture)])
+    except _StopForward:
+        pass
+    if "x" not in captured:
+        raise RuntimeError(f"The model has no {UNEMBED_INPUT!r} hook point, or it did not fire.")
+    return captured["x"]
+
+
+def unembed_rows(model, rows: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+    """``rows @ W_U + b_U``: the logits of residual rows already through ``ln_final``."""
+    logits = rows @ model.W_U
+    b_U = getattr(model, "b_U", None)
+    return logits if b_U is None else logits + b_U
+
+
+def batch_size_for(model, seq_len: int, memory_budget_mb: float) -> int:
+    """Prompts per forward pass so that the activations stay within ``memory_budget_mb``."""
+    cfg = model.cfg
+    floats_per_prompt = seq_len * (16 * cfg.d_model + 4 * cfg.d_mlp + cfg.n_heads * seq_len * 2) + cfg.d_vocab
+    return max(1, int(memory_budget_mb * 2**20 / (4 * floats_per_prompt)))
+
+
+@torch.no_grad()
+def end_logits(
+    model,
+    toks: Int[Tensor, "batch seq"],
+    end_idx: Int[Tensor, "batch"],
+    *,
+    fwd_hooks: Sequence = (),
+    memory_budget_mb: float | None = 2048,
+) -> Float[Tensor, "batch vocab"]:
+    """Logits at each prompt's own END, ``[batch, vocab]`` (float32, on CPU).
+
+    Computed in chunks of prompts that fit ``memory_budget_mb`` (``None``: one chunk). Hooks that
+    depend on the batch (per-prompt means) must be given per chunk: pass one chunk, or use
+    :func:`final_residual` directly.
+    """
+    device = model.W_U.device
+    toks = torch.as_tensor(toks)
+    end_idx = torch.as_tensor(end_idx)
+    if end_idx.shape != toks.shape[:1]:
+        raise ValueError(f"end_idx must have one entry per prompt: {tuple(end_idx.shape)} vs {tuple(toks.shape)}.")
+    n = toks.shape[0]
+    step = n if memory_budget_mb is None or fwd_hooks else batch_size_for(model, toks.shape[1], memory_budget_mb)
+    chunks = []
+    for start in range(0, n, step):
+        part = toks[start : start + step].to(device)
+        resid = final_residual(model, part, fwd_hooks=fwd_hooks)
+        rows = torch.arange(part.shape[0], device=device)
+        chunks.append(unembed_rows(model, resid[rows, end_idx[start : start + step].to(device)]).float().cpu())
+    return torch.cat(chunks)
