@@ -30,6 +30,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ioi.forward import cache_activations
 from ioi.patching.path import Positions, positions_as_list
 
 __all__ = [
@@ -108,13 +109,10 @@ def compute_template_means(
         names = [f"blocks.{l}.hook_mlp_out" for l in range(L)]
     else:
         raise ValueError(f"component must be 'z' or 'mlp_out'; got {component!r}.")
-    name_set = set(names)
     parts = []
     step = N if batch_size is None else max(1, int(batch_size))
     for start in range(0, N, step):
-        _, cache = model.run_with_cache(
-            ref_toks[start : start + step], names_filter=lambda n: n in name_set, return_type=None
-        )
+        cache = cache_activations(model, ref_toks[start : start + step], names)
         parts.append(torch.stack([cache[n] for n in names], dim=2))
     acts = torch.cat(parts, dim=0)  # [N, S, L, ...]
     if groups is None:

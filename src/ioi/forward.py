@@ -50,6 +50,40 @@ def final_residual(
     return captured["x"]
 
 
+@torch.no_grad()
+def cache_activations(
+    model, toks: Int[Tensor, "batch seq"], names: Sequence[str], *, fwd_hooks: Sequence = ()
+) -> dict[str, Tensor]:
+    """The activations at hook points ``names`` (a dict name -> tensor).
+
+    The forward pass stops as soon as the last of ``names`` has fired (so caching
+    ``blocks.0.hook_resid_post`` runs one block), and never unembeds. ``run_with_cache`` on the
+    bridge always computes the full logits (``stop_at_layer`` is not honoured by it).
+    """
+    wanted = set(names)
+    store: dict[str, Tensor] = {}
+
+    def keeper(name: str):
+        # stored under the name asked for: the bridge's hook.name is the canonical point, and
+        # several TransformerLens names (hook_resid_pre, hook_in, ...) alias one point
+        def keep(x, hook):
+            store[name] = x.detach()
+            if wanted.issubset(store):
+                raise _StopForward
+            return x
+
+        return keep
+
+    try:
+        model.run_with_hooks(toks, fwd_hooks=[*fwd_hooks, *((name, keeper(name)) for name in wanted)])
+    except _StopForward:
+        pass
+    missing = sorted(wanted - set(store))
+    if missing:
+        raise KeyError(f"Hook points that did not fire: {missing[:5]}")
+    return store
+
+
 def unembed_rows(model, rows: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
     """``rows @ W_U + b_U``: the logits of residual rows already through ``ln_final``."""
     logits = rows @ model.W_U

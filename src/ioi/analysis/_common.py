@@ -54,12 +54,13 @@ def is_cache(obj) -> bool:
     return isinstance(obj, (ActivationCache, Mapping))
 
 
-def run_cache(model, toks: Int[Tensor, "batch seq"], names: Iterable[str], **kwargs) -> ActivationCache:
-    """Run ``model`` on ``toks`` caching only ``names`` (memory-bounded)."""
-    wanted = set(names)
+def run_cache(model, toks: Int[Tensor, "batch seq"], names: Iterable[str]) -> dict[str, Tensor]:
+    """Run ``model`` on ``toks`` caching only ``names``; the pass stops once they have all fired
+    (:func:`ioi.forward.cache_activations`)."""
+    from ioi.forward import cache_activations
+
     toks = torch.as_tensor(toks).to(model_device(model))
-    _, cache = model.run_with_cache(toks, names_filter=lambda name: name in wanted, **kwargs)
-    return cache
+    return cache_activations(model, toks, list(dict.fromkeys(names)))
 
 
 def require_hooks(cache, names: Iterable[str]) -> None:

@@ -106,7 +106,7 @@ def paper_copy_inputs(
     """
     device = model_device(model)
     toks = torch.as_tensor(toks).to(device)
-    cache = run_cache(model, toks, [RESID_HOOK], stop_at_layer=1)
+    cache = run_cache(model, toks, [RESID_HOOK])  # runs block 0 only
     resid = cache[RESID_HOOK]
     samples, names = [], []
     for key, pos in positions.items():

@@ -35,6 +35,7 @@ from ioi.analysis.attention import pattern_hook_name
 from ioi.analysis.logit_attribution import residual_hook_names
 from ioi.circuits import Circuit
 from ioi.experiments.core import ExperimentResult, RunContext
+from ioi.forward import UNEMBED_INPUT, cache_activations, unembed_rows
 from ioi.stats import bootstrap_ci
 
 N_BOOTSTRAP = 1000
@@ -109,13 +110,11 @@ def run_at_end(model, sub, names: Sequence[str]):
     """Run ``model`` on a sub-dataset caching ``names``; return (per-prompt model LD at END, cache,
     END / IO / S tensors on the model's device)."""
     device = model_device(model)
-    wanted = set(names)
-    logits, cache = model.run_with_cache(sub.toks.to(device), names_filter=lambda n: n in wanted)
+    cache = cache_activations(model, sub.toks.to(device), [*dict.fromkeys(names), UNEMBED_INPUT])
     end = sub.word_idx["END"].to(device)
     io, s = sub.io_token_ids.to(device), sub.s_token_ids.to(device)
     rows = torch.arange(len(end), device=device)
-    end_logits = logits[rows, end].float()
-    del logits
+    end_logits = unembed_rows(model, cache.pop(UNEMBED_INPUT)[rows, end]).float()
     ld = end_logits[rows, io] - end_logits[rows, s]
     return ld, cache, end, io, s
 

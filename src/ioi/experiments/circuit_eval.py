@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -219,6 +220,10 @@ def is_paper_circuit(circuit: Circuit) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+# model -> whether the stop-at-unembedding shortcut matched a plain forward pass on it.
+_FAST_PATH_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class _StopForward(Exception):
     """Raised from the unembedding-input hook: nothing after it is needed."""
 
@@ -251,7 +256,9 @@ class EndLogitDiff:
         self.fast = fast
         self._direction = None
         if fast:
-            self.fast = self._check_fast_path()
+            if model not in _FAST_PATH_CHECKED:
+                _FAST_PATH_CHECKED[model] = self._check_fast_path()
+            self.fast = _FAST_PATH_CHECKED[model]
 
     # -- the LD from the unembedding input --------------------------------------------------------
     def _answer_direction(self):
@@ -319,8 +326,9 @@ class EndLogitDiff:
         return ld, merged
 
     def _check_fast_path(self) -> bool:
-        """The stop-at-unembedding shortcut against a plain forward pass on the first chunk."""
-        rows = slice(0, min(self.n, self.step))
+        """The stop-at-unembedding shortcut against a plain forward pass on a few prompts (once per
+        model: the result is remembered in ``_FAST_PATH_CHECKED``)."""
+        rows = slice(0, min(self.n, self.step, 8))
         fast, _ = self._forward_chunk(self.toks[rows], [], rows, 0, False)
         self.fast = False
         slow, _ = self._forward_chunk(self.toks[rows], [], rows, 0, False)

@@ -53,6 +53,7 @@ from ioi.experiments.attribution import (
     run_at_end,
 )
 from ioi.experiments.core import ExperimentResult, RunContext
+from ioi.forward import cache_activations
 
 # ------------------------------------------------------------------------------------------------
 # Attention between the IOI positions
@@ -330,7 +331,7 @@ def repeated_tokens(model, ctx: RunContext) -> ExperimentResult:
     device = next(model.parameters()).device
     for row in range(tokens.shape[0]):
         seq = tokens[row : row + 1].to(device)
-        _, cache = model.run_with_cache(seq, names_filter=lambda n: n in names)
+        cache = cache_activations(model, seq, sorted(names))
         scores = head_scores(model, seq, REPEATED_SEQ_LEN, cache=cache)
         del cache
         for name in SCORE_NAMES:

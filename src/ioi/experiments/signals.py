@@ -48,7 +48,7 @@ from ioi.circuits import NAME_MOVER, S_INHIBITION
 from ioi.experiments.attribution import circuit_summary, finite, head_key
 from ioi.experiments.circuit_eval import EndLogitDiff, mean_ci
 from ioi.experiments.core import ExperimentResult, RunContext, batch_size_for
-from ioi.forward import end_logits
+from ioi.forward import cache_activations, end_logits
 from ioi.metrics import logit_diff_from_end_logits
 
 # ------------------------------------------------------------------------------------------------
@@ -167,8 +167,7 @@ def _z_cache(model, dataset, layers: Sequence[int], memory_budget_mb: int) -> di
     step = batch_size_for(model, dataset.max_len, memory_budget_mb)
     parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for start in range(0, len(dataset), step):
-        _, cache = model.run_with_cache(dataset.toks[start : start + step].to(device),
-                                        names_filter=lambda n: n in names, return_type=None)
+        cache = cache_activations(model, dataset.toks[start : start + step].to(device), list(names))
         for name, layer in names.items():
             parts[layer].append(cache[name])
         del cache
