@@ -48,3 +48,14 @@ def planted_demo():
     if done.returncode != 0:
         pytest.fail(f"offline demo failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
     return CI_RESULTS
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core runner OpenMP's thread
+    synchronisation makes their many small ops several times slower. Use it module-wide with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; the thread count is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
 
 from ioi.ablation import (
     Ablation,
@@ -25,78 +22,16 @@ from ioi.ablation import (
     run_with_ablation,
 )
 from ioi.metrics import LogitDiff
-from ioi.models import bridge_from_hf, parse_random_spec, random_gpt2_config
-from ioi.tokenizer import get_gpt2_tokenizer
+from ioi_batches import make_batch as shared_make_batch
+from ioi_batches import sharp_model
 
 ATOL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core runner OpenMP's thread
-    synchronisation makes their many small ops several times slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@functools.lru_cache(maxsize=None)
-def sharp_model(spec: str = "random-L3-H4-D16", init: float = 0.2, seed: int = 0):
-    """A tiny random GPT-2 with a larger init scale, so ablations move the logit difference."""
-    n_layers, n_heads, d_head = parse_random_spec(spec)
-    config = random_gpt2_config(n_layers, n_heads, d_head)
-    config.initializer_range = init
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        hf = GPT2LMHeadModel(config).eval()
-    return bridge_from_hf(hf, get_gpt2_tokenizer(), device=torch.device("cpu"))
-
-
-NAMES = (" Mary", " John", " Tom", " James", " Alice", " Paul", " Anna", " Kate", " Mark", " Lisa", " David", " Laura")
-TEMPLATES = (
-    "When{A} and{B} went to the store,{B} gave a drink to",
-    "Then,{B} and{A} had a long and really fun day at the park.{B} gave a ring to",
-)
-
-
-@functools.lru_cache(maxsize=None)
 def make_batch(n: int = 6, bos: bool = False, seed: int = 0):
     """IOI-like prompts of two lengths (right-padded) + a position-aligned ABC batch + groups."""
-    tok = get_gpt2_tokenizer()
-    gen = torch.Generator().manual_seed(seed)
-    ids = [tok.encode(name)[0] for name in NAMES]
-    rows, rows_new, info, template_of = [], [], [], []
-    for i in range(n):
-        t = i % len(TEMPLATES)
-        a, b, x, y, z = (ids[p] for p in torch.randperm(len(ids), generator=gen)[:5].tolist())
-        seq, seq_new, where = [], [], {"A": [], "B": []}
-        for part in TEMPLATES[t].replace("{A}", "|A|").replace("{B}", "|B|").split("|"):
-            if part in ("A", "B"):
-                where[part].append(len(seq))
-                seq.append(a if part == "A" else b)
-                seq_new.append(x if part == "A" else (y if len(where["B"]) == 1 else z))
-            elif part:
-                seq += tok.encode(part)
-                seq_new += tok.encode(part)
-        if bos:
-            seq, seq_new = [50256] + seq, [50256] + seq_new
-        shift = int(bos)
-        info.append((where["A"][0] + shift, where["B"][0] + shift, where["B"][1] + shift, len(seq) - 1, a, b))
-        rows.append(seq)
-        rows_new.append(seq_new)
-        template_of.append(t)
-    S = max(len(r) for r in rows)
-    toks = torch.full((n, S), 50256, dtype=torch.long)
-    new = toks.clone()
-    for i, (r, rn) in enumerate(zip(rows, rows_new)):
-        toks[i, : len(r)] = torch.tensor(r)
-        new[i, : len(rn)] = torch.tensor(rn)
-    t = torch.tensor(info)
-    word_idx = {"IO": t[:, 0], "S1": t[:, 1], "S1+1": t[:, 1] + 1, "S2": t[:, 2], "END": t[:, 3]}
-    template_of = torch.tensor(template_of)
-    groups = [torch.nonzero(template_of == k).flatten() for k in range(len(TEMPLATES))]
-    return toks, new, word_idx, t[:, 4], t[:, 5], groups
+    return shared_make_batch(n, bos, seed, n_names=12, n_templates=2)
 
 
 def setup(bos=False, n=6, spec="random-L3-H4-D16"):

@@ -45,3 +45,17 @@ def test_offline_demo_produces_every_file(planted_demo):
             assert path.exists() and path.stat().st_size > 1000, path
     table = (CI_RESULTS / "paper_comparison.md").read_text()
     assert "planted-ioi-ci" in table and "GPT-2 small" not in table.split("\n")[4]
+
+
+@pytest.mark.slow
+def test_report_holds_every_figure_with_its_caption(planted_demo, tmp_path):
+    report = tmp_path / "report.html"
+    done = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "config/offline.yaml",
+                           "config/ci.yaml", "--report", str(report)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # docutils reports caption markup problems as "(ERROR/3)" and still writes the report
+    assert "(ERROR/" not in done.stderr + done.stdout, (done.stderr + done.stdout)[-3000:]
+    html = report.read_text(errors="replace")
+    for name in FIGURES:
+        assert f"{name}.png" in html, name

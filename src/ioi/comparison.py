@@ -147,7 +147,26 @@ def _check_top_k_exact(value, check) -> CheckResult:
     ok = set(top) == set(check["heads"]) and not wrong_sign
     ours = "top-{}: {}".format(k, ", ".join(f"{h} ({heads[h]:+.3g})" for h in top))
     reason = f"wrong sign: {wrong_sign}" if wrong_sign else ""
-    return ok, ours, f"exactly {{{', '.join(check['heads'])}}} with signs", reason
+    expected = f"exactly {{{', '.join(check['heads'])}}} with signs"
+    if ok and "margin" in check:
+        ok, reason = _margin_holds(heads, check, lambda v: -abs(v))
+        expected += f", |effect| ahead of every other head by >= {check['margin']:g}"
+    return ok, ours, expected, reason
+
+
+def _margin_holds(heads: dict, check, order) -> tuple[bool, str]:
+    """Whether every expected head is ahead of every other head by ``check["margin"]`` on the
+    ranking key ``order`` (smaller = more extreme), and the reason when not."""
+    expected = [h for h in check["heads"] if h in heads]
+    others = [h for h in heads if h not in check["heads"]]
+    if not expected or not others:
+        return True, ""
+    weakest = max(expected, key=lambda h: order(heads[h]))
+    closest = min(others, key=lambda h: order(heads[h]))
+    gap = order(heads[closest]) - order(heads[weakest])
+    if gap >= check["margin"]:
+        return True, ""
+    return False, f"margin {gap:.3g} < {check['margin']:g} ({weakest} vs {closest})"
 
 
 def _check_in_extreme(value, check) -> CheckResult:
@@ -164,9 +183,12 @@ def _check_in_extreme(value, check) -> CheckResult:
     missing = [h for h in check["heads"] if h not in extreme]
     ok = len(missing) <= check.get("allow_missing", 0)
     ours = f"{check['k']} most {side}: " + ", ".join(f"{h} ({heads[h]:+.3g})" for h in extreme)
-    return ok, ours, f"all of {{{', '.join(check['heads'])}}} in the {check['k']} most {side}", (
-        f"missing: {missing}" if missing else ""
-    )
+    expected = f"all of {{{', '.join(check['heads'])}}} in the {check['k']} most {side}"
+    reason = f"missing: {missing}" if missing else ""
+    if ok and "margin" in check:
+        ok, reason = _margin_holds(heads, check, order)
+        expected += f", ahead of every other head by >= {check['margin']:g}"
+    return ok, ours, expected, reason
 
 
 def _check_rank_at_most(value, check) -> CheckResult:

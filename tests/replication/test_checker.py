@@ -119,3 +119,20 @@ def test_committed_comparison_is_generated_and_claims_nothing_for_gpt2(tmp_path)
     outcomes = evaluate_reference(ROOT / "paper_reference.yaml", tmp_path / "nothing")
     assert {o.status for o in outcomes} == {NOT_RUN}
     assert "PASS" not in render_markdown(outcomes, model_label="x", results_dir="r", figures_dir="f").split("claims.")[1]
+
+
+def test_margins_over_the_next_best_head(tmp_path):
+    _write(tmp_path, "toy", {"value": TOY_HEADS})
+    # negative side: 0.1 (-2.0) is the weaker expected head, 2.1 (-0.2) the closest other: gap 1.8
+    extreme = {"kind": "in_extreme", "side": "negative", "k": 2, "heads": ["0.0", "0.1"], "margin": 1.5}
+    # by |value|: 0.1 (2.0) weakest of the three, 2.1 (0.2) the largest other: gap 1.8
+    top = {"kind": "top_k_exact", "k": 3, "heads": ["0.0", "0.1", "1.0"], "margin": 1.5}
+    for check in (extreme, top):
+        assert evaluate_claim(_claim(check), tmp_path).status == PASS, check
+        outcome = evaluate_claim(_claim(dict(check, margin=1.9)), tmp_path)
+        assert outcome.status == FAIL and "margin 1.8 < 1.9 (0.1 vs 2.1)" in outcome.reason, outcome.reason
+    # the right heads on top, but a runner-up too close: the margin catches it
+    close = dict(TOY_HEADS, **{"2.1": -1.9})
+    _write(tmp_path, "toy", {"value": close})
+    for check in (extreme, top):
+        assert evaluate_claim(_claim(check), tmp_path).status == FAIL, check

@@ -30,6 +30,14 @@ FIGURES = f"figures/{MODEL}"
 DATASETS = "results/datasets"
 
 
+def rst_text(text):
+    """Plain text made safe for the report's reStructuredText captions (|x| is a substitution
+    there, *x* emphasis, x_ a link): those characters are backslash-escaped."""
+    for char in ("\\", "|", "*", "`", "_"):
+        text = text.replace(char, "\\" + char)
+    return text
+
+
 def lib_sources(*modules):
     """Library modules a rule imports, as inputs, so editing them re-runs the rule (mtime)."""
     root = Path("src/ioi")

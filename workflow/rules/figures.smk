@@ -31,6 +31,6 @@ rule figure:
         mem_mb=1000,
         runtime=5,
     params:
-        caption=lambda wildcards: FIGURE_SPECS[wildcards.figure].caption,
+        caption=lambda wildcards: rst_text(FIGURE_SPECS[wildcards.figure].caption),
     script:
         "../scripts/plot_figure.py"
