@@ -172,7 +172,7 @@ _AP_DEF = ("Denoising activation patching: the corrupted run (S2 replaced by IO)
            "activation at a time; cell = (LD - LD_corrupted) / (LD_clean - LD_corrupted). ")
 for _name, _runtime in (("act_patch_resid_pre", 20), ("act_patch_block", 30), ("act_patch_head_out", 20),
                         ("act_patch_head_every", 40), ("act_patch_head_by_pos", 60)):
-    experiment(_name, f"{_AP}:{_name}", "patching", section="seed notebook",
+    experiment(_name, f"{_AP}:{_name}", "activation_patching", section="seed notebook",
                description=_AP_DEF.strip(), runtime_min=_runtime)
     figure(_name, _name, f"{_AP_PLOTS}:{_name}",
            _AP_DEF + {
