@@ -109,21 +109,29 @@ def end_logits(
 ) -> Float[Tensor, "batch vocab"]:
     """Logits at each prompt's own END, ``[batch, vocab]`` (float32, on CPU).
 
-    Computed in chunks of prompts that fit ``memory_budget_mb`` (``None``: one chunk). Hooks that
-    depend on the batch (per-prompt means) must be given per chunk: pass one chunk, or use
-    :func:`final_residual` directly.
+    Without hooks, prompts are run in chunks that fit ``memory_budget_mb`` (``None``: one chunk),
+    grouped by END and each chunk cut after its last END: with causal attention nothing after a
+    prompt's END changes its END logits, so right padding is never computed. Hooks see the batch
+    as given (one chunk, full length), since they may hold per-prompt tensors.
     """
     device = model.W_U.device
     toks = torch.as_tensor(toks)
-    end_idx = torch.as_tensor(end_idx)
+    end_idx = torch.as_tensor(end_idx).long()
     if end_idx.shape != toks.shape[:1]:
         raise ValueError(f"end_idx must have one entry per prompt: {tuple(end_idx.shape)} vs {tuple(toks.shape)}.")
     n = toks.shape[0]
-    step = n if memory_budget_mb is None or fwd_hooks else batch_size_for(model, toks.shape[1], memory_budget_mb)
-    chunks = []
+    if fwd_hooks:
+        resid = final_residual(model, toks.to(device), fwd_hooks=fwd_hooks)
+        rows = torch.arange(n, device=device)
+        return unembed_rows(model, resid[rows, end_idx.to(device)]).float().cpu()
+    step = n if memory_budget_mb is None else batch_size_for(model, toks.shape[1], memory_budget_mb)
+    order = torch.argsort(end_idx.cpu(), stable=True)
+    out = torch.empty(n, model.cfg.d_vocab, dtype=torch.float32)
     for start in range(0, n, step):
-        part = toks[start : start + step].to(device)
-        resid = final_residual(model, part, fwd_hooks=fwd_hooks)
+        chunk = order[start : start + step]
+        ends = end_idx.cpu()[chunk]
+        part = toks[chunk, : int(ends.max()) + 1].to(device)
+        resid = final_residual(model, part)
         rows = torch.arange(part.shape[0], device=device)
-        chunks.append(unembed_rows(model, resid[rows, end_idx[start : start + step].to(device)]).float().cpu())
-    return torch.cat(chunks)
+        out[chunk] = unembed_rows(model, resid[rows, ends.to(device)]).float().cpu()
+    return out
