@@ -59,3 +59,16 @@ def test_report_holds_every_figure_with_its_caption(planted_demo, tmp_path):
     html = report.read_text(errors="replace")
     for name in FIGURES:
         assert f"{name}.png" in html, name
+
+
+def test_cpu_jobs_do_not_queue_for_a_gpu():
+    """With device auto and no GPU, experiments claim gpu=0: the default profile's gpu: 1 would
+    otherwise run the CPU experiments one at a time."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: experiments rightly claim it")
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--config", "model=random-tiny"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "gpu=0" in done.stdout and "gpu=1" not in done.stdout

@@ -23,7 +23,20 @@ def model_name():
     return model_slug(model_spec())
 
 
+def uses_gpu():
+    """Whether experiments will run on CUDA: device cuda*, or auto with a GPU visible."""
+    device = str(config["device"])
+    if device == "cpu":
+        return False
+    if device.startswith("cuda"):
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
 MODEL = model_name()
+USES_GPU = uses_gpu()
 PLANTED_REFERENCE = "tests/replication/planted_reference.yaml"
 RESULTS = f"results/{MODEL}"
 FIGURES = f"figures/{MODEL}"

@@ -17,7 +17,9 @@ def experiment_inputs(wildcards):
 
 
 def experiment_gpus(wildcards):
-    return 0 if config["device"] == "cpu" else experiment_spec(wildcards).gpu
+    """1 where the job will run on a GPU (so GPU jobs queue for it), else 0: CPU jobs must not
+    queue for a GPU that is not there (the default profile declares gpu: 1)."""
+    return experiment_spec(wildcards).gpu if USES_GPU else 0
 
 
 def experiment_mem_mb(wildcards):
