@@ -274,6 +274,17 @@ def test_copy_scores_match_slow_loop(model, batch, negative):
     assert int(torch.isnan(subset).sum()) == subset.numel() - len(some)
 
 
+def test_both_signs_at_once_match_the_slow_loop(model, batch):
+    from ioi.analysis import copy_scores_both_signs, paper_copy_inputs
+
+    positions = {"IO": batch["io_pos"], "S1": batch["s1_pos"], "S2": batch["s2_pos"]}
+    resid, names = paper_copy_inputs(model, batch["toks"], positions)
+    both = copy_scores_both_signs(model, resid, names, max_logit_elements=7 * model.cfg.d_vocab)
+    for negative in (False, True):
+        torch.testing.assert_close(both[negative], slow_copy_scores(model, batch, negative=negative),
+                                   atol=1e-6, rtol=0)
+
+
 def test_arena_copy_scores_match_slow_loop(model, batch):
     positions = {"IO": batch["io_pos"], "S1": batch["s1_pos"], "S2": batch["s2_pos"]}
     fast = copy_scores(model, batch["toks"], positions, variant="arena")

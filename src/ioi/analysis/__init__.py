@@ -15,6 +15,7 @@ from ioi.analysis.copy_scores import (
     check_value_biases,
     copy_score_definition,
     copy_scores,
+    copy_scores_both_signs,
     copy_scores_from_resid,
     paper_copy_inputs,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "attention_to_positions",
     "top_heads",
     "copy_scores",
+    "copy_scores_both_signs",
     "copy_scores_from_resid",
     "paper_copy_inputs",
     "arena_copy_inputs",

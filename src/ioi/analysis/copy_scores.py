@@ -159,6 +159,33 @@ def copy_scores_from_resid(
     1-layer model); ``add_b_V``: add
     the head's ``b_V`` after ``W_V``. Samples are processed in chunks so that at most
     ``max_logit_elements`` logits exist at a time. Heads not in ``heads`` are NaN.
+    ``negative``: the negative copy score (the head's value negated before ``W_O``).
+    """
+    scores = copy_scores_both_signs(
+        model, resid, name_ids, signs=(negative,), k=k, ln1_normalise=ln1_normalise, add_b_V=add_b_V,
+        ln_layer=ln_layer, heads=heads, max_logit_elements=max_logit_elements,
+    )
+    return scores[negative]
+
+
+@torch.inference_mode()
+def copy_scores_both_signs(
+    model,
+    resid: Float[Tensor, "sample d_model"],
+    name_ids: Int[Tensor, "sample"],
+    *,
+    signs: Sequence[bool] = (False, True),
+    k: int = 5,
+    ln1_normalise: bool = True,
+    add_b_V: bool = True,
+    ln_layer: int = 1,
+    heads: Sequence[tuple[int, int]] | None = None,
+    max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
+) -> dict[bool, Float[Tensor, "n_layers n_heads"]]:
+    """:func:`copy_scores_from_resid` for each ``negative`` in ``signs`` (``{negative: scores}``).
+
+    Negating the value negates the head's centred output and keeps its norm, so both signs share
+    one product: logits = ±P + c with P = (v @ M) / sigma (see below), computed once per chunk.
     """
     device = model_device(model)
     name_ids = as_index(name_ids, device)
@@ -171,7 +198,6 @@ def copy_scores_from_resid(
     b_V = model.b_V[layer_idx, head_idx]  # [K, d_head]
     W_O = model.W_O[layer_idx, head_idx]  # [K, d_head, d_model]
     W_U, b_U = model.W_U, unembed_bias(model)
-    sign = -1.0 if negative else 1.0
 
     # Block 1's ln1 as the paper code; a 1-layer model falls back to block 0's (identical
     # normalisation once LN weights are folded).
@@ -182,34 +208,40 @@ def copy_scores_from_resid(
     # out = v @ W_O, so its centred version is v @ W_O_c (W_O with each row centred over d_model),
     # ln_final(out) = (v @ W_O_c) * gamma / sigma + beta with sigma = sqrt(mean(out_c^2) + eps), and
     # logits = (v @ M) / sigma + c with M = (W_O_c * gamma) @ W_U and c = beta @ W_U + b_U.
-    # Exact algebra; ~12x fewer FLOPs than unembedding each d_model vector.
+    # Exact algebra; ~12x fewer FLOPs than unembedding each d_model vector. The negative score
+    # negates v, hence P = (v @ M) / sigma, with sigma unchanged.
     gamma, beta = final_ln_affine(model)
     eps = float(getattr(model.cfg, "eps", 1e-5))
     W_O_c = W_O - W_O.mean(-1, keepdim=True)  # [K, d_head, d_model]
     const = beta @ W_U + b_U  # [vocab]
     chunk = max(1, max_logit_elements // max(1, W_U.shape[1]))
-    hits = torch.zeros(len(selected), device=device)
+    signs = tuple(dict.fromkeys(bool(s) for s in signs))
+    hits = {negative: torch.zeros(len(selected), device=device) for negative in signs}
     for index in range(len(selected)):
         v_all = x @ W_V[index]
         if add_b_V:
             v_all = v_all + b_V[index]
-        v_all = sign * v_all  # [s, d_head]
         out_c = v_all @ W_O_c[index]  # [s, d_model]
         sigma = (out_c.pow(2).mean(-1) + eps).sqrt()  # [s]
-        # One matmul per chunk: [v / sigma, 1] @ [M; const] = (v @ M) / sigma + const.
-        M_aug = torch.cat([(W_O_c[index] * gamma) @ W_U, const[None]], dim=0)  # [d_head + 1, vocab]
-        v_aug = torch.cat([v_all / sigma[:, None], torch.ones_like(sigma)[:, None]], dim=1)
+        M = (W_O_c[index] * gamma) @ W_U  # [d_head, vocab]
+        v_scaled = v_all / sigma[:, None]
         for start in range(0, n_samples, chunk):
             stop = start + chunk
-            logits = v_aug[start:stop] @ M_aug
-            own = logits.gather(-1, name_ids[start:stop, None])
-            rank = (logits > own).sum(-1)  # tokens strictly above the sample's own name
-            hits[index] += (rank < k).float().sum()
-            del logits
+            product = v_scaled[start:stop] @ M
+            for negative in signs:
+                logits = const - product if negative else product + const
+                own = logits.gather(-1, name_ids[start:stop, None])
+                rank = (logits > own).sum(-1)  # tokens strictly above the sample's own name
+                hits[negative][index] += (rank < k).float().sum()
+                del logits
+            del product
 
-    scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), device=device)
-    scores[layer_idx, head_idx] = hits / max(1, n_samples)
-    return scores
+    out = {}
+    for negative in signs:
+        scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), device=device)
+        scores[layer_idx, head_idx] = hits[negative] / max(1, n_samples)
+        out[negative] = scores
+    return out
 
 
 @torch.inference_mode()

@@ -26,7 +26,7 @@ from ioi.analysis import (
     attention_projection_frame,
     check_value_biases,
     copy_score_definition,
-    copy_scores_from_resid,
+    copy_scores_both_signs,
     generate_repeated_tokens,
     head_scores,
     paper_copy_inputs,
@@ -269,10 +269,8 @@ def copy_scores(model, ctx: RunContext) -> ExperimentResult:
     value_biases_unfolded = check_value_biases(model)
     positions = {key: dataset.word_idx[key] for key in ("IO", "S1", "S2")}
     resid, names = paper_copy_inputs(model, dataset.toks, positions)
-    scores = {
-        negative: copy_scores_from_resid(model, resid, names, negative=negative).double().cpu().numpy()
-        for negative in (False, True)
-    }
+    scores = {negative: grid.double().cpu().numpy()
+              for negative, grid in copy_scores_both_signs(model, resid, names).items()}
     classes = class_of_heads(circuit, n_layers, n_heads)
     frame = pd.DataFrame(
         {
