@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
@@ -175,66 +174,15 @@ def run(
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-_NAMES = [" Mary", " John", " Tom", " James", " Alice", " Paul", " Anna", " Kate", " Mark", " Lisa",
-          " David", " Laura", " Adam", " Rose", " Peter", " Emma", " Sarah", " Daniel", " Jane", " Ben"]
-_TEMPLATES = [
-    "When{A} and{B} went to the store,{B} gave a drink to",
-    "Then,{B} and{A} had a long and really fun day at the park.{B} gave a ring to",
-    "After{A} and{B} went to the house,{B} handed a book to",
-    "While{A} and{B} were working at the office,{B} gave a kiss to",
-]
-
-
-def make_ioi_like_batch(n: int, seed: int = 0, prepend_bos: bool = False):
-    """A small IOI-like batch without :mod:`ioi.data`: (toks, abc_toks, word_idx, io_ids, s_ids)."""
-    from ioi.tokenizer import get_gpt2_tokenizer
-
-    tok = get_gpt2_tokenizer()
-    gen = torch.Generator().manual_seed(seed)
-    ids = [tok.encode(name)[0] for name in _NAMES]
-    rows, rows_new, info = [], [], []
-    for i in range(n):
-        template = _TEMPLATES[i % len(_TEMPLATES)]
-        a, b, x, y, z = (ids[p] for p in torch.randperm(len(ids), generator=gen)[:5].tolist())
-        seq, seq_new, where = [], [], {"A": [], "B": []}
-        for part in template.replace("{A}", "|A|").replace("{B}", "|B|").split("|"):
-            if part in ("A", "B"):
-                where[part].append(len(seq))
-                seq.append(a if part == "A" else b)
-                seq_new.append(x if part == "A" else (y if len(where["B"]) == 1 else z))
-            elif part:
-                seq += tok.encode(part)
-                seq_new += tok.encode(part)
-        shift = 1 if prepend_bos else 0
-        if prepend_bos:
-            seq, seq_new = [50256] + seq, [50256] + seq_new
-        info.append((where["A"][0] + shift, where["B"][0] + shift, where["B"][1] + shift, len(seq) - 1, a, b))
-        rows.append(seq)
-        rows_new.append(seq_new)
-    S = max(len(r) for r in rows)
-    toks = torch.full((n, S), 50256, dtype=torch.long)
-    new = toks.clone()
-    for i, (r, rn) in enumerate(zip(rows, rows_new)):
-        toks[i, : len(r)] = torch.tensor(r)
-        new[i, : len(rn)] = torch.tensor(rn)
-    t = torch.tensor(info)
-    word_idx = {"IO": t[:, 0], "S1": t[:, 1], "S1+1": t[:, 1] + 1, "S2": t[:, 2], "END": t[:, 3]}
-    return toks, new, word_idx, t[:, 4], t[:, 5]
-
 
 def _dataset(n: int, seed: int):
-    """IOI prompts and p_ABC from :mod:`ioi.data` when available, else the small generator above."""
-    try:
-        from ioi.data import IOIDataset
+    """N IOI prompts (the paper code's "mixed" templates) and their position-aligned p_ABC."""
+    from ioi.data import IOIDataset
 
-        ds = IOIDataset("mixed", N=n, seed=seed)
-        abc = ds.abc_dataset()
-        word_idx = {k: ds.word_idx[k] for k in ("IO", "S1", "S1+1", "S2", "END")}
-        return ds.toks, abc.toks, word_idx, ds.io_token_ids, ds.s_token_ids, "ioi.data.IOIDataset(mixed) + abc_dataset()"
-    except Exception as err:  # noqa: BLE001 - the dataset module is optional here
-        print(f"(ioi.data unavailable: {err!r}; using the built-in IOI-like generator)", file=sys.stderr)
-        toks, new, word_idx, io, s = make_ioi_like_batch(n, seed)
-        return toks, new, word_idx, io, s, "bench_path.make_ioi_like_batch"
+    ds = IOIDataset("mixed", N=n, seed=seed)
+    abc = ds.abc_dataset()
+    word_idx = {k: ds.word_idx[k] for k in ("IO", "S1", "S1+1", "S2", "END")}
+    return ds.toks, abc.toks, word_idx, ds.io_token_ids, ds.s_token_ids, "ioi.data.IOIDataset(mixed) + abc_dataset()"
 
 
 def main(argv=None) -> list[dict]:
