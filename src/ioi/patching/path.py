@@ -53,6 +53,8 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ioi.patching._fast_forward import _ACTIVATIONS, _ln_params
+
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_MB",
     "Head",
@@ -166,20 +168,10 @@ def positions_mask(
 # The model's weights as plain tensors
 # ----------------------------------------------------------------------------------------------
 
-_ACTS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
 def _check_supported(model) -> None:
     cfg = model.cfg
     problems = []
-    if getattr(cfg, "act_fn", None) not in _ACTS:
+    if getattr(cfg, "act_fn", None) not in _ACTIVATIONS:
         problems.append(f"activation {getattr(cfg, 'act_fn', None)!r}")
     if getattr(cfg, "normalization_type", "LN") not in ("LN", "LNPre"):
         problems.append(f"normalization {getattr(cfg, 'normalization_type', None)!r}")
@@ -199,14 +191,6 @@ def _check_supported(model) -> None:
             "The fast path-patching implementation reproduces GPT-2-style models only; this model "
             f"has: {', '.join(problems)}. Use ioi.patching.reference instead."
         )
-
-
-def _ln_params(module) -> tuple[Tensor | None, Tensor | None]:
-    w = getattr(module, "w", None)
-    b = getattr(module, "b", None)
-    w = None if w is None or bool((w == 1).all()) else w.detach()
-    b = None if b is None or bool((b == 0).all()) else b.detach()
-    return w, b
 
 
 @dataclasses.dataclass
@@ -264,7 +248,7 @@ class _Net:
             d_model=D,
             eps=float(cfg.eps),
             scale=float(scale),
-            act=_ACTS[cfg.act_fn],
+            act=_ACTIVATIONS[cfg.act_fn],
             W_Q=W_Q,
             W_K=W_K,
             W_V=W_V,
