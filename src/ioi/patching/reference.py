@@ -28,8 +28,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ioi.patching.path import (
-    PathPatchResult,
     Positions,
+    _assemble,
     _validate_receivers,
     positions_as_list,
     positions_mask,
@@ -174,22 +174,6 @@ def _record(timings: dict | None, key: str, seconds: float, append: bool = False
         timings.setdefault(key, []).append(seconds)
     else:
         timings[key] = seconds
-
-
-def _assemble(values: dict, senders: str, n_layers: int, n_heads: int, device):
-    shape = next(iter(values.values())).shape if values else ()
-    heads = torch.full((n_layers, n_heads, *shape), float("nan"), device=device)
-    mlps = torch.full((n_layers, *shape), float("nan"), device=device)
-    for (kind, layer, head), value in values.items():
-        if kind == "head":
-            heads[layer, head] = value
-        else:
-            mlps[layer] = value
-    if senders == "heads":
-        return heads
-    if senders == "mlps":
-        return mlps
-    return PathPatchResult(heads=heads, mlps=mlps)
 
 
 @torch.no_grad()
