@@ -305,3 +305,39 @@ def test_positions_mask_is_per_prompt():
     both = positions_mask({"a": pos, "b": torch.tensor([0, 0])}, 2, 5)
     assert both.sum().item() == 4 and both[0, 0] and both[1, 3] and not both[0, 3]
     assert positions_mask(None, 2, 5).all()
+
+
+def test_packed_forward_equals_the_dense_pass_at_every_computed_row():
+    """``_forward_cache(last=END)`` skips right padding and positions after END, and with
+    ``last_layer_last_row_only`` computes the last layer past its keys/values at END alone: every
+    kept activation equals the dense pass where computed and is zero elsewhere (with a knockout)."""
+    from ioi.ablation import Ablation, mlp_knockout
+    from ioi.patching.path import _all_names, _forward_cache, _Net
+
+    model = sharp_model("random-L3-H4-D16")
+    net = _Net.from_model(model)
+    toks, new, wi, io, s, groups = make_batch(6, True)
+    N, S = toks.shape
+    L, H, dh, D = net.n_layers, net.n_heads, net.d_head, net.d_model
+    gen = torch.Generator().manual_seed(1)
+    heads = head_knockout(torch.randn(N, S, L, H, dh, generator=gen), {(1, 2): wi["END"], (2, 0): None})
+    mlps = mlp_knockout(torch.randn(N, S, L, D, generator=gen), [2], wi["END"])
+    ko = Ablation(head_keep=heads.head_keep, head_means=heads.head_means,
+                  mlp_keep=mlps.mlp_keep, mlp_means=mlps.mlp_means)
+    end = wi["END"]
+    assert int(end.min()) < S - 2  # the batch has padding / positions after END to skip
+    names = _all_names(L)
+    dense = _forward_cache(net, toks, names, ko)
+    packed = _forward_cache(net, toks, names, ko, last=end)
+    trimmed = _forward_cache(net, toks, names, ko, last=end, last_layer_last_row_only=True)
+    computed = torch.arange(S)[None, :] <= end[:, None]
+    at_end = torch.zeros(N, S, dtype=torch.bool)
+    at_end[torch.arange(N), end] = True
+    for name in sorted(names):
+        full_rows = not name.startswith(f"blocks.{L - 1}.") or name.endswith(("hook_k", "hook_v", "hook_resid_pre"))
+        for cache, rows in ((packed, computed), (trimmed, computed if full_rows else at_end)):
+            assert (cache[name][rows] - dense[name][rows]).abs().max().item() <= ATOL, name
+            assert not cache[name][~rows].any(), name
+    # the knockout did change the run (so the comparison covers its application)
+    plain = _forward_cache(net, toks, names)
+    assert (plain[f"blocks.{L - 1}.hook_resid_post"] - dense[f"blocks.{L - 1}.hook_resid_post"]).abs().max() > 1e-2
