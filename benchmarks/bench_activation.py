@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -176,54 +175,15 @@ def run(
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-_NAMES = [" Mary", " John", " Tom", " James", " Dan", " Sid", " Martin", " Amy", " Alice", " Bob",
-          " Kate", " Mike", " Paul", " Anna", " Sarah", " David", " Emma", " Jack", " Lucy", " Rose"]
-_TEMPLATES = [
-    "When{A} and{B} went to the store,{B} gave a drink to",
-    "Then,{A} and{B} had a long argument. Afterwards{B} said to",
-    "After the lunch,{A} and{B} went to the park.{B} gave a ring to",
-    "Friends{A} and{B} found a bone at the garden.{B} gave it to",
-]
-
-
 def ioi_like_batch(n: int, seed: int = 0, prepend_bos: bool = False):
-    """(clean, corrupted (ABC), LogitDiff): IOI-like prompts of different lengths, right-padded.
+    """(clean, corrupted (p_ABC), LogitDiff, description) from :class:`ioi.data.IOIDataset`
+    ("mixed" templates, prompts of different lengths, right-padded)."""
+    from ioi.data import IOIDataset
 
-    Uses :class:`ioi.data.IOIDataset` ("mixed", its ABC corruption) when available, else a small
-    built-in template set with the same structure.
-    """
-    try:
-        from ioi.data import IOIDataset
-
-        ds = IOIDataset("mixed", N=n, seed=seed, prepend_bos=prepend_bos)
-        abc = ds.abc_dataset(seed=seed + 1)
-        metric = LogitDiff(ds.word_idx["END"], ds.io_token_ids, ds.s_token_ids)
-        return ds.toks, abc.toks, metric, "ioi.data.IOIDataset(mixed) + abc_dataset"
-    except Exception as err:  # noqa: BLE001 - fall back to the built-in prompts
-        print(f"(IOIDataset unavailable: {err!r}; using built-in IOI-like prompts)", file=sys.stderr)
-    from ioi.tokenizer import get_gpt2_tokenizer
-
-    tok = get_gpt2_tokenizer()
-    rng = np.random.default_rng(seed)
-    clean_ids, corr_ids, io, s = [], [], [], []
-    for i in range(n):
-        a, b, c, d, e = rng.choice(len(_NAMES), 5, replace=False)
-        template = _TEMPLATES[i % len(_TEMPLATES)]
-        bos = [tok.eos_token_id] if prepend_bos else []
-        clean_ids.append(bos + tok(template.format(A=_NAMES[a], B=_NAMES[b]).replace("{B}", _NAMES[b])).input_ids)
-        corrupted = template.replace("{B}", _NAMES[e], 1).format(A=_NAMES[c], B=_NAMES[d])
-        corr_ids.append(bos + tok(corrupted).input_ids)
-        io.append(tok(_NAMES[a]).input_ids[0])
-        s.append(tok(_NAMES[b]).input_ids[0])
-    width = max(map(len, clean_ids))
-    clean = torch.full((n, width), tok.eos_token_id)
-    corr = torch.full((n, width), tok.eos_token_id)
-    for i, (x, y) in enumerate(zip(clean_ids, corr_ids)):
-        assert len(x) == len(y)
-        clean[i, : len(x)] = torch.tensor(x)
-        corr[i, : len(y)] = torch.tensor(y)
-    end = torch.tensor([len(x) - 1 for x in clean_ids])
-    return clean, corr, LogitDiff(end, torch.tensor(io), torch.tensor(s)), "built-in IOI-like templates"
+    ds = IOIDataset("mixed", N=n, seed=seed, prepend_bos=prepend_bos)
+    abc = ds.abc_dataset(seed=seed + 1)
+    metric = LogitDiff(ds.word_idx["END"], ds.io_token_ids, ds.s_token_ids)
+    return ds.toks, abc.toks, metric, "ioi.data.IOIDataset(mixed) + abc_dataset"
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

@@ -479,3 +479,19 @@ def test_progress_bar_and_device_option(models, batches, caches, capsys):
     got = fast.get_act_patch_resid_pre(model, batch.corrupted, cache, batch.ld, progress=True, device="cpu")
     assert "get_act_patch_resid_pre" in capsys.readouterr().err
     assert got.device.type == "cpu" and not got.is_inference()
+
+
+@pytest.mark.parametrize("tile", [1, 5])
+def test_cpu_mlp_row_tiles_match_tl(tile, models, batches, caches, tl_results, monkeypatch):
+    """The CPU MLP row tiling (normally 1024 rows, more than these small batches hold) forced down
+    to ``tile`` rows: the head and block sweeps still equal TransformerLens."""
+    import ioi.patching._fast_forward as ff
+
+    monkeypatch.setattr(ff, "MLP_ROW_TILE", tile)
+    spec, bos = "random-L2-H4-D16", True
+    model, batch, cache = models[spec], batches[bos], caches[(spec, bos)]
+    for name in ("get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_v_all_pos",
+                 "get_act_patch_resid_pre"):
+        expected = tl_results(spec, bos, name)
+        for m, metric in enumerate((batch.ld, batch.generic)):
+            _close(_fast(name, model, batch, cache, metric), expected[m])

@@ -341,3 +341,26 @@ def test_packed_forward_equals_the_dense_pass_at_every_computed_row():
     # the knockout did change the run (so the comparison covers its application)
     plain = _forward_cache(net, toks, names)
     assert (plain[f"blocks.{L - 1}.hook_resid_post"] - dense[f"blocks.{L - 1}.hook_resid_post"]).abs().max() > 1e-2
+
+
+def test_cpu_mlp_row_tiles_match_reference(monkeypatch):
+    """Path patching with the CPU MLP row tiles forced down to 3 rows (normally 1024, more than
+    these small batches hold) still equals the seed-style reference."""
+    import ioi.patching._fast_forward as ff
+
+    monkeypatch.setattr(ff, "MLP_ROW_TILE", 3)
+    model = sharp_model("random-L3-H4-D16")
+    toks, new, wi, io, s, _ = make_batch(5, True)
+    metric = ld_metric(wi, io, s)
+    fast = path_patch_to_logits(model, toks, new, metric, senders="both", progress=False)
+    ref = ref_path_patch_to_logits(model, toks, new, metric, senders="both", progress=False)
+    assert_close(fast.heads, ref.heads)
+    assert_close(fast.mlps, ref.mlps)
+    generic = AllPositionsMetric(wi, io, s)
+    assert_close(path_patch_to_logits(model, toks, new, generic, progress=False),
+                 ref_path_patch_to_logits(model, toks, new, generic, progress=False))
+    fast_h = path_patch_to_heads(model, toks, new, metric, [(2, 1)], "q", sender_positions=wi["END"],
+                                 receiver_positions=wi["END"], progress=False)
+    ref_h = ref_path_patch_to_heads(model, toks, new, metric, [(2, 1)], "q", sender_positions=wi["END"],
+                                    receiver_positions=wi["END"], progress=False)
+    assert_close(fast_h, ref_h)

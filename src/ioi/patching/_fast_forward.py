@@ -38,6 +38,31 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 STAGES = ("pre", "mid", "post")
+# Rows per MLP tile on a CPU: a tile's [rows, d_mlp] hidden activations then stay in cache between
+# the input projection, the activation function and the output projection (same numbers; ~25%
+# faster than one [thousands, d_mlp] pass on a 2-core CPU). GPUs take the whole batch at once.
+MLP_ROW_TILE = 1024
+
+
+def row_tiles(n_rows: int, device: torch.device) -> list[slice]:
+    """Consecutive row slices of at most :data:`MLP_ROW_TILE` rows (one slice off the CPU)."""
+    if device.type != "cpu" or n_rows <= MLP_ROW_TILE:
+        return [slice(0, n_rows)]
+    return [slice(start, start + MLP_ROW_TILE) for start in range(0, n_rows, MLP_ROW_TILE)]
+
+
+def patch_row_tiles(n_patches: int, n_rows: int, device: torch.device) -> list[tuple[slice, slice]]:
+    """``(patches, rows)`` slices tiling a ``[n_patches, n_rows, ...]`` batch into blocks of about
+    :data:`MLP_ROW_TILE` rows (whole patches x a block of rows); one block off the CPU."""
+    if device.type != "cpu":
+        return [(slice(0, n_patches), slice(0, n_rows))]
+    row_block = max(1, min(n_rows, MLP_ROW_TILE))
+    patch_block = max(1, MLP_ROW_TILE // row_block)
+    return [
+        (slice(p0, p0 + patch_block), slice(r0, r0 + row_block))
+        for p0 in range(0, n_patches, patch_block)
+        for r0 in range(0, n_rows, row_block)
+    ]
 _STAGE_ORDER = {stage: i for i, stage in enumerate(STAGES)}
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -188,9 +213,11 @@ class NetWeights:
         """``resid + mlp(resid)``, written into ``resid`` (which must be a fresh, owned tensor)."""
         if self.attn_only:
             return resid
-        hidden = self.act(self.linear(self.ln(resid, self.ln2[layer]), self.W_in[layer], self.b_in[layer]))
         flat = resid.view(-1, self.d_model)
-        flat.addmm_(hidden.view(-1, hidden.shape[-1]), self.W_out[layer]).add_(self.b_out[layer])
+        for tile in row_tiles(len(flat), flat.device):
+            rows = flat[tile]
+            hidden = self.act(torch.addmm(self.b_in[layer], self.ln(rows, self.ln2[layer]), self.W_in[layer]))
+            rows.addmm_(hidden, self.W_out[layer]).add_(self.b_out[layer])
         return resid
 
     # -- MLP after a low-rank change of its input (head patches) ------------------------------
@@ -232,10 +259,14 @@ class NetWeights:
     ) -> Tensor:
         """``x + mlp(x)`` (into ``x``) given ``(c(x) * w) @ W_in = shared + low_rank``."""
         var, _ = torch.var_mean(x, -1, unbiased=False, keepdim=True)
-        pre = low_rank.add_(shared).mul_(torch.rsqrt(var + self.eps)).add_(self.mlp_in_bias(layer))
-        hidden = self.act(pre)
-        flat = x.view(-1, self.d_model)
-        flat.addmm_(hidden.view(-1, hidden.shape[-1]), self.W_out[layer]).add_(self.b_out[layer])
+        inv_scale = torch.rsqrt(var + self.eps)
+        bias = self.mlp_in_bias(layer)
+        # ``shared`` is per row, common to every patch
+        for ps, rs in patch_row_tiles(x.shape[0], x.shape[1], x.device):
+            pre = low_rank[ps, rs].add_(shared[rs]).mul_(inv_scale[ps, rs]).add_(bias)
+            hidden = self.act(pre).reshape(-1, pre.shape[-1])
+            out = x[ps, rs]
+            out += torch.addmm(self.b_out[layer], hidden, self.W_out[layer]).view_as(out)
         return x
 
     def add_attn_out_(self, layer: int, resid: Tensor, z: Float[Tensor, "... hd"]) -> Tensor:

@@ -53,7 +53,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ioi.patching._fast_forward import _ACTIVATIONS, _ln_params
+from ioi.patching._fast_forward import _ACTIVATIONS, _ln_params, patch_row_tiles, row_tiles
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_MB",
@@ -74,8 +74,6 @@ SenderKind = Literal["heads", "mlps", "both"]
 ReceiverInput = Literal["q", "k", "v"]
 
 DEFAULT_MEMORY_BUDGET_MB = {"cpu": 1024, "cuda": 4096}
-# Rows per MLP tile: keeps a tile's [rows, d_mlp] hidden activations cache-resident on a CPU.
-MLP_ROW_TILE = 1024
 _BYTES = 4
 
 
@@ -291,17 +289,18 @@ class _Net:
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         """MLP output of ``layer`` for residual rows ``x`` (``resid_mid``), any leading shape.
 
-        On a CPU, computed in tiles of :data:`MLP_ROW_TILE` rows, so each tile's hidden activations
-        stay in cache between the two matmuls and the activation function (same numbers, ~25%
-        faster on thousands of rows).
+        On a CPU, computed in row tiles (:func:`ioi.patching._fast_forward.row_tiles`), so each
+        tile's hidden activations stay in cache between the two matmuls and the activation function
+        (same numbers, ~25% faster on thousands of rows).
         """
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        if len(rows) <= MLP_ROW_TILE or rows.is_cuda:
+        tiles = row_tiles(len(rows), rows.device)
+        if len(tiles) == 1:
             return self._mlp_rows(layer, rows).reshape(shape)
         out = torch.empty_like(rows)
-        for start in range(0, len(rows), MLP_ROW_TILE):
-            out[start : start + MLP_ROW_TILE] = self._mlp_rows(layer, rows[start : start + MLP_ROW_TILE])
+        for tile in tiles:
+            out[tile] = self._mlp_rows(layer, rows[tile])
         return out.reshape(shape)
 
     def _mlp_rows(self, layer: int, rows: Tensor) -> Tensor:
@@ -662,17 +661,13 @@ def _propagate(
         resid_mid = rows.get(oc, f"blocks.{layer}.hook_resid_mid")  # [M, D]
         mlp_out = rows.get(oc, f"blocks.{layer}.hook_mlp_out")
         keep_rows = None if mlp_keep_rows is None else mlp_keep_rows[:, layer, None]
-        # Tiles of whole senders x a block of rows: d[s, m] += MLP(resid_mid[m] + d[s, m]) - mlp_out[m]
-        # (the MLP's own row tiling then needs no extra copies).
-        m_block = min(M, MLP_ROW_TILE) or 1
-        s_block = max(1, MLP_ROW_TILE // m_block)
-        for s0 in range(0, n_active, s_block):
-            for m0 in range(0, M, m_block):
-                tile = d[s0 : s0 + s_block, m0 : m0 + m_block]
-                change = net.mlp(layer, resid_mid[m0 : m0 + m_block] + tile) - mlp_out[m0 : m0 + m_block]
-                if keep_rows is not None:
-                    change = change * keep_rows[m0 : m0 + m_block]
-                tile += change
+        # In tiles of whole senders x a block of rows: d[s, m] += MLP(resid_mid[m] + d[s, m]) - mlp_out[m]
+        for ss, ms in patch_row_tiles(n_active, M, d.device):
+            tile = d[ss, ms]
+            change = net.mlp(layer, resid_mid[ms] + tile) - mlp_out[ms]
+            if keep_rows is not None:
+                change = change * keep_rows[ms]
+            tile += change
     return d, records
 
 

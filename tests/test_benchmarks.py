@@ -1,0 +1,37 @@
+"""Smoke test of ``benchmarks/patching.py`` on a tiny model: every experiment runs both ways,
+agrees to 1e-4 and lands in the table and the JSON file. (Timings are never asserted.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+EXPERIMENTS = {"attn_head_out_all_pos", "attn_head_all_pos_every", "resid_pre", "logits_all_positions",
+               "logits_end", "nm_queries_q_end", "sinh_values_v_s2"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_patching_benchmark_runs_every_experiment(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("patching", None)
+    import patching
+
+    out = tmp_path / "bench.json"
+    rows = patching.main(["--model", "random-L2-H3-D12", "--n", "5", "--reference-patches", "2",
+                          "--reference-senders", "2", "--json", str(out)])
+    assert {row["experiment"] for row in rows} == EXPERIMENTS
+    for row in rows:
+        assert row["max_abs_diff"] <= 1e-4, row
+        assert row["seconds_fast"] > 0 and row["seconds_reference"] > 0
+        assert row["speedup_as_called"] > 0 and row["speedup_end_to_end"] > 0
+        assert (row["target_speedup"] is None) == (row["meets_target"] is None)
+    saved = json.loads(out.read_text())
+    assert {row["experiment"] for row in saved["rows"]} == EXPERIMENTS
+    table = capsys.readouterr().out.split("model random-L2-H3-D12")[-1]
+    assert all(name in table for name in EXPERIMENTS)
+    assert "as called" in table and "end to end" in table
