@@ -30,7 +30,7 @@ import bench_path  # noqa: E402
 from ioi.data import IOIDataset  # noqa: E402
 from ioi.metrics import LogitDiff  # noqa: E402
 from ioi.models import load_model  # noqa: E402
-from ioi.provenance import device_description, write_json  # noqa: E402
+from ioi.provenance import device_description, provenance, write_json  # noqa: E402
 
 
 # The speed targets (speedup over the reference as it is called, caches given).
@@ -115,8 +115,15 @@ def main(argv=None) -> list[dict]:
     print(f"model {args.model}, N={args.n}, device {device_description(device)}")
     print(_table(rows))
     if args.json:
-        write_json(args.json, {"model": args.model, "N": args.n, "device": device_description(device),
-                               "rows": rows})
+        write_json(args.json, {
+            "provenance": provenance(
+                model, N=args.n, seed=args.seed, device=device_description(device),
+                threads=torch.get_num_threads(), dataset_hash=ioi.content_hash(),
+                abc_dataset_hash=abc.content_hash(), dataset=ioi.metadata(),
+                reference_patches=args.reference_patches, reference_senders=args.reference_senders,
+            ),
+            "rows": rows,
+        })
     return rows
 
 

@@ -31,6 +31,9 @@ def test_patching_benchmark_runs_every_experiment(tmp_path, monkeypatch, capsys)
         assert row["speedup_as_called"] > 0 and row["speedup_end_to_end"] > 0
         assert (row["target_speedup"] is None) == (row["meets_target"] is None)
     saved = json.loads(out.read_text())
+    record = saved["provenance"]
+    assert record["N"] == 5 and record["seed"] == 0 and len(record["dataset_hash"]) == 64
+    assert record["packages"]["torch"] and "git_commit" in record and record["model"]["spec"] == "random-L2-H3-D12"
     assert {row["experiment"] for row in saved["rows"]} == EXPERIMENTS
     table = capsys.readouterr().out.split("model random-L2-H3-D12")[-1]
     assert all(name in table for name in EXPERIMENTS)
