@@ -38,6 +38,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 STAGES = ("pre", "mid", "post")
+_STAGE_ORDER = {stage: i for i, stage in enumerate(STAGES)}
+
 # Rows per MLP tile on a CPU: a tile's [rows, d_mlp] hidden activations then stay in cache between
 # the input projection, the activation function and the output projection (same numbers; ~25%
 # faster than one [thousands, d_mlp] pass on a 2-core CPU). GPUs take the whole batch at once.
@@ -63,7 +65,7 @@ def patch_row_tiles(n_patches: int, n_rows: int, device: torch.device) -> list[t
         for p0 in range(0, n_patches, patch_block)
         for r0 in range(0, n_rows, row_block)
     ]
-_STAGE_ORDER = {stage: i for i, stage in enumerate(STAGES)}
+
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

@@ -369,7 +369,7 @@ def _forward_cache(
     """
     L = net.n_layers if n_layers is None else n_layers
     N, S = toks.shape
-    H, dh, D = net.n_heads, net.d_head, net.d_model
+    H, dh = net.n_heads, net.d_head
     device = toks.device
     if last is None:
         last = torch.full((N,), S - 1, dtype=torch.long, device=device)
