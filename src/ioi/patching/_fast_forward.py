@@ -207,9 +207,19 @@ class NetWeights:
         return out.view(*x.shape[:-1], W.shape[-1])
 
     def mlp(self, layer: int, resid: Tensor) -> Tensor:
-        """The MLP's output (not yet added to ``resid``)."""
-        hidden = self.act(self.linear(self.ln(resid, self.ln2[layer]), self.W_in[layer], self.b_in[layer]))
-        return self.linear(hidden, self.W_out[layer], self.b_out[layer])
+        """The MLP's output (not yet added to ``resid``), any leading shape; in row tiles on a CPU."""
+        rows = resid.reshape(-1, resid.shape[-1])
+        tiles = row_tiles(len(rows), rows.device)
+        if len(tiles) == 1:
+            return self._mlp_rows(layer, rows).view(resid.shape)
+        out = torch.empty_like(rows)
+        for tile in tiles:
+            out[tile] = self._mlp_rows(layer, rows[tile])
+        return out.view(resid.shape)
+
+    def _mlp_rows(self, layer: int, rows: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_model"]:
+        hidden = self.act(torch.addmm(self.b_in[layer], self.ln(rows, self.ln2[layer]), self.W_in[layer]))
+        return torch.addmm(self.b_out[layer], hidden, self.W_out[layer])
 
     def add_mlp_(self, layer: int, resid: Tensor) -> Tensor:
         """``resid + mlp(resid)``, written into ``resid`` (which must be a fresh, owned tensor)."""
@@ -217,9 +227,7 @@ class NetWeights:
             return resid
         flat = resid.view(-1, self.d_model)
         for tile in row_tiles(len(flat), flat.device):
-            rows = flat[tile]
-            hidden = self.act(torch.addmm(self.b_in[layer], self.ln(rows, self.ln2[layer]), self.W_in[layer]))
-            rows.addmm_(hidden, self.W_out[layer]).add_(self.b_out[layer])
+            flat[tile] += self._mlp_rows(layer, flat[tile])
         return resid
 
     # -- MLP after a low-rank change of its input (head patches) ------------------------------

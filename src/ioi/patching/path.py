@@ -51,12 +51,11 @@ import math
 from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ioi.patching._fast_forward import _ACTIVATIONS, _ln_params, patch_row_tiles, row_tiles
+from ioi.patching._fast_forward import _ACTIVATIONS, NetWeights, net_weights, patch_row_tiles
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_MB",
@@ -227,20 +226,17 @@ class _Net:
     b_U: Tensor
     W_E: Tensor
     W_pos: Tensor
+    weights: NetWeights  # the shared engine's weights, whose methods this reuses
 
     @classmethod
     def from_model(cls, model) -> "_Net":
+        """The model's weights, taken from the activation engine's per-model cache
+        (:func:`ioi.patching._fast_forward.net_weights`, float32 on the model's device), plus the
+        per-head ``q``/``k``/``v`` views path patching reads its receivers through."""
         _check_supported(model)
         cfg = model.cfg
-        L, H, dh, D = cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_model
-        W_Q, W_K, W_V = (w.detach() for w in (model.W_Q, model.W_K, model.W_V))
-        b_Q, b_K, b_V = (b.detach() for b in (model.b_Q, model.b_K, model.b_V))
-        W_qkv = torch.cat(
-            [w.permute(0, 2, 1, 3).reshape(L, D, H * dh) for w in (W_Q, W_K, W_V)], dim=-1
-        ).contiguous()
-        b_qkv = torch.cat([b.reshape(L, H * dh) for b in (b_Q, b_K, b_V)], dim=-1).contiguous()
-        W_O = model.W_O.detach()
-        attn_only = getattr(cfg, "attn_only", False)
+        w = net_weights(model, model.W_U.device)
+        L, H, dh, D = w.n_layers, w.n_heads, w.d_head, w.d_model
         scale = getattr(cfg, "attn_scale", -1.0)
         if not scale or scale <= 0:
             scale = math.sqrt(dh) if getattr(cfg, "use_attn_scale", True) else 1.0
@@ -249,31 +245,32 @@ class _Net:
             n_heads=H,
             d_head=dh,
             d_model=D,
-            eps=float(cfg.eps),
+            eps=w.eps,
             scale=float(scale),
-            act=_ACTIVATIONS[cfg.act_fn],
-            W_Q=W_Q,
-            W_K=W_K,
-            W_V=W_V,
-            b_Q=b_Q,
-            b_K=b_K,
-            b_V=b_V,
-            W_qkv=W_qkv,
-            b_qkv=b_qkv,
-            W_O=W_O,
-            W_O_flat=W_O.reshape(L, H * dh, D).contiguous(),
-            b_O=model.b_O.detach(),
-            W_in=None if attn_only else model.W_in.detach(),
-            b_in=None if attn_only else model.b_in.detach(),
-            W_out=None if attn_only else model.W_out.detach(),
-            b_out=None if attn_only else model.b_out.detach(),
-            ln1=[_ln_params(model.blocks[l].ln1) for l in range(L)],
-            ln2=[_ln_params(model.blocks[l].ln2) for l in range(L)] if not attn_only else [],
-            ln_final=_ln_params(model.ln_final),
-            W_U=model.W_U.detach(),
-            b_U=model.b_U.detach(),
-            W_E=model.W_E.detach(),
-            W_pos=model.W_pos.detach(),
+            act=_ACTIVATIONS[w.act_fn],
+            W_Q=w.W_q.reshape(L, D, H, dh).permute(0, 2, 1, 3),
+            W_K=w.W_K_heads,
+            W_V=w.W_V_heads,
+            b_Q=w.b_q.reshape(L, H, dh),
+            b_K=w.b_K_heads,
+            b_V=w.b_V_heads,
+            W_qkv=w.W_qkv,
+            b_qkv=w.b_qkv,
+            W_O=w.W_O,
+            W_O_flat=w.W_O_flat,
+            b_O=w.b_O,
+            W_in=w.W_in,
+            b_in=w.b_in,
+            W_out=w.W_out,
+            b_out=w.b_out,
+            ln1=w.ln1,
+            ln2=[] if w.attn_only else w.ln2,
+            ln_final=w.ln_final,
+            W_U=w.W_U,
+            b_U=w.b_U,
+            W_E=w.W_E,
+            W_pos=w.W_pos,
+            weights=w,
         )
 
     @property
@@ -281,35 +278,15 @@ class _Net:
         return self.W_in is not None
 
     def ln(self, x: Tensor, params) -> Tensor:
-        return F.layer_norm(x, (self.d_model,), params[0], params[1], self.eps)
+        return self.weights.ln(x, params)
 
-    @staticmethod
-    def _linear(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
-        shape = x.shape
-        out = torch.addmm(b, x.reshape(-1, shape[-1]), W)
-        return out.reshape(*shape[:-1], W.shape[-1])
+    def _linear(self, x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        return self.weights.linear(x, W, b)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
-        """MLP output of ``layer`` for residual rows ``x`` (``resid_mid``), any leading shape.
-
-        On a CPU, computed in row tiles (:func:`ioi.patching._fast_forward.row_tiles`), so each
-        tile's hidden activations stay in cache between the two matmuls and the activation function
-        (same numbers, ~25% faster on thousands of rows).
-        """
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        tiles = row_tiles(len(rows), rows.device)
-        if len(tiles) == 1:
-            return self._mlp_rows(layer, rows).reshape(shape)
-        out = torch.empty_like(rows)
-        for tile in tiles:
-            out[tile] = self._mlp_rows(layer, rows[tile])
-        return out.reshape(shape)
-
-    def _mlp_rows(self, layer: int, rows: Tensor) -> Tensor:
-        h = self.ln(rows, self.ln2[layer])
-        h = self.act(torch.addmm(self.b_in[layer], h, self.W_in[layer]))
-        return torch.addmm(self.b_out[layer], h, self.W_out[layer])
+        """MLP output of ``layer`` for residual rows ``x`` (``resid_mid``), any leading shape (the
+        shared engine's :meth:`~ioi.patching._fast_forward.NetWeights.mlp`: row tiles on a CPU)."""
+        return self.weights.mlp(layer, x)
 
     def head_input(self, layer: int, head: int, which: str, x_normed: Tensor) -> Tensor:
         """``q``/``k``/``v`` of one head from LayerNorm-ed residual rows ``[..., D]`` -> ``[..., dh]``."""
@@ -324,7 +301,7 @@ class _Net:
         return torch.einsum("knd,dn->kn", h, cols) + self.b_U[token_ids]
 
     def logits(self, resid: Tensor) -> Tensor:
-        return self._linear(self.ln(resid, self.ln_final), self.W_U, self.b_U)
+        return self.weights.logits(resid)
 
 
 # ----------------------------------------------------------------------------------------------
