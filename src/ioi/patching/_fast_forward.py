@@ -227,7 +227,10 @@ class NetWeights:
             return resid
         flat = resid.view(-1, self.d_model)
         for tile in row_tiles(len(flat), flat.device):
-            flat[tile] += self._mlp_rows(layer, flat[tile])
+            rows = flat[tile]
+            hidden = self.act(torch.addmm(self.b_in[layer], self.ln(rows, self.ln2[layer]), self.W_in[layer]))
+            # accumulated into the rows in place, in the same order as ever (rounding unchanged)
+            rows.addmm_(hidden, self.W_out[layer]).add_(self.b_out[layer])
         return resid
 
     # -- MLP after a low-rank change of its input (head patches) ------------------------------
