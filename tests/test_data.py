@@ -179,11 +179,24 @@ def test_template_subsets(datasets):
     for (prompt_type, all_templates, _), ds in datasets.items():
         used = set(ds.template_ids)
         forms = {"mixed": {"ABBA", "BABA"}}.get(prompt_type, {prompt_type})
-        k_max = 14 if all_templates else 6
+        # The paper code: only "mixed" halves nb_templates=15; "BABA"/"ABBA" take all 15.
+        k_max = 14 if all_templates or prompt_type != "mixed" else 6
         assert used == {f"{f}-{k}" for f in forms for k in range(k_max + 1)}, (
             prompt_type,
             all_templates,
         )
+
+
+def test_named_prompt_types_use_the_paper_codes_template_sets():
+    """The paper code's IOIDataset(prompt_type, nb_templates=15): "BABA"/"ABBA" take
+    TEMPLATES[:15] (all 15), only "mixed" takes BABA[:7] + ABBA[:7]."""
+    for form in ("BABA", "ABBA"):
+        for all_t in (False, True):
+            ids = [t.id for t in resolve_templates(form, all_templates=all_t)]
+            assert ids == [f"{form}-{k}" for k in range(15)], (form, all_t)
+    mixed_ids = [t.id for t in resolve_templates("mixed")]
+    assert mixed_ids == [f"BABA-{k}" for k in range(7)] + [f"ABBA-{k}" for k in range(7)]
+    assert len(resolve_templates("mixed", all_templates=True)) == 30
 
 
 def test_groups_partition_by_template(mixed):

@@ -6,6 +6,7 @@ the paper code's ``IOIDataset`` (Easy-Transformer ``ioi_dataset.py``) with its d
 
 * seeded ``numpy.random.Generator`` only, so a dataset is byte-identical across processes;
 * "mixed" = templates 1-7 of each form, as the paper code (``all_templates=True`` for all 15);
+  "BABA" / "ABBA" = all 15 templates of that form, as the paper code;
 * ABBA/BABA labels from token positions (IO before S1), not substring search;
 * every word checked to be one GPT-2 token; corruptions checked to be token-aligned;
 * fresh corruption names never collide (``distinct_names=False`` / ``paper_collisions=True``
@@ -140,7 +141,8 @@ class IOIDataset:
         seed: seed of the ``numpy.random.Generator`` that draws everything.
         tokenizer: a fast GPT-2 tokenizer (default ``ioi.tokenizer.get_gpt2_tokenizer()``).
         prepend_bos: prepend token 50256; all positions shift by 1.
-        all_templates: use templates 1-15 of each form instead of the paper code's 1-7.
+        all_templates: with "mixed", use templates 1-15 of each form instead of the paper code's
+            1-7 ("BABA"/"ABBA" always use all 15 of their form, as the paper code does).
         names, places, objects: word lists (default: the paper code's 99 / 8 / 8); each word
             must be a single token with a leading space.
         symmetric: follow each prompt by its IO/S-swapped twin (paper option).

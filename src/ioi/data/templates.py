@@ -7,8 +7,9 @@ answer ``[A]`` that ends the sentence (``"... to [A]"``). ``[PLACE]``/``[OBJECT]
 or more times; repeated occurrences get the same word (paper template 8 uses ``[OBJECT]`` twice).
 
 Template-set selection follows the paper code (``IOIDataset(prompt_type, nb_templates=15)``):
-"mixed" = ``BABA[:7] + ABBA[:7]``, "BABA"/"ABBA" = the first 7 of that form; ``all_templates=True``
-uses all 15 of each form.
+"mixed" = ``BABA[:15 // 2] + ABBA[:15 // 2]`` = templates 1-7 of each form (``all_templates=True``:
+all 15 of each form); "BABA"/"ABBA" = ``BABA[:15]`` / ``ABBA[:15]`` = all 15 templates of that form
+(only "mixed" halves ``nb_templates``).
 """
 
 import re
@@ -97,10 +98,17 @@ def builtin_template_id(text: str) -> str | None:
 
 
 def _named_template_ids(prompt_type: str, all_templates: bool) -> list[str]:
+    """Template ids of a named prompt type, as the paper code's ``IOIDataset(prompt_type,
+    nb_templates=15)``: "BABA"/"ABBA" take ``TEMPLATES[:15]`` (all 15 of the form); "mixed" takes
+    ``BABA[:15 // 2] + ABBA[:15 // 2]`` (templates 1-7 of each form), or all 15 of each form with
+    ``all_templates=True``."""
+    if prompt_type in ("BABA", "ABBA"):
+        count = len(BABA_TEMPLATES) if prompt_type == "BABA" else len(ABBA_TEMPLATES)
+        return [f"{prompt_type}-{k}" for k in range(count)]
     per_form = len(BABA_TEMPLATES) if all_templates else PAPER_TEMPLATES_PER_FORM
     baba = [f"BABA-{k}" for k in range(per_form)]
     abba = [f"ABBA-{k}" for k in range(min(per_form, len(ABBA_TEMPLATES)))]
-    return {"mixed": baba + abba, "BABA": baba, "ABBA": abba}[prompt_type]
+    return baba + abba
 
 
 def _template_from_item(item: str, custom_index: int) -> Template:
@@ -124,7 +132,8 @@ def resolve_templates(
 
     Args:
         prompt_type: "mixed", "BABA", "ABBA", or a list of template strings / template ids.
-        all_templates: use all 15 templates of each form instead of the paper code's first 7.
+        all_templates: for "mixed", use all 15 templates of each form instead of the paper code's
+            first 7 ("BABA"/"ABBA" always use all 15 of their form, as the paper code does).
     """
     if isinstance(prompt_type, str):
         if prompt_type not in NAMED_PROMPT_TYPES:

@@ -81,8 +81,8 @@ ABBA_TEMPLATES: tuple[str, ...] = (
     "Friends [A] and [B] found a [OBJECT] at the [PLACE]. [B] gave it to [A]",
 )
 
-#: The paper code's default ``nb_templates=15`` makes "mixed", "BABA" and "ABBA" use only the
-#: first ``15 // 2 = 7`` templates of each form (paper templates 1-7).
+#: The paper code's default ``nb_templates=15`` makes "mixed" use only the first ``15 // 2 = 7``
+#: templates of each form (paper templates 1-7); its "BABA" and "ABBA" take all 15 of their form.
 PAPER_TEMPLATES_PER_FORM = 7
 
 #: Template ids, "BABA-k" / "ABBA-k" with k = 0..14 (paper template k + 1), in canonical order.
