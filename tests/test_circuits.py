@@ -47,6 +47,18 @@ def test_minimality_k_sets_reproduce_fig20_chain():
     assert minimality_k_sets(PAPER_CIRCUIT) == PAPER_MINIMALITY_K
 
 
+def test_minimality_k_for_9_0_and_11_9_is_all_name_movers_and_negatives():
+    """Paper code minimality.py: K[(9,0)] = K[(11,9)] = CIRCUIT["name mover"] (all 11, backups
+    included) + CIRCUIT["negative"], so K ∪ {v} is one 13-head set for both heads."""
+    union_90 = PAPER_MINIMALITY_K[(9, 0)] | {(9, 0)}
+    union_119 = PAPER_MINIMALITY_K[(11, 9)] | {(11, 9)}
+    assert union_90 == union_119
+    assert len(union_90) == 13
+    assert union_90 == set(PAPER_CIRCUIT.classes["name mover"]) | set(
+        PAPER_CIRCUIT.classes["backup name mover"]) | set(PAPER_CIRCUIT.classes["negative name mover"])
+    assert (11, 9) in PAPER_MINIMALITY_K[(9, 0)] and (9, 0) in PAPER_MINIMALITY_K[(11, 9)]
+
+
 def test_greedy_sets_are_inside_the_circuit():
     for k in PAPER_GREEDY_SETS:
         assert k <= set(PAPER_CIRCUIT.heads())

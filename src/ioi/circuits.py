@@ -145,8 +145,8 @@ def _nm_prefix(v: Head) -> frozenset[Head]:
 
 PAPER_MINIMALITY_K: dict[Head, frozenset[Head]] = {
     **{v: _nm_prefix(v) for v in PAPER_NAME_MOVERS_BY_IMPORTANCE[:9]},
-    (9, 0): frozenset(PAPER_NAME_MOVERS_BY_IMPORTANCE[:9] + _NEG),
-    (11, 9): frozenset(PAPER_NAME_MOVERS_BY_IMPORTANCE[:9] + _NEG),
+    (9, 0): _others(PAPER_NAME_MOVERS_BY_IMPORTANCE + _NEG, (9, 0)),
+    (11, 9): _others(PAPER_NAME_MOVERS_BY_IMPORTANCE + _NEG, (11, 9)),
     (10, 7): frozenset({(11, 10)}),
     (11, 10): frozenset({(10, 7)}),
     **{v: _others(_SINH, v) for v in _SINH},
@@ -158,8 +158,12 @@ PAPER_MINIMALITY_K: dict[Head, frozenset[Head]] = {
     (2, 2): frozenset({(4, 11)}),
     (4, 11): frozenset({(2, 2)}),
 }
-"""For 9.0 and 11.9 the paper says "all name movers and negative heads": the 9 name movers before
-them in the paper code's order plus both negatives (ioi_paper.md §4.4 notes)."""
+"""K(v) such that K ∪ {v} is the paper code's ``K[v]`` (``minimality.py`` stores K ∪ {v} and
+removes v for F(C\\K)). For 9.0 and 11.9 the paper says "all name movers and negative heads" and
+the paper code sets ``K[(9,0)] = K[(11,9)] = CIRCUIT["name mover"] + CIRCUIT["negative"]``: all 11
+name movers (backups included) and both negatives, so K ∪ {v} is the same 13-head set for both
+heads, K(9.0) contains 11.9 and K(11.9) contains 9.0. 5.8 and 5.9: K = the two negatives (paper
+code). Name movers and backups: the prefix of the paper code's order before v."""
 
 # Fig. 22: four greedy sets K found on the full circuit (verbatim).
 PAPER_GREEDY_SETS: tuple[frozenset[Head], ...] = (
