@@ -203,6 +203,22 @@ def test_receivers_and_positions(results):
         assert {f"{l}.{h}" for l, h in zip(marked["layer"], marked["head"])} == set(receivers)
 
 
+def test_fig13b_receivers_are_the_papers_induction_heads():
+    """App. D: the receivers are the keys of 5.5 and 6.9 (not the fuzzy 5.8, 5.9) by default."""
+    from ioi.circuits import PAPER_CIRCUIT
+
+    assert pf.fig13b_receivers(PAPER_CIRCUIT) == [(5, 5), (6, 9)]
+    assert set(pf.fig13b_receivers(PAPER_CIRCUIT, "all_induction")) == {(5, 5), (5, 8), (5, 9), (6, 9)}
+    assert pf.fig13b_receivers(TINY_CIRCUIT) == [(1, 0)]  # no fuzzy heads outside the paper circuit
+    with pytest.raises(ValueError, match="all_induction"):
+        pf.fig13b_receivers(PAPER_CIRCUIT, "fuzzy")
+
+
+def test_fig13b_explicit_receivers(model, ctx):
+    summary = pf.fig13b(model, ctx, receivers=[(1, 1)]).summary
+    assert summary["receivers"] == ["1.1"] and summary["receiver_choice"] == "explicit"
+
+
 def test_fig3b_is_the_percent_change_of_the_mean(model, ctx, results):
     """Mean of the paired per-prompt values == LogitDiff(normalisation='percent_change')."""
     _, summary, _ = _read(results["fig3b"])

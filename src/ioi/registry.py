@@ -245,9 +245,11 @@ figure("fig12b_path_patching_sinh_keys", "fig12b", f"{_PP_PLOTS}:fig12b",
        "App. G: 3.0 and 0.1 have the reverse effect of their value path; 5.8, 5.9 and 0.10 support "
        "the logit difference.", "Appendix")
 figure("fig13b_path_patching_induction_keys", "fig13b", f"{_PP_PLOTS}:fig13b",
-       "Paper Fig. 13b. " + _PP_DEF + "Sender: each head at S1+1; receivers: the induction heads' "
-       "keys (hook_k) at S1+1. Previous token heads outlined, receivers dashed. Paper §3.3: the two "
-       "main heads decreasing the logit difference are 4.11 and 2.2.", "Section 3")
+       "Paper Fig. 13b. " + _PP_DEF + "Sender: each head at S1+1; receivers: the keys (hook_k) at "
+       "S1+1 of the induction heads 5.5 and 6.9 (paper App. D; the fuzzy induction heads 5.8, 5.9 "
+       "are not receivers; option receivers='all_induction' adds them; a non-paper circuit uses all "
+       "its induction heads, listed in the panel). Previous token heads outlined, receivers dashed. "
+       "Paper §3.3: the two main heads decreasing the logit difference are 4.11 and 2.2.", "Section 3")
 figure("fig15_backup_name_movers", "fig15", f"{_PP_PLOTS}:fig15",
        "Paper Fig. 15: the circuit's name movers mean-ablated at END (template-wise p_ABC means of "
        "hook_z) in every run; path patching each head (END) -> logits before (relative to the clean "

@@ -19,7 +19,11 @@ receiver inputs recorded and patched into a clean ``x_orig`` run at the receiver
   movers' attention from END to IO / S1 / S2 / the other positions before and after
   (:func:`patch_senders_to_receiver_inputs`, explicit hooks on the bridge).
 * ``fig5b`` / ``fig12b``: each head at S2 -> the S-inhibition heads' values / keys at S2.
-* ``fig13b``: each head at S1+1 -> the induction heads' keys at S1+1.
+* ``fig13b``: each head at S1+1 -> the induction heads' keys at S1+1. Receivers (App. D; the seed /
+  ARENA bonus ``[(5, 5), (6, 9)]``): for the paper circuit the two validated induction heads 5.5
+  and 6.9 only (default ``receivers="paper"``); ``receivers="all_induction"`` adds the fuzzy
+  induction heads 5.8 and 5.9 (their key paths too, which can reorder the top two). A circuit other
+  than the paper's has no fuzzy/validated split: all its induction heads.
 * ``fig15``: the name movers mean-ablated at END (template-wise p_ABC means); the LD ratio
   knocked-out / clean, and fig3b's heads -> logits before and after the knockout (the knockout
   applied in every run; "after" relative to the knocked-out LD, as the paper code's
@@ -252,9 +256,9 @@ def fig3b(model, ctx: RunContext) -> ExperimentResult:
 
 
 def _to_receivers(model, ctx: RunContext, *, receiver_class: str, receiver_input: str,
-                  position: str, paper: str) -> ExperimentResult:
+                  position: str, paper: str, receivers: Sequence[Head] | None = None) -> ExperimentResult:
     circuit = ctx.circuit_for(model)
-    receivers = _class_heads(circuit, receiver_class)
+    receivers = _class_heads(circuit, receiver_class) if receivers is None else list(receivers)
     orig, new = _pair(ctx, model)
     ld, clean = _clean(model, ctx)
     metric = _ld_metric(ctx.ioi)
@@ -303,10 +307,40 @@ def fig12b(model, ctx: RunContext) -> ExperimentResult:
                          paper="App. G, Fig. 12b")
 
 
-def fig13b(model, ctx: RunContext) -> ExperimentResult:
-    """PP each head (S1+1) -> the induction heads' keys (S1+1)."""
-    return _to_receivers(model, ctx, receiver_class="induction", receiver_input="k", position="S1+1",
-                         paper="§3.3, Fig. 13b")
+# App. D patches into the keys of the induction heads validated in App. H (5.5, 6.9) at S1+1; the
+# fuzzy induction heads 5.8, 5.9 (App. C) are receivers only with receivers="all_induction".
+FIG13B_PAPER_RECEIVERS: tuple[Head, ...] = ((5, 5), (6, 9))
+FIG13B_RECEIVER_CHOICES = ("paper", "all_induction")
+
+
+def fig13b_receivers(circuit: Circuit, receivers: str | Sequence[Head] = "paper") -> list[Head]:
+    """Receivers of Fig. 13b: ``"paper"`` (default) = 5.5 and 6.9 for the paper circuit (App. D),
+    every induction head for any other circuit; ``"all_induction"`` = every induction head of the
+    circuit (for the paper's: 5.5, 5.8, 5.9, 6.9); or an explicit list of heads."""
+    induction = _class_heads(circuit, "induction")
+    if not isinstance(receivers, str):
+        return [tuple(map(int, h)) for h in receivers]
+    if receivers not in FIG13B_RECEIVER_CHOICES:
+        raise ValueError(f"fig13b receivers={receivers!r}: use one of {list(FIG13B_RECEIVER_CHOICES)} "
+                         "or a list of (layer, head).")
+    if receivers == "paper" and circuit.name == "paper":
+        return [h for h in FIG13B_PAPER_RECEIVERS if h in induction]
+    return induction
+
+
+def fig13b(model, ctx: RunContext, receivers: str | Sequence[Head] = "paper") -> ExperimentResult:
+    """PP each head (S1+1) -> the induction heads' keys (S1+1); receivers from
+    :func:`fig13b_receivers` (default: the paper's 5.5 and 6.9)."""
+    circuit = ctx.circuit_for(model)
+    chosen = fig13b_receivers(circuit, receivers)
+    result = _to_receivers(model, ctx, receiver_class="induction", receiver_input="k", position="S1+1",
+                           paper="§3.3, App. D, Fig. 13b", receivers=chosen)
+    result.summary["receiver_choice"] = receivers if isinstance(receivers, str) else "explicit"
+    result.summary["receiver_note"] = (
+        "paper App. D: keys of the induction heads 5.5 and 6.9 at S1+1 (fuzzy 5.8, 5.9 excluded; "
+        "receivers='all_induction' includes them)" if circuit.name == "paper" else
+        "every induction head of the circuit (no fuzzy/validated split outside the paper circuit)")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,6 +112,9 @@ def _heads_to_receivers(summary, meta, *, title: str, paper: str, classes: Seque
                           f"{summary['receiver_input']} at {summary['receiver_position']}; grey: "
                           "cannot reach a receiver")
     ours = _ours_heads(summary, "effect") + " " + _class_note(summary, classes)
+    ours += f" Receivers: {', '.join(receivers)}."
+    if summary.get("receiver_note"):
+        ours += f" ({summary['receiver_note']})"
     paper_panel(ax_text, paper + "\n\n" + ours)
     fig.suptitle(model_title(title, meta), y=1.03)
     return fig
@@ -173,7 +176,8 @@ PAPER_FIG12B = (
     "(negative here)."
 )
 PAPER_FIG13B = (
-    "Paper §3.3, Fig. 13b (path patching each head at S1+1 → the induction heads' keys at S1+1): "
+    "Paper §3.3, App. D, Fig. 13b (path patching each head at S1+1 → the keys of the induction "
+    "heads 5.5 and 6.9 at S1+1): "
     "'the two main heads causing a decrease in logit difference' are the previous token heads "
     "4.11 and 2.2. Query composition at S2: no significant effect found."
 )
