@@ -77,7 +77,7 @@ CLAIM_KEYS = {
     "fig5b": ("effect",),
     "fig12b": ("effect",),
     "fig13b": ("effect",),
-    "fig15": ("knockout_logit_diff_ratio", "effect_after", "backup_candidates"),
+    "fig15": ("knockout_logit_diff_ratio", "effect_after", "backup_candidates", "backup_selected"),
     "fig19": ("mlp0_knockout_logit_diff", "all_but_mlp0_knockout_logit_diff"),
 }
 PER_HEAD_KEYS = {
@@ -377,13 +377,32 @@ def test_fig15_knockout_matches_ablation_module(model, ctx, results):
     low, high = summary["knockout_logit_diff_ratio_ci"]
     assert low <= summary["knockout_logit_diff_ratio"] <= high
     assert summary["knocked_out"] == ["3.0"]
-    excluded = {"2.0", "3.0", "2.1"}  # s-inhibition, name mover, negative name mover
+    # Every class but the backup name movers (3.1) is excluded.
+    excluded = {"0.0", "0.1", "1.0", "2.0", "2.1", "3.0"}
     candidates = summary["backup_candidates"]
-    assert candidates and not set(candidates) & excluded
-    after = [summary["effect_after"][k] for k in candidates]
-    assert after == sorted(after)
+    assert not set(candidates) & excluded
+    after = [abs(summary["effect_after"][k]) for k in candidates]
+    assert after == sorted(after, reverse=True) and all(a > 2.0 for a in after)
+    assert summary["backup_selected"] == candidates[:8]
     # Knocked out in every run (x_new too), so patching it changes nothing (% of a tiny random LD).
     assert summary["effect_after"]["3.0"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_backup_name_movers_follow_the_papers_rule():
+    """App. F: heads in no other class, effect size above 2%, ordered by |effect| (either sign);
+    not the most negative effects."""
+    effect = np.zeros((N_LAYERS, N_HEADS))
+    effect[3, 1] = 9.0    # the circuit's backup: kept (positive effects count too)
+    effect[1, 1] = -5.0   # outside the circuit: kept
+    effect[0, 0] = -50.0  # previous token head: another class, excluded
+    effect[2, 0] = -40.0  # s-inhibition: excluded
+    effect[3, 0] = np.nan  # knocked out / unreachable
+    effect[1, 0] = 1.5    # induction (excluded anyway) below the threshold
+    picked = pf.backup_name_mover_selection(effect, TINY_CIRCUIT)
+    assert picked["backup_candidates"] == ["3.1", "1.1"]
+    assert picked["backup_selected"] == ["3.1", "1.1"]
+    effect[1, 1] = -1.9   # below 2%: dropped
+    assert pf.backup_name_mover_selection(effect, TINY_CIRCUIT)["backup_candidates"] == ["3.1"]
 
 
 def test_fig19_matches_ablation_module(model, ctx, results):

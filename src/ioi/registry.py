@@ -254,8 +254,9 @@ figure("fig15_backup_name_movers", "fig15", f"{_PP_PLOTS}:fig15",
        "Paper Fig. 15: the circuit's name movers mean-ablated at END (template-wise p_ABC means of "
        "hook_z) in every run; path patching each head (END) -> logits before (relative to the clean "
        "LD, = Fig. 3b) and after the knockout (relative to the knocked-out LD); heads ordered by "
-       "|effect| after; backup candidates = the 10 most negative effects after, excluding "
-       "S-inhibition, name mover and negative name mover heads. Paper §3.4: only 5% drop in LD; "
+       "|effect| after; backup candidates (stars; paper App. F's rule) = the heads in no other class "
+       "of the circuit whose |effect| after exceeds 2%, by decreasing |effect|; the paper selects the "
+       "first eight. Paper §3.4: only 5% drop in LD; "
        "10.7 even has a positive effect; backups 9.0, 9.7, 10.1, 10.2, 10.6, 10.10, 11.2, 11.9.",
        "Section 3")
 figure("fig19_mlps", "fig19", f"{_PP_PLOTS}:fig19",

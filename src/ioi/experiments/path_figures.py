@@ -27,7 +27,11 @@ receiver inputs recorded and patched into a clean ``x_orig`` run at the receiver
 * ``fig15``: the name movers mean-ablated at END (template-wise p_ABC means); the LD ratio
   knocked-out / clean, and fig3b's heads -> logits before and after the knockout (the knockout
   applied in every run; "after" relative to the knocked-out LD, as the paper code's
-  ``extra_hooks``); the backup candidates are the heads with the most negative effect after it.
+  ``extra_hooks``); the backup name movers follow the paper's rule (App. F): the heads that are
+  in no other class of the circuit (any class but "backup name mover") whose effect after the
+  knockout has size above ``BACKUP_THRESHOLD_PERCENT`` = 2% (|% change in LD| > 2), ordered by
+  decreasing |effect| (``backup_candidates``); the paper selects eight of them
+  (``backup_selected``: the first ``N_BACKUP_SELECTED``).
 * ``fig19``: each MLP mean-ablated alone at every position (template-wise p_ABC means), all MLPs
   but MLP0 together, and path patching each MLP -> logits at END.
 """
@@ -62,8 +66,11 @@ Head = tuple[int, int]
 
 N_BOOTSTRAP = 1000
 TOP_K = 5
-N_BACKUP_CANDIDATES = 10
-BACKUP_EXCLUDED_CLASSES = ("s-inhibition", "name mover", "negative name mover")
+# Backup name movers (paper App. F): "the eight heads that were not part of any other groups, and
+# affected the logit difference with an effect size above the threshold of 2%".
+BACKUP_THRESHOLD_PERCENT = 2.0
+N_BACKUP_SELECTED = 8
+BACKUP_CLASS = "backup name mover"
 KEY_POSITIONS = ("IO", "S1", "S2", "other")
 
 __all__ = [
@@ -578,8 +585,7 @@ def backup_name_movers(model, ctx: RunContext, knocked_out: Sequence[Head] | Non
         prefix = "effect_before" if variant == "before_knockout" else "effect_after"
         summary.update(_effect_summary(mean, low, high, prefix))
         if variant == "after_knockout":
-            excluded = {head_key(*h) for cls in BACKUP_EXCLUDED_CLASSES for h in circuit.classes.get(cls, ())}
-            summary["backup_candidates"] = _ranked(mean, N_BACKUP_CANDIDATES, largest=False, exclude=excluded)
+            summary.update(backup_name_mover_selection(mean, circuit))
     low, high = bootstrap_ratio_ci(ld_ko, ld, n_resamples=N_BOOTSTRAP, seed=ctx.seed)
     summary.update({
         **clean,
@@ -590,17 +596,42 @@ def backup_name_movers(model, ctx: RunContext, knocked_out: Sequence[Head] | Non
         "knocked_out": [head_key(*h) for h in knocked_out],
         "knockout_position": "END",
         "knockout_means": "template-wise p_ABC means of hook_z",
-        "backup_excluded_classes": list(BACKUP_EXCLUDED_CLASSES),
+
         "effect_after_baseline": "knocked-out LD",
         "unit": "% change in logit difference",
         **_shape(model, circuit),
     })
     meta = {"definition": "knocked-out heads' z at END replaced by template-wise p_ABC means in every "
                           "run; path patching head (END) -> logits before (relative to the clean LD) "
-                          "and after the knockout (relative to the knocked-out LD); backup candidates: "
-                          f"the {N_BACKUP_CANDIDATES} most negative effects after the knockout outside "
-                          f"the classes {list(BACKUP_EXCLUDED_CLASSES)}"}
+                          "and after the knockout (relative to the knocked-out LD); backup candidates "
+                          "(paper App. F): heads in no class of the circuit other than the backup "
+                          f"name movers with |effect after| > {BACKUP_THRESHOLD_PERCENT}%, by "
+                          f"decreasing |effect|; backup_selected: the first {N_BACKUP_SELECTED}"}
     return ExperimentResult(pd.concat(frames, ignore_index=True), summary, meta)
+
+
+def backup_name_mover_selection(effect_after: np.ndarray, circuit: Circuit) -> dict[str, Any]:
+    """The paper's backup name mover rule (App. F) on the % change in LD after the knockout
+    (``effect_after [L, H]``): heads in no class of ``circuit`` other than the backup name movers,
+    whose effect size exceeds ``BACKUP_THRESHOLD_PERCENT`` (|effect| > 2), ordered by decreasing
+    |effect| (either sign: the paper's 9.7 writes negatively)."""
+    excluded = {head_key(*h) for cls, heads in circuit.classes.items() if cls != BACKUP_CLASS
+                for h in heads}
+    L, H = effect_after.shape
+    cells = [(abs(float(effect_after[l, h])), head_key(l, h)) for l in range(L) for h in range(H)
+             if np.isfinite(effect_after[l, h]) and head_key(l, h) not in excluded
+             and abs(float(effect_after[l, h])) > BACKUP_THRESHOLD_PERCENT]
+    cells.sort(key=lambda c: -c[0])
+    candidates = [name for _, name in cells]
+    return {
+        "backup_candidates": candidates,
+        "backup_selected": candidates[:N_BACKUP_SELECTED],
+        "backup_rule": (f"heads in no other class of the circuit with |effect after| > "
+                        f"{BACKUP_THRESHOLD_PERCENT}% (% change in LD), by decreasing |effect|; "
+                        f"backup_selected = the first {N_BACKUP_SELECTED} (paper App. F)"),
+        "backup_threshold_percent": BACKUP_THRESHOLD_PERCENT,
+        "backup_excluded_heads": sorted(excluded),
+    }
 
 
 def fig15(model, ctx: RunContext) -> ExperimentResult:

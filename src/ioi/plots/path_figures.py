@@ -304,7 +304,7 @@ def fig15(frame, summary, meta):
             ax.legend(handles=[
                 Line2D([], [], marker="x", color="black", ls="", label="knocked out (at END)"),
                 Line2D([], [], marker="*", color="gold", mec="black", ls="", ms=9,
-                       label=f"backup candidates (top {len(backups)})"),
+                       label=f"backup candidates (|effect| > 2%, no other class; {len(backups)})"),
             ], loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7, frameon=False)
 
     # Bars: heads ordered by decreasing |effect after|.
