@@ -358,6 +358,29 @@ def test_adversarial_summary(results):
     io_rows = frame[frame["variant"] == "extra_io"]
     s_rows = frame[frame["variant"] == "extra_s"]
     assert list(io_rows["sentence"]) == list(s_rows["sentence"])  # same sentence, other name
+    # Fig. 8 is compared with the paper code's final call: two sentences (DOUBLE_ADX_TEMPLATE).
+    assert summary["fig8_variant"] == sg.FIG8_VARIANT == "double"
+    for kind in ("extra_io", "extra_s"):
+        fig8 = summary[f"fig8_{kind}"]
+        assert fig8["variant"] == "double"
+        assert fig8["logit_diff_mean"] == summary[f"{kind}_double"]["logit_diff_mean"]
+        assert fig8["s_over_io_rate"] == summary[f"{kind}_double"]["s_over_io_rate"]
+    double_rows = frame[frame["variant"] == "extra_io_double"]
+    assert (double_rows["n_inserted"] > io_rows["n_inserted"].to_numpy()).all()
+
+
+def test_adversarial_claims_compare_the_papers_variant():
+    """Every Fig. 8 claim reads the fig8_* keys (the variant of the paper code's final call) and
+    says so; the plot puts the paper's values beside the same rows."""
+    from ioi.plots import signals as psg
+
+    claims = yaml.safe_load((ROOT / "paper_reference.yaml").read_text())["claims"]
+    advex = [c for c in claims if c["source"]["experiment"] == "adversarial"]
+    assert advex
+    for claim in advex:
+        assert claim["source"]["key"].startswith("fig8_"), claim["id"]
+        assert "two" in (claim["statement"] + claim["why"]).lower(), claim["id"]
+    assert set(psg.FIG8_ROWS["double"]) == set(sg.FIG8_KEYS["double"].values())
 
 
 # ------------------------------------------------------------------------------------------------

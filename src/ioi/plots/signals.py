@@ -46,7 +46,7 @@ PAPER_ADV_TEXT = (
     "'John and Mary went to the store. Mary had a good day. John gave a bottle of milk to') drops "
     "the LD to 1.23 and makes the model predict S over IO 23.4% of the time; the control naming S "
     "gives an even higher LD (3.64) than p_IOI (3.55). The paper code's final cell inserts two "
-    "sentences (DOUBLE_ADX_TEMPLATE); which variant produced Fig. 8 is not known."
+    "sentences (DOUBLE_ADX_TEMPLATE), so the paper's values sit beside our two-sentence rows."
 )
 
 
@@ -147,9 +147,12 @@ VARIANT_LABELS = {
     "clean": "p_IOI",
     "extra_s": "Additional occurrence of S (natural sentence)",
     "extra_io": "Additional occurrence of IO (natural sentence)",
-    "extra_s_double": "Two sentences naming S (paper code's double variant)",
-    "extra_io_double": "Two sentences naming IO (paper code's double variant)",
+    "extra_s_double": "Two sentences naming S (paper code's final call)",
+    "extra_io_double": "Two sentences naming IO (paper code's final call)",
 }
+# Which of our rows carries the paper's Fig. 8 values, by summary["fig8_variant"].
+FIG8_ROWS = {"single": {"extra_io": "extra_io", "extra_s": "extra_s"},
+             "double": {"extra_io_double": "extra_io", "extra_s_double": "extra_s"}}
 
 
 def fig8_adversarial_table(frame, summary, meta):
@@ -160,9 +163,11 @@ def fig8_adversarial_table(frame, summary, meta):
     variants = [v for v in ("clean", "extra_s", "extra_io", "extra_s_double", "extra_io_double") if v in summary]
     ld_scale = max(abs(summary[v]["logit_diff_mean"]) for v in variants)
     prob_scale = max(abs(summary[v]["io_prob_mean"]) for v in variants)
+    fig8_variant = summary.get("fig8_variant", "double")
+    paper_rows = {"clean": "clean", **FIG8_ROWS[fig8_variant]}
     for variant in variants:
         v = summary[variant]
-        paper = PAPER_FIG8.get(variant)
+        paper = PAPER_FIG8.get(paper_rows.get(variant, ""))
         cells.append([
             VARIANT_LABELS[variant],
             _fmt_ci(v["logit_diff_mean"], v.get("logit_diff_mean_ci"), scale=ld_scale).replace("\n", " "),
@@ -195,11 +200,13 @@ def fig8_adversarial_table(frame, summary, meta):
     ax_text.text(0, 1, "Examples (prompt up to END; the answer IO follows):\n" + example_text,
                  va="top", fontsize=8, transform=ax_text.transAxes)
     ax_text.text(0, 0.5, textwrap.fill(PAPER_ADV_TEXT, 165) + "\n"
-                 + textwrap.fill("Ours: variant 'single' (one sentence, the paper's example) is the main "
-                                 "row; each prompt gets one of App. L's five sentences (seeded), the same "
-                                 "for its IO and S versions, inserted after the first clause's '.' (else "
-                                 "its last ','). Grey columns: the paper's Fig. 8 values (GPT-2 small).",
-                                 165),
+                 + textwrap.fill(f"Ours: Fig. 8 is compared with the '{fig8_variant}' rows (the "
+                                 "paper code's final call uses two sentences); the one-sentence rows (the "
+                                 "paper's App. L example) are the named alternative. Each prompt gets "
+                                 "App. L sentences drawn with a seeded generator, the same for its IO and "
+                                 "S versions, inserted after the first clause's '.' (else its last ','). "
+                                 "Grey columns: the paper's Fig. 8 values (GPT-2 small), beside the "
+                                 "rows they are compared with.", 165),
                  va="top", fontsize=8, transform=ax_text.transAxes)
     fig.suptitle(model_title("Adversarial examples (paper Fig. 8): ours vs paper values", meta))
     return fig
