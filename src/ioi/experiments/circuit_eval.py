@@ -22,9 +22,16 @@ Experiments:
   negative name movers), paired-bootstrap CIs over prompts, the per-template ratio, and the spread of
   the ratio over ``N_EXTRA_SEEDS`` regenerated datasets (p_IOI with seed+1.. and its p_ABC).
 * ``completeness`` (Fig. 6): (x, y) = (F(C\\K), F(M\\K)) for K = ∅, each class, ``N_RANDOM_SETS``
-  uniformly random subsets and a greedy search (paper Algorithm 3, with the counts below); the
-  incompleteness of K is |x - y|. For K, the "name mover" class merges the name movers and the
-  backup name movers, as the paper code's ``CIRCUIT["name mover"]`` does.
+  uniformly random subsets, a greedy search and the four greedy sets of the paper's Fig. 22
+  (evaluated as given, paper circuit only: a check of "incompleteness up to 3.09" that does not
+  depend on the search); the incompleteness of K is |x - y|. For K, the "name mover" class merges
+  the name movers and the backup name movers, as the paper code's ``CIRCUIT["name mover"]`` does.
+  Greedy rules (``GREEDY_RULE``): ``"paper_code"`` (default; the paper code's
+  ``completeness.py::new_greedy_search``, which produced Fig. 6): each run starts from K = ∅ and
+  ``old = |F(C) - F(M)|``; each step samples candidates from C\\K, and the best K ∪ {v} is taken
+  only if its incompleteness exceeds ``old`` (then ``old`` becomes it), otherwise K is unchanged and
+  the next step samples afresh; Fig. 6 plots each run's FINAL set. ``"algorithm3"`` (the printed
+  Algorithm 3, App. M): every step adds the best candidate, and every intermediate set is a point.
 * ``minimality`` (Figs. 7, 20): for each circuit head v with K(v) from
   :func:`ioi.circuits.minimality_k_sets`, score(v) = |F(C\\(K∪{v})) - F(C\\K)|, also as a fraction
   of F(M).
@@ -54,6 +61,7 @@ from ioi.circuits import (
     NAIVE_CIRCUIT,
     NAME_MOVER,
     NEGATIVE_NAME_MOVER,
+    PAPER_GREEDY_SETS,
     Circuit,
     minimality_k_sets,
 )
@@ -68,14 +76,19 @@ N_BOOTSTRAP = 1000
 # Faithfulness: datasets regenerated with seed+1 .. seed+N_EXTRA_SEEDS for the seed spread.
 N_EXTRA_SEEDS = 3
 
-# Completeness (Fig. 6; paper Algorithm 3 / App. M: 10 runs x 10 iterations, 10 candidates per step
-# for the full circuit and 5 for the naive one, 100 random sets in the released data). Reduced run
-# count so that the CPU workflow stays affordable; the counts are recorded in the summary.
+# Completeness (Fig. 6; paper App. M and the paper code's new_greedy_search: 10 runs x 10
+# iterations, 10 candidates per step for the full circuit and 5 for the naive one; 100 random sets
+# in the released data). The counts are recorded in the summary.
 N_RANDOM_SETS = 20
-GREEDY_RUNS = 3
+GREEDY_RUNS = 10  # the paper's (App. M) and its code's run count
 GREEDY_ITERATIONS = 10  # bounded by the circuit size
 GREEDY_CANDIDATES = {"full": 10, "naive": 5}
 GREEDY_KEEP = 5  # sets with the largest incompleteness reported in ``greedy_sets``
+# "paper_code": accept the best candidate only if it beats the current incompleteness, plot each
+# run's final set (what produced Fig. 6). "algorithm3": the printed Algorithm 3, always add the best
+# candidate, every intermediate set is a point.
+GREEDY_RULES = ("paper_code", "algorithm3")
+GREEDY_RULE = "paper_code"
 
 # ------------------------------------------------------------------------------------------------
 # What the paper reports (GPT-2 small). Only drawn / compared for the paper circuit.
@@ -603,12 +616,25 @@ class _Point:
 
 
 def _greedy(evaluator: KnockoutEvaluator, heads: list[Head], name: str, rng: np.random.Generator,
-            candidates: int, iterations: int, run: int) -> list[_Point]:
-    """One run of the paper's greedy search: from K = ∅, each step evaluates ``candidates`` random
-    heads v not in K and adds the one maximising |F(C\\(K∪{v})) - F(M\\(K∪{v}))|; every evaluated
-    set is returned (the chosen one of each step as kind "greedy")."""
+            candidates: int, iterations: int, run: int, rule: str = "paper_code") -> list[_Point]:
+    """One run of the greedy completeness search from K = ∅. Each step draws ``candidates`` heads v
+    of C\\K without replacement and evaluates |F(C\\(K∪{v})) - F(M\\(K∪{v}))| (kind
+    "greedy_candidate").
+
+    ``rule="paper_code"`` (the paper code's ``new_greedy_search``, default): ``old`` starts at
+    |F(C) - F(M)|; the best candidate set is taken only if its incompleteness > ``old`` (then
+    ``old`` = it), else K stays and the next step samples afresh; the run's FINAL set is the one
+    point of kind "greedy" (a run that never improves ends at K = ∅; the paper code then re-reports
+    the previous run's set, a bookkeeping slip not reproduced). ``rule="algorithm3"`` (the printed
+    Algorithm 3): every step adds the best candidate; each step's chosen set is a "greedy" point.
+    """
+    if rule not in GREEDY_RULES:
+        raise ValueError(f"Unknown greedy rule {rule!r}: use one of {list(GREEDY_RULES)}.")
     points: list[_Point] = []
     k: tuple[Head, ...] = ()
+    old = float(abs(_np(evaluator.f_circuit).mean() - _np(evaluator.f_model).mean()))
+    final = _Point(name, "greedy", f"run {run} final", (), _np(evaluator.f_circuit),
+                   _np(evaluator.f_model), run, -1)
     for iteration in range(iterations):
         pool = [h for h in heads if h not in k]
         if not pool:
@@ -622,13 +648,19 @@ def _greedy(evaluator: KnockoutEvaluator, heads: list[Head], name: str, rng: np.
             points.append(point)
             if best is None or point.incompleteness > best.incompleteness:
                 best = point
-        best.kind = "greedy"
-        k = best.heads
+        if rule == "algorithm3":
+            best.kind = "greedy"
+            k = best.heads
+        elif best.incompleteness > old:
+            k, old = best.heads, best.incompleteness
+            final = dataclasses.replace(best, kind="greedy", label=f"run {run} final")
+    if rule == "paper_code":
+        points.append(final)
     return points
 
 
 def _circuit_points(evaluator: KnockoutEvaluator, circuit: Circuit, name: str, ctx: RunContext,
-                    rng: np.random.Generator) -> list[_Point]:
+                    rng: np.random.Generator, rule: str = "paper_code") -> list[_Point]:
     heads = [tuple(map(int, h)) for h in circuit.heads()]
     points = [_Point(name, "empty", "none", (), _np(evaluator.f_circuit), _np(evaluator.f_model))]
     for cls, members in knockout_classes(circuit).items():
@@ -641,24 +673,56 @@ def _circuit_points(evaluator: KnockoutEvaluator, circuit: Circuit, name: str, c
         points.append(_Point(name, "random", f"random {index}", chosen, _np(evaluator.without(chosen)),
                              _np(evaluator.model_without(chosen))))
     iterations = min(GREEDY_ITERATIONS, len(heads))
-    for run in _progress(ctx, range(GREEDY_RUNS), desc=f"greedy completeness ({name})"):
-        points += _greedy(evaluator, heads, name, rng, GREEDY_CANDIDATES[name], iterations, run)
+    for run in _progress(ctx, range(GREEDY_RUNS), desc=f"greedy completeness ({name}, {rule})"):
+        points += _greedy(evaluator, heads, name, rng, GREEDY_CANDIDATES[name], iterations, run, rule)
     return points
+
+
+def fig22_points(evaluator: KnockoutEvaluator, circuit: Circuit, name: str) -> list[_Point]:
+    """The paper's four Fig. 22 greedy sets K, evaluated as given (paper circuit only; ``[]`` for a
+    circuit that does not contain them): a deterministic check of §4.1's "incompleteness up to
+    3.09" that does not depend on the search."""
+    members = {tuple(map(int, h)) for h in circuit.heads()}
+    if not is_paper_circuit(circuit) or not all(k <= members for k in PAPER_GREEDY_SETS):
+        return []
+    points = []
+    for index, k in enumerate(PAPER_GREEDY_SETS):
+        heads = tuple(sorted(k))
+        points.append(_Point(name, "fig22", f"Fig. 22 set {index + 1}", heads,
+                             _np(evaluator.without(heads)), _np(evaluator.model_without(heads))))
+    return points
+
+
+GREEDY_RULE_NOTES = {
+    "paper_code": "the paper code's rule (completeness.py new_greedy_search; produced Fig. 6): from "
+                  "K = ∅ and old = |F(C) - F(M)|, each step draws `candidates` heads of C\\K and takes "
+                  "the best K ∪ {v} only if its |x - y| > old (else K unchanged, the next step samples "
+                  "afresh); kind 'greedy' = each run's final set (plotted), 'greedy_candidate' = every "
+                  "evaluated set",
+    "algorithm3": "the printed Algorithm 3 (App. M): from K = ∅, each step draws `candidates` heads "
+                  "of C\\K and always adds the one maximising |x - y|; kind 'greedy' = every "
+                  "intermediate chosen set (plotted)",
+}
 
 
 def _greedy_top(points: list[_Point], keep: int) -> list[dict[str, Any]]:
     unique: dict[frozenset, _Point] = {}
     for p in points:
-        if p.kind == "greedy":
+        if p.kind == "greedy" and p.heads:  # a run that never improved ends at K = ∅
             unique.setdefault(frozenset(p.heads), p)
     best = sorted(unique.values(), key=lambda p: -p.incompleteness)[:keep]
     return [{"heads": heads_key(p.heads), "incompleteness": finite(p.incompleteness),
              "x": finite(p.x.mean()), "y": finite(p.y.mean())} for p in best]
 
 
-def completeness(model, ctx: RunContext) -> ExperimentResult:
-    """Fig. 6: (F(C\\K), F(M\\K)) for K = ∅, each class, random subsets and a greedy search, for the
-    model's circuit ("full") and its naive circuit."""
+def completeness(model, ctx: RunContext, greedy_rule: str | None = None) -> ExperimentResult:
+    """Fig. 6: (F(C\\K), F(M\\K)) for K = ∅, each class, random subsets, a greedy search
+    (``greedy_rule``: "paper_code", the default ``GREEDY_RULE``, or "algorithm3"; see the module
+    docstring) and the paper's Fig. 22 sets, for the model's circuit ("full") and its naive
+    circuit."""
+    rule = GREEDY_RULE if greedy_rule is None else greedy_rule
+    if rule not in GREEDY_RULES:
+        raise ValueError(f"Unknown greedy rule {rule!r}: use one of {list(GREEDY_RULES)}.")
     circuit = ctx.circuit_for(model)
     naive = naive_circuit_for(circuit)
     naive.validate(model.cfg.n_layers, model.cfg.n_heads)
@@ -670,13 +734,15 @@ def completeness(model, ctx: RunContext) -> ExperimentResult:
     for index, (name, circ) in enumerate((("full", circuit), ("naive", naive))):
         evaluator = clean.evaluator(means, circ, ctx.ioi)
         rng = np.random.default_rng([int(ctx.seed), 7919, index])
-        points = _circuit_points(evaluator, circ, name, ctx, rng)
+        points = _circuit_points(evaluator, circ, name, ctx, rng, rule)
+        fig22 = fig22_points(evaluator, circ, name)
+        points += fig22
         n_forward += evaluator.n_forward
         all_points += points
         empty = points[0]
         classes = [p for p in points if p.kind == "class"]
         randoms = np.array([p.incompleteness for p in points if p.kind == "random"])
-        greedy = [p for p in points if p.kind in ("greedy", "greedy_candidate")]
+        greedy = [p for p in points if p.kind == "greedy"]  # every candidate is <= some such set
         summary.update({
             f"empty_{name}": {"x": finite(empty.x.mean()), "y": finite(empty.y.mean()),
                               "incompleteness": finite(empty.incompleteness)},
@@ -691,11 +757,21 @@ def completeness(model, ctx: RunContext) -> ExperimentResult:
             f"forward_passes_{name}": int(evaluator.n_forward),
         })
         summary.setdefault("greedy_sets", {})[name] = _greedy_top(points, GREEDY_KEEP)
+        summary[f"greedy_final_incompleteness_{name}"] = [finite(p.incompleteness) for p in greedy] \
+            if rule == "paper_code" else None
+        if fig22:
+            summary[f"fig22_sets_{name}"] = [
+                {"heads": heads_key(p.heads), "x": finite(p.x.mean()), "y": finite(p.y.mean()),
+                 "incompleteness": finite(p.incompleteness),
+                 "incompleteness_ci": abs_mean_diff_ci(p.x, p.y, ctx.seed)} for p in fig22]
+            summary[f"fig22_max_incompleteness_{name}"] = finite(max(p.incompleteness for p in fig22))
     f_m = float(clean.f_model.mean())
     summary.update({
         "F_M": finite(f_m),
         "greedy_max_incompleteness_full_fraction_of_F_M": finite(summary["greedy_max_incompleteness_full"] / f_m)
         if f_m else None,
+        "greedy_rule": rule,
+        "greedy_rule_note": GREEDY_RULE_NOTES[rule],
         "counts": {"random_sets": N_RANDOM_SETS, "greedy_runs": GREEDY_RUNS,
                    "greedy_iterations_max": GREEDY_ITERATIONS, "greedy_candidates": dict(GREEDY_CANDIDATES),
                    "greedy_keep": GREEDY_KEEP, "forward_passes": n_forward + 1},
@@ -713,7 +789,7 @@ def completeness(model, ctx: RunContext) -> ExperimentResult:
                                    for k, pts in PAPER_COMPLETENESS_POINTS.items()}
         summary["paper_points_source"] = PAPER_COMPLETENESS_SOURCE
         summary["paper_reference"] = dict(PAPER_COMPLETENESS_TEXT)
-    frame = pd.DataFrame([p.row(ctx.seed, with_ci=p.kind in ("empty", "class", "greedy"))
+    frame = pd.DataFrame([p.row(ctx.seed, with_ci=p.kind in ("empty", "class", "greedy", "fig22"))
                           for p in all_points])
     meta = {
         "definition": "x = F(C\\K): K's heads ablated at every position like non-circuit heads; "
@@ -721,8 +797,9 @@ def completeness(model, ctx: RunContext) -> ExperimentResult:
                       "incompleteness = |x - y| of the means over prompts",
         "random_sets": "each head in K independently with probability 1/2 (uniform over subsets), "
                        "empty sets redrawn",
-        "greedy": "paper Algorithm 3: from K = ∅, each step draws `candidates` heads of C\\K at "
-                  "random and adds the one maximising |x - y|; every intermediate set is kept",
+        "greedy": GREEDY_RULE_NOTES[rule],
+        "fig22": "the paper's four Fig. 22 greedy sets evaluated as given (paper circuit only; kind "
+                 "'fig22', keys fig22_sets_full / fig22_max_incompleteness_full)",
         "counts": summary["counts"],
     }
     return ExperimentResult(frame, summary, meta)

@@ -20,9 +20,22 @@ from ioi.plots.common import CLASS_COLOURS, model_title, paper_panel
 KIND_STYLE = {
     "empty": dict(marker="*", s=170, color="black", label="K = ∅ (x = F(C), y = F(M))", zorder=5),
     "random": dict(marker="o", s=22, color="#9e9e9e", alpha=0.75, label="random K", zorder=2),
-    "greedy": dict(marker="^", s=36, color="#c0392b", alpha=0.85, label="greedy K (incl. intermediate)",
+    "greedy": dict(marker="^", s=36, color="#c0392b", alpha=0.85, label="greedy K (each run's final set)",
                    zorder=3),
+    "fig22": dict(marker="D", s=40, color="#1f77b4", alpha=0.9, label="paper's Fig. 22 greedy sets K",
+                  zorder=4),
 }
+GREEDY_LABELS = {
+    "paper_code": "greedy K (each run's final set; paper code's rule)",
+    "algorithm3": "greedy K (every intermediate set; printed Algorithm 3)",
+}
+
+
+def _kind_style(kind: str, summary: Mapping) -> dict:
+    style = dict(KIND_STYLE[kind])
+    if kind == "greedy":
+        style["label"] = GREEDY_LABELS.get(summary.get("greedy_rule", "paper_code"), style["label"])
+    return style
 SHORT_CLASS = {
     "name mover": "NM (+backup)", "negative name mover": "negative", "s-inhibition": "S-inh",
     "induction": "induction", "duplicate token": "duplicate", "previous token": "previous",
@@ -150,10 +163,11 @@ def _completeness_panel(ax, frame, summary, name: str, paper_points, limits, ful
     inset at full scale, with our region boxed."""
     rows = frame[frame["circuit"] == name]
     ax.plot(limits, limits, color="black", lw=0.8, ls="--", zorder=1)
-    for kind in ("random", "greedy"):
+    for kind in ("random", "greedy", "fig22"):
         part = rows[rows["kind"] == kind]
         if len(part):
-            ax.scatter(part["x"], part["y"], **{**KIND_STYLE[kind], "label": f"{KIND_STYLE[kind]['label']} ({len(part)})"})
+            style = _kind_style(kind, summary)
+            ax.scatter(part["x"], part["y"], **{**style, "label": f"{style['label']} ({len(part)})"})
     offsets = ((6, -10), (6, 4), (-6, 6), (-6, -12), (8, -3), (-8, 0), (0, 9))
     for index, r in enumerate(rows[rows["kind"] == "class"].itertuples()):
         colour = CLASS_COLOURS.get(r.label, "#333333")
@@ -207,8 +221,10 @@ def fig6_completeness(frame, summary, meta):
     for ax, name in zip(axes, ("full", "naive")):
         _completeness_panel(ax, frame, summary, name, paper.get(name) if paper else None, limits, full_limits)
     handles = [Line2D([], [], ls="--", color="black", lw=0.8, label="y = x (complete)")]
-    handles += [Line2D([], [], marker=s["marker"], ls="", color=s["color"], markersize=8 if k != "empty" else 12,
-                       label=s["label"]) for k, s in KIND_STYLE.items()]
+    kinds = [k for k in KIND_STYLE if k != "fig22" or (frame["kind"] == "fig22").any()]
+    handles += [Line2D([], [], marker=st["marker"], ls="", color=st["color"],
+                       markersize=8 if k != "empty" else 12, label=st["label"])
+                for k in kinds for st in [_kind_style(k, summary)]]
     handles.append(Line2D([], [], marker="s", ls="", color="#888888", markeredgecolor="black",
                           label="K = one class (colour = class)"))
     if paper:
@@ -232,9 +248,13 @@ def fig6_completeness(frame, summary, meta):
         f"{summary['greedy_max_incompleteness_naive']:.3g}.\nTop greedy sets (full): {top_text}.\n"
         f"Counts: {counts.get('random_sets')} random K per circuit; greedy {counts.get('greedy_runs')} runs × "
         f"≤{counts.get('greedy_iterations_max')} steps × {counts.get('greedy_candidates', {}).get('full')} "
-        f"(full) / {counts.get('greedy_candidates', {}).get('naive')} (naive) candidates (paper: 10 runs). "
+        f"(full) / {counts.get('greedy_candidates', {}).get('naive')} (naive) candidates (paper: 10 runs); "
+        f"rule: {GREEDY_LABELS.get(summary.get('greedy_rule', 'paper_code'), '')}. "
         "K 'name mover' = name movers + backup name movers (paper code)."
     )
+    if summary.get("fig22_max_incompleteness_full") is not None:
+        ours += (f"\nPaper's Fig. 22 sets evaluated as given (no search): max |x−y| = "
+                 f"{summary['fig22_max_incompleteness_full']:.3g} (paper: up to 3.09).")
     if paper:
         ours += "\nHollow markers: " + summary.get("paper_points_source", "paper's released data") + "."
     paper_panel(ax_text, PAPER_COMPLETENESS_TEXT + "\n\n" + ours)
