@@ -75,7 +75,7 @@ PER_HEAD_KEYS = {
 # The summary keys paper_reference.yaml reads from these experiments (also checked against the file).
 CLAIM_KEYS = {
     "attention_summary": ("name_mover_attention_io_mean", "s_inhibition_attention_s2_mean"),
-    "fig3c": ("correlation_min_over_name_movers",),
+    "fig3c": ("correlation_min_over_name_movers", "correlation"),
     "copy_scores": ("copy_score", "negative_copy_score", "copy_score_mean_all_heads",
                     "negative_copy_score_mean_all_heads"),
     "repeated_tokens": ("previous_token", "duplicate_token", "induction", "next_token_contribution"),
@@ -252,8 +252,20 @@ def test_scatter_correlations(results):
     assert summary["heads"] == ["2.0", "2.1"]
     assert summary["correlation_min_over_name_movers"] == min(summary["correlation"].values())
     assert all(-1 <= r <= 1 for r in summary["correlation"].values())
+    assert summary["plotted_head"] == "2.0"
+    assert summary["correlation_plotted_head"] == summary["correlation"]["2.0"]
     _, summary16, _ = _read(results["fig16"])
     assert summary16["heads"] == ["2.2"] and summary16["head_class"] == "backup name mover"
+
+
+def test_fig16_plots_the_papers_four_backup_name_movers():
+    from ioi.circuits import PAPER_CIRCUIT
+    from ioi.experiments import heads as eh
+
+    heads, cls, note = eh.fig16_heads(PAPER_CIRCUIT)
+    assert heads == [(10, 10), (10, 6), (10, 2), (11, 2)] and cls == "backup name mover"
+    caption = FIGURES["fig16_backup_name_movers"].caption
+    assert all(h in caption for h in ("10.10", "10.6", "10.2", "11.2")) and "10.10" in note
 
 
 def test_fig16_without_backups_uses_negative_name_movers(model, datasets, tmp_path):

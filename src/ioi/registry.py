@@ -107,7 +107,7 @@ experiment("copy_scores", "ioi.experiments.heads:copy_scores", "copy_score", dat
            description="Copy score and negative copy score of every head (paper code definition)",
            mem_mb=6000, runtime_min=60)
 experiment("repeated_tokens", "ioi.experiments.heads:repeated_tokens", "repeated_tokens", datasets=(),
-           section="App. H/I, Figs. 17-18",
+           section="App. H (previous token, induction scores), App. I; Figs. 17-18",
            description="Previous-token, duplicate, induction and next-token scores on repeated random tokens",
            mem_mb=4000, runtime_min=15)
 
@@ -143,11 +143,14 @@ figure("attention_summary", "attention_summary", "ioi.plots.heads:attention_summ
 figure("fig3c_attention_vs_projection", "fig3c", "ioi.plots.heads:fig3c",
        "Paper Fig. 3c: per prompt, a name mover's attention from END to IO (to S1 + S2) against the raw "
        "dot product of its END output with W_U[IO] (W_U[S]), no final LN; Pearson rho over the pooled "
-       "IO and S points. The paper reports rho > 0.81 (N = 500).", "Section 3")
+       "IO and S points. Large panel: the plotted head, 9.9 for the paper circuit (the paper code's "
+       "call; the circuit's first name mover otherwise); small panels: the other name movers (9.6, "
+       "10.0). The paper reports rho > 0.81 (N = 500) for the plotted head.", "Section 3")
 figure("fig16_backup_name_movers", "fig16", "ioi.plots.heads:fig16",
-       "Paper Fig. 16: the Fig. 3c scatter for four backup name movers of the circuit (paper: 10.10, "
-       "10.6, 10.2, 11.2; 10.10 name-mover-like, 10.2 writes IO and S equally); a circuit without "
-       "backups shows its negative name movers, as the title says.", "Appendix")
+       "Paper Fig. 16: the Fig. 3c scatter for the backup name movers 10.10, 10.6, 10.2 and 11.2 (the "
+       "paper's four, plotted for the paper circuit; 10.10 name-mover-like, 10.2 writes IO and S "
+       "equally). Another circuit shows its first four backup name movers, or, without backups, its "
+       "negative name movers; the heads plotted are named in the title and panels.", "Appendix")
 figure("copy_scores", "copy_scores", "ioi.plots.heads:copy_scores",
        "Paper §3.1 copy score (paper code): blocks.0 resid_post at IO, S1, S2 -> block-1 ln1 -> W_V + "
        "b_V -> W_O (negated for the negative copy score) -> final LN -> unembed; the fraction of "
@@ -184,7 +187,7 @@ for _name, _runtime in (("act_patch_resid_pre", 20), ("act_patch_block", 30), ("
            }[_name], "Seed notebook")
 
 # ------------------------------------------------------------------------------------------------
-# Path patching figures (paper §3.1-3.4, App. G, J): heads -> logits / receiver inputs, knockouts
+# Path patching figures (paper §3.1-3.4, App. C, D, F, J): heads -> logits / receiver inputs, knockouts
 # Runners: ioi.experiments.path_figures; plotters: ioi.plots.path_figures. Values: the paper code's
 # % change of the mean LD, 100 * (LD_patched - LD_clean) / LD_clean; x_new = p_ABC into x_orig =
 # p_IOI; every head's z frozen to x_orig except the sender; MLPs and LayerNorms recomputed.
@@ -205,7 +208,7 @@ experiment("fig4c", f"{_PP}:fig4c", "patching", section="§3.2, Fig. 4c",
                        "-> name mover queries", mem_mb=4000, runtime_min=15)
 experiment("fig5b", f"{_PP}:fig5b", "patching", section="§3.3, Fig. 5b",
            description="PP each head (S2) -> S-inhibition values (S2)", mem_mb=4000, runtime_min=20)
-experiment("fig12b", f"{_PP}:fig12b", "patching", section="App. G, Fig. 12b",
+experiment("fig12b", f"{_PP}:fig12b", "patching", section="App. C, Fig. 12b",
            description="PP each head (S2) -> S-inhibition keys (S2)", mem_mb=4000, runtime_min=20)
 experiment("fig13b", f"{_PP}:fig13b", "patching", section="§3.3, Fig. 13b",
            description="PP each head (S1+1) -> induction keys (S1+1)", mem_mb=4000, runtime_min=20)
@@ -242,7 +245,7 @@ figure("fig5b_path_patching_sinh_values", "fig5b", f"{_PP_PLOTS}:fig5b",
 figure("fig12b_path_patching_sinh_keys", "fig12b", f"{_PP_PLOTS}:fig12b",
        "Paper Fig. 12b. " + _PP_DEF + "Sender: each head at S2; receivers: the S-inhibition heads' "
        "keys (hook_k) at S2. Induction and duplicate token heads outlined, receivers dashed. Paper "
-       "App. G: 3.0 and 0.1 have the reverse effect of their value path; 5.8, 5.9 and 0.10 support "
+       "App. C: 3.0 and 0.1 have the reverse effect of their value path; 5.8, 5.9 and 0.10 support "
        "the logit difference.", "Appendix")
 figure("fig13b_path_patching_induction_keys", "fig13b", f"{_PP_PLOTS}:fig13b",
        "Paper Fig. 13b. " + _PP_DEF + "Sender: each head at S1+1; receivers: the keys (hook_k) at "

@@ -45,6 +45,16 @@ def test_numeric_checks_catch_out_of_tolerance(tmp_path, check, good, bad):
     assert evaluate_claim(_claim(check), tmp_path).status == FAIL
 
 
+def test_all_at_least_checks_only_its_heads_and_reports_the_others(tmp_path):
+    """Fig. 3c: rho > 0.81 is the plotted head's; the other name movers are reported, not checked."""
+    check = {"kind": "all_at_least", "heads": ["1.0"], "bound": 2.0, "report": ["0.0", "1.1"]}
+    _write(tmp_path, "toy", {"value": TOY_HEADS})
+    outcome = evaluate_claim(_claim(check), tmp_path)
+    assert outcome.status == PASS and "0.0: -3" in outcome.ours and "1.1: 0.1" in outcome.ours
+    _write(tmp_path, "toy", {"value": dict(TOY_HEADS, **{"1.0": 1.9})})
+    assert evaluate_claim(_claim(check), tmp_path).status == FAIL
+
+
 def test_top_k_exact_catches_wrong_top_head_and_wrong_sign(tmp_path):
     check = {"kind": "top_k_exact", "k": 3, "heads": ["0.0", "0.1", "1.0"],
              "signs": {"0.0": -1, "0.1": -1, "1.0": 1}}

@@ -311,7 +311,7 @@ def fig5b(model, ctx: RunContext) -> ExperimentResult:
 def fig12b(model, ctx: RunContext) -> ExperimentResult:
     """PP each head (S2) -> the S-inhibition heads' keys (S2)."""
     return _to_receivers(model, ctx, receiver_class="s-inhibition", receiver_input="k", position="S2",
-                         paper="App. G, Fig. 12b")
+                         paper="App. C, Fig. 12b")
 
 
 # App. D patches into the keys of the induction heads validated in App. H (5.5, 6.9) at S1+1; the

@@ -194,8 +194,12 @@ def fig3c(frame, summary, meta):
             ax = fig.add_subplot(grid[index, 1])
             _scatter_panel(ax, _heads_frame(frame, key), key, summary, small=True)
     minimum = summary.get("correlation_min_over_name_movers")
-    ours = (f"Ours (N = {summary['n_prompts']} prompts, two points each): smallest ρ over the "
-            f"name movers = {'n/a' if minimum is None else f'{minimum:.3f}'}.")
+    plotted = summary.get("plotted_head") or (heads[0] if heads else None)
+    rhos = ", ".join(f"{k}: {'n/a' if summary['correlation'].get(k) is None else format(summary['correlation'][k], '.3f')}"
+                     for k in heads)
+    ours = (f"Ours (N = {summary['n_prompts']} prompts, two points each): ρ of the plotted head "
+            f"{plotted} (the paper's claim) and the others: {rhos}; smallest "
+            f"{'n/a' if minimum is None else f'{minimum:.3f}'}.")
     paper_panel(fig.add_subplot(grid[:, 2]), PAPER_FIG3C_TEXT + "\n\n" + ours)
     fig.suptitle(model_title("Fig. 3c: name movers copy what they attend to", meta), y=1.02)
     return fig
@@ -217,8 +221,10 @@ def fig16(frame, summary, meta):
             ax.legend(fontsize=6.5, loc="upper left", markerscale=2)
     ours = f"Ours (N = {summary['n_prompts']} prompts): {summary.get('note', '')}."
     paper_panel(fig.add_subplot(grid[:, 2]), PAPER_FIG16_TEXT + "\n\n" + ours)
-    title = ("Fig. 16: attention vs. projection of backup name movers" if not substituted else
-             "Fig. 16 substitute: NO backup name movers in this circuit, showing its negative name movers")
+    shown = ", ".join(heads[:4]) or "none"
+    title = (f"Fig. 16: attention vs. projection of backup name movers {shown}" if not substituted else
+             "Fig. 16 substitute: NO backup name movers in this circuit, showing its negative name "
+             f"movers {shown}")
     fig.suptitle(model_title(title, meta), y=1.02)
     return fig
 
@@ -308,7 +314,7 @@ def copy_scores(frame, summary, meta):
 # ------------------------------------------------------------------------------------------------
 
 PAPER_FIG18_TEXT = (
-    "Paper App. H/I, Fig. 18 (random tokens, repeated): 3.0 and 0.1 are among the three heads with "
+    "Paper App. H (previous token and induction scores) / App. I, Fig. 18 (random tokens, repeated): 3.0 and 0.1 are among the three heads with "
     "the highest duplicate token score (0.10 does not appear); 4.11 and 2.2 are the two heads with "
     "the highest previous token score; 5.5 and 6.9 are among the 5 heads with the highest induction "
     "score."

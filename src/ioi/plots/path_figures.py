@@ -1,4 +1,4 @@
-"""Figures of the path-patching experiments (paper §3.1-3.4, App. G, J; Figs. 3b, 4b, 4c, 5b, 12b,
+"""Figures of the path-patching experiments (paper §3.1-3.4, App. C, D, F, J; Figs. 3b, 4b, 4c, 5b, 12b,
 13b, 15, 19).
 
 Plotters get ``(frame, summary, meta)`` only; the model shape, the circuit's heads by class, the
@@ -169,7 +169,7 @@ PAPER_FIG5B = (
     "inferred from App. C/H. No magnitudes."
 )
 PAPER_FIG12B = (
-    "Paper App. G, Fig. 12b (path patching each head at S2 → the S-inhibition heads' keys at S2): "
+    "Paper App. C, Fig. 12b (path patching each head at S2 → the S-inhibition heads' keys at S2): "
     "the duplicate token heads 3.0 and 0.1 'appear to also influence S-Inhibition Heads' values, "
     "but their effect is reversed' (positive here); 5.9, 5.8 (fuzzy induction) and 0.10 (fuzzy "
     "duplicate token) influence the logit difference positively, i.e. patching them lowers it "
