@@ -1,0 +1,21 @@
+"""Edge-level circuits: the graph, exact edge patching, attribution (EAP, EAP-IG) and discovery.
+
+* :mod:`ioi.edges.graph`: :class:`Edge`, :class:`EdgeGraph`, :class:`Circuit` (JSON save/load);
+* :mod:`ioi.edges.patching`: :func:`patch_edges` (many edge sets per batched pass, exact);
+* :mod:`ioi.edges.reference`: :func:`patch_edges_reference` (hooks on the bridge, one set a pass).
+"""
+
+from ioi.edges.graph import POSITION_LABELS, Circuit, Edge, EdgeGraph
+from ioi.edges.patching import mean_sender_outputs, patch_edges, sender_outputs
+from ioi.edges.reference import patch_edges_reference
+
+__all__ = [
+    "POSITION_LABELS",
+    "Circuit",
+    "Edge",
+    "EdgeGraph",
+    "mean_sender_outputs",
+    "patch_edges",
+    "patch_edges_reference",
+    "sender_outputs",
+]

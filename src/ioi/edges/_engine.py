@@ -1,0 +1,225 @@
+"""The plain-tensor forward behind edge patching and edge attribution.
+
+A GPT-2 forward (the activation engine's :class:`ioi.patching._fast_forward.NetWeights`: same
+weights, LayerNorms, MLP and unembedding) in which every receiver has its own input:
+
+    x_r = resid(r) + sum_slot sum_s M[slot, r, s] * delta_s   (at the slot's token positions)
+
+``resid(r)`` is the residual stream where ``r`` reads it in *this* run (``resid_pre`` of the head's
+layer for q/k/v, ``resid_mid`` for an MLP, the final residual for the logits), ``delta_s`` the
+sender's difference: ``target_s - out_s`` with ``out_s`` the sender's output in this run (edge
+patching; ``target`` = the corrupted run's outputs or means) or a fixed tensor (attribution).
+``K`` masks ``M`` run side by side as a leading batch axis. With ``M = 0`` this is the plain
+forward. Each head projects its own q, k and v input (batched over heads); a layer whose receivers
+carry no difference in any of the ``K`` sets takes the fused projection of the shared input.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ioi.edges.graph import EdgeGraph
+from ioi.patching._fast_forward import NetWeights
+
+
+def slot_token_index(
+    graph: EdgeGraph, word_idx: dict | None, n_prompts: int, n_pos: int, device: torch.device
+) -> list[Tensor | None]:
+    """Per position slot of ``graph``, the flat ``[prompt * n_pos + pos]`` indices of its tokens
+    (``None``: every token). ``"other"`` is every position no other label of the graph names."""
+    if graph.positions is None:
+        return [None]
+    if word_idx is None:
+        raise ValueError(f"{graph!r} has position-specific edges: pass word_idx (e.g. dataset.word_idx) "
+                         "with a LongTensor[N] per label.")
+    rows = torch.arange(n_prompts, device=device)
+    named: dict[str, Tensor] = {}
+    for label in graph.positions:
+        if label == "other":
+            continue
+        if label not in word_idx:
+            raise ValueError(f"word_idx has no {label!r} (has {sorted(word_idx)}): the graph's positions "
+                             f"are {graph.positions}.")
+        pos = torch.as_tensor(word_idx[label], device=device).long()
+        if pos.shape != (n_prompts,):
+            raise ValueError(f"word_idx[{label!r}] must be LongTensor[{n_prompts}], got {tuple(pos.shape)}.")
+        if int(pos.max()) >= n_pos or int(pos.min()) < 0:
+            raise ValueError(f"word_idx[{label!r}] has positions outside 0..{n_pos - 1}.")
+        named[label] = rows * n_pos + pos
+    out: list[Tensor | None] = []
+    for label in graph.positions:
+        if label == "other":
+            taken = torch.zeros(n_prompts * n_pos, dtype=torch.bool, device=device)
+            for idx in named.values():
+                taken[idx] = True
+            out.append((~taken).nonzero()[:, 0])
+        else:
+            out.append(named[label])
+    return out
+
+
+class EdgeForward:
+    """The receiver-input forward of one model on one graph (see the module docstring)."""
+
+    def __init__(self, net: NetWeights, graph: EdgeGraph):
+        if graph.n_layers != net.n_layers or graph.n_heads != net.n_heads or graph.attn_only != net.attn_only:
+            raise ValueError(f"{graph!r} does not match the model ({net.n_layers} layers x {net.n_heads} heads"
+                             f"{', attention only' if net.attn_only else ''}): build it with "
+                             "EdgeGraph.from_model(model).")
+        self.net, self.graph = net, graph
+        L, H, D, dh = net.n_layers, net.n_heads, net.d_model, net.d_head
+        # per-head q|k|v weights [L, H, 3, D, dh] and biases [L, H, 3, dh]
+        self.W_hqkv = net.W_qkv.view(L, D, 3, H, dh).permute(0, 3, 2, 1, 4).contiguous()
+        self.b_hqkv = net.b_qkv.view(L, 3, H, dh).permute(0, 2, 1, 3).contiguous()
+        self.head_senders = [graph.sender_of(f"a{layer}.h0") for layer in range(L)]
+        self.head_receivers = [graph.receiver_of(f"a{layer}.h0.q") for layer in range(L)]
+        self.mlp_senders = [None if net.attn_only else graph.sender_of(f"m{layer}") for layer in range(L)]
+        self.mlp_receivers = [None if net.attn_only else graph.receiver_of(f"m{layer}") for layer in range(L)]
+        self.n_senders = len(graph.senders)
+        self.n_receivers = len(graph.receivers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.net.W_E[tokens] + self.net.W_pos[: tokens.shape[1]]
+
+    @staticmethod
+    def mix(
+        base: Float[Tensor, "kb T d"],
+        masks: Float[Tensor, "k slots r s"],
+        delta: Float[Tensor, "kd s T d"],
+        slot_idx: Sequence[Tensor | None],
+        differentiable: bool = False,
+    ) -> Tensor:
+        """``[k, r, T, d]``: ``base`` plus each receiver's masked sum of sender differences."""
+        k, _, n_r, n_s = masks.shape
+        T, d = base.shape[-2:]
+        out = base[:, None].expand(max(k, base.shape[0]), n_r, T, d)
+        if n_s == 0:
+            return out
+        for j, idx in enumerate(slot_idx):
+            m = masks[:, j]
+            if not differentiable and not bool(m.any()):
+                continue
+            part = delta if idx is None else delta.index_select(2, idx)
+            width = part.shape[2]
+            if part.shape[0] == 1:
+                add = (m.reshape(k * n_r, n_s) @ part[0].reshape(n_s, width * d)).view(k, n_r, width, d)
+            else:
+                add = torch.bmm(m, part.reshape(k, n_s, width * d)).view(k, n_r, width, d)
+            out = out + add if idx is None else out.index_add(2, idx, add)
+        return out
+
+    # -- the forward ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        tokens: Int[Tensor, "n pos"],
+        masks: Float[Tensor, "k slots receivers senders"],
+        slot_idx: Sequence[Tensor | None],
+        *,
+        target: Float[Tensor, "senders n pos d"] | None = None,
+        fixed_delta: Float[Tensor, "senders n pos d"] | None = None,
+        embed: Float[Tensor, "n pos d"] | None = None,
+        keep_outputs: bool = False,
+        differentiable: bool = False,
+    ) -> tuple[Float[Tensor, "k n pos d"], Tensor | None]:
+        """Final residual streams (the logits receiver's input) of the ``k`` mask sets.
+
+        Exactly one of ``target`` (differences ``target - this run's outputs``) and
+        ``fixed_delta`` (given differences) is used when a mask is non-zero. ``embed`` overrides the
+        embedding sender's output (the clean tokens' embedding by default). ``keep_outputs``
+        returns every sender's output ``[k, senders, n, pos, d]`` as second value.
+        """
+        net = self.net
+        H, D = net.n_heads, net.d_model
+        n, P = tokens.shape
+        T = n * P
+        k = masks.shape[0]
+        emb = (self.embed(tokens) if embed is None else embed).reshape(1, T, D)
+        use_fixed = fixed_delta is not None
+        if use_fixed:
+            delta = fixed_delta.reshape(1, self.n_senders, T, D)
+        else:
+            delta = emb.new_zeros(k, self.n_senders, T, D) if target is not None else None
+        target_flat = None if target is None else target.reshape(self.n_senders, T, D)
+        outputs = emb.new_zeros(k, self.n_senders, T, D) if keep_outputs else None
+        if delta is not None and not use_fixed:
+            delta[:, 0] = target_flat[0] - emb[0]
+        if outputs is not None:
+            outputs[:, 0] = emb[0]
+        resid = emb  # [1 or k, T, D]
+        any_mask = masks.flatten(1).any(1) if not differentiable else None
+        for layer in range(net.n_layers):
+            r0, s0 = self.head_receivers[layer], self.head_senders[layer]
+            block = masks[:, :, r0 : r0 + 3 * H, :s0]
+            if differentiable or bool(block.any()):
+                x = self.mix(resid, block, delta[:, :s0] if delta is not None else fixed_delta, slot_idx,
+                             differentiable)  # [k, 3H, T, D]
+                y = net.ln(x, net.ln1[layer]).view(k, H, 3, T, D)
+                qkv = torch.einsum("khitd,hide->khite", y, self.W_hqkv[layer]) + self.b_hqkv[layer][None, :, :, None]
+                q, kk, v = (qkv[:, :, i].reshape(k * H, n, P, -1) for i in range(3))
+                kz = k
+            else:
+                kz = resid.shape[0]
+                flat = net.linear(net.ln(resid, net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
+                q, kk, v = (t.reshape(kz, n, P, H, -1).permute(0, 3, 1, 2, 4).reshape(kz * H, n, P, -1)
+                            for t in flat.view(kz, T, 3, H * net.d_head).unbind(2))
+            z = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=net.attn_scales[layer])
+            z = z.view(kz, H, T, net.d_head)
+            need_heads = (delta is not None and not use_fixed) or outputs is not None
+            if need_heads:
+                head_out = torch.einsum("khte,hed->khtd", z, net.W_O[layer])  # [kz, H, T, D]
+                if kz != k:
+                    head_out = head_out.expand(k, H, T, D)
+                if delta is not None and not use_fixed:
+                    delta[:, s0 : s0 + H] = target_flat[s0 : s0 + H] - head_out
+                if outputs is not None:
+                    outputs[:, s0 : s0 + H] = head_out
+                attn_out = head_out.sum(1) + net.b_O[layer]
+            else:
+                attn_out = net.linear(z.permute(0, 2, 1, 3).reshape(kz, T, H * net.d_head),
+                                      net.W_O_flat[layer], net.b_O[layer])
+            resid = resid + attn_out
+            if net.attn_only:
+                continue
+            rm, sm = self.mlp_receivers[layer], self.mlp_senders[layer]
+            block = masks[:, :, rm : rm + 1, :sm]
+            if differentiable or bool(block.any()):
+                x = self.mix(resid, block, delta[:, :sm] if delta is not None else fixed_delta, slot_idx,
+                             differentiable)[:, 0]
+            else:
+                x = resid
+            mlp_out = net.mlp(layer, x)
+            if mlp_out.shape[0] != k:
+                mlp_out = mlp_out.expand(k, T, D)
+            if delta is not None and not use_fixed:
+                delta[:, sm] = target_flat[sm] - mlp_out
+            if outputs is not None:
+                outputs[:, sm] = mlp_out
+            resid = resid + mlp_out
+        block = masks[:, :, -1:, :]
+        if differentiable or bool(block.any()):
+            resid = self.mix(resid, block, delta if delta is not None else fixed_delta, slot_idx, differentiable)[:, 0]
+        elif resid.shape[0] != k:
+            resid = resid.expand(k, T, D)
+        del any_mask
+        final = resid.reshape(k, n, P, D)
+        if outputs is not None:
+            outputs = outputs.view(k, self.n_senders, n, P, D)
+        return final, outputs
+
+    def sender_outputs(self, tokens: Int[Tensor, "n pos"]) -> Float[Tensor, "senders n pos d"]:
+        """Every sender's output in the plain forward on ``tokens``."""
+        none = torch.zeros(1, 1, self.n_receivers, self.n_senders, device=self.device)
+        _, outputs = self.run(tokens, none, [None], keep_outputs=True)
+        return outputs[0]

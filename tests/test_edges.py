@@ -1,0 +1,230 @@
+"""ioi.edges: the edge graph, exact edge patching against the hook reference and against
+transformer_lens.patching, and the errors.
+
+Models: sharp tiny random GPT-2s (``tests.ioi_batches.sharp_model``: effects O(0.1-1), so 1e-4
+discriminates) of two shapes; right-padded IOI-like batches of three lengths, BOS on and off.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+
+from ioi.edges import Circuit, Edge, EdgeGraph, mean_sender_outputs, patch_edges, patch_edges_reference, sender_outputs
+from ioi.edges.reference import sender_outputs_reference
+from ioi.metrics import LogitDiff
+from tests.ioi_batches import make_batch, sharp_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATOL = 1e-4
+SHAPES = ("random-L2-H4-D16", "random-L3-H2-D8")
+POSITIONS = ("IO", "S1", "S1+1", "S2", "END", "other")
+
+
+@pytest.fixture(scope="module", params=[(shape, bos) for shape in SHAPES for bos in (False, True)],
+                ids=lambda p: f"{p[0]}-bos{int(p[1])}")
+def setup(request):
+    shape, bos = request.param
+    model = sharp_model(shape)
+    toks, new, word_idx, io, s, groups = make_batch(6, bos=bos)
+    metric = LogitDiff(word_idx["END"], io, s)
+    return model, toks, new, word_idx, metric, groups
+
+
+def _random_sets(graph: EdgeGraph, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.tensor([0.0, 0.02, 0.1, 0.4, 0.8, 1.0])
+    return torch.rand(len(probs), len(graph), generator=gen) < probs[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The graph
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gpt2_small_edge_count_and_order():
+    graph = EdgeGraph(12, 12)
+    assert len(graph) == 32491  # ACDC's count for GPT-2 small (heads' q/k/v, MLPs, logits)
+    receivers = [graph.receivers.index(e.receiver) for e in graph.edges]
+    assert receivers == sorted(receivers)
+    assert graph.edges[0] == Edge("embed", "a0.h0.q")
+    assert graph.edges[-1] == Edge("m11", "logits")
+    with_pos = EdgeGraph(2, 3, positions=("S2", "END"))
+    assert len(with_pos) == 2 * len(EdgeGraph(2, 3))
+
+
+def test_edge_names_round_trip_and_index():
+    graph = EdgeGraph(3, 2, positions=POSITIONS)
+    for i in (0, 17, len(graph) - 1):
+        edge = graph.edges[i]
+        assert Edge.parse(edge.name) == edge and graph.index(edge.name) == i
+    assert Edge.parse("a0.h1->a2.h0.v@S1+1") == Edge("a0.h1", "a2.h0.v", "S1+1")
+    assert Edge.parse("a1.h0->m1").name == "a1.h0->m1"  # MLP L reads heads of layer L
+
+
+def test_circuit_json_round_trip(tmp_path):
+    circuit = Circuit(edges=(Edge("embed", "logits"), Edge.parse("a0.h1->a1.h0.k@S2")),
+                      scores={"embed->logits": 0.5}, method="test", meta={"tau": 0.1})
+    circuit.to_json(tmp_path / "c.json")
+    back = Circuit.from_json(tmp_path / "c.json")
+    assert back == circuit
+    assert json.loads((tmp_path / "c.json").read_text())["edges"] == circuit.names
+
+
+@pytest.mark.parametrize("name, message", [
+    ("a0.h0->b1.h0.q", "Unknown receiver"),
+    ("x->logits", "Unknown sender"),
+    ("a0.h0.q->logits", "Unknown sender"),
+    ("a0.h0 logits", "Cannot parse"),
+    ("a5.h0->a3.h1.q", "reads before the sender"),
+    ("a2.h0->a2.h1.q", "reads before the sender"),
+    ("m2->m2", "reads before the sender"),
+    ("a0.h0->logits@S3", "Unknown position"),
+])
+def test_bad_edge_names(name, message):
+    with pytest.raises(ValueError, match=message) as info:
+        Edge.parse(name)
+    assert "a{L}.h{H}" in str(info.value) or "reads before" in str(info.value)
+
+
+def test_graph_errors():
+    graph = EdgeGraph(2, 2)
+    with pytest.raises(ValueError, match="has a position"):
+        graph.index("a0.h0->logits@END")
+    with pytest.raises(ValueError, match="not in"):
+        graph.index("a5.h0->logits")
+    with pytest.raises(ValueError, match="at positions"):
+        EdgeGraph(2, 2, positions=("END",)).index("a0.h0->logits")
+    with pytest.raises(ValueError, match="positions must be"):
+        EdgeGraph(2, 2, positions=("END", "XX"))
+    with pytest.raises(ValueError, match="wrap a single set"):
+        graph.edge_mask(["a0.h0->logits"])
+    with pytest.raises(ValueError, match="no edges"):
+        Circuit(edges=()).require_nonempty("evaluation")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast == hook reference
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sender_outputs_match_hooks(setup):
+    model, toks, new, *_ = setup
+    graph = EdgeGraph.from_model(model)
+    torch.testing.assert_close(sender_outputs(model, toks, graph), sender_outputs_reference(model, toks, graph),
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["patch", "keep"])
+@pytest.mark.parametrize("positions", [None, POSITIONS, ("S2", "END")], ids=["allpos", "allslots", "S2END"])
+def test_fast_equals_reference(setup, mode, positions):
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model, positions=positions)
+    sets = _random_sets(graph, seed=len(graph))
+    fast = patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode=mode,
+                       max_sets_per_batch=4)
+    ref = patch_edges_reference(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode=mode)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+    assert float(ref.max() - ref.min()) > 0.05  # the sets differ, so the comparison discriminates
+
+
+def test_fast_equals_reference_mean_ablation_and_generic_metric(setup):
+    model, toks, new, word_idx, metric, groups = setup
+    graph = EdgeGraph.from_model(model, positions=("S2", "END", "other"))
+    means = mean_sender_outputs(model, new, graph, groups=groups)
+    sets = _random_sets(graph, seed=3)
+    fast = patch_edges(model, toks, None, sets, metric, graph=graph, word_idx=word_idx,
+                       mean_activations=means, mode="keep")
+    ref = patch_edges_reference(model, toks, None, sets, metric, graph=graph, word_idx=word_idx,
+                                mean_activations=means, mode="keep")
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+
+    def last_real_logit(logits):  # a generic callable: full logits path
+        return logits[torch.arange(len(toks)), metric.end_idx].logsumexp(-1).mean()
+
+    fast = patch_edges(model, toks, new, sets, last_real_logit, graph=graph, word_idx=word_idx)
+    ref = patch_edges_reference(model, toks, new, sets, last_real_logit, graph=graph, word_idx=word_idx)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+
+
+def test_chunking_does_not_change_results(setup):
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model, positions=("S2", "END"))
+    sets = _random_sets(graph, seed=5)
+    whole = patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx)
+    tiny = patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, memory_budget_mb=0.01)
+    torch.testing.assert_close(whole, tiny, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast == activation patching (transformer_lens.patching, run on clean, corrupted patched in)
+# ----------------------------------------------------------------------------------------------
+
+
+def _whole_layer_setter(act, index, patch):
+    act[...] = patch
+    return act
+
+
+def test_every_edge_into_a_receiver_is_activation_patching_of_its_input(setup):
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model)
+    _, corrupted_cache = model.run_with_cache(new)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    receivers = [f"a{l}.h{h}.{p}" for p in "qkv" for l in range(L) for h in range(H)]
+    receivers += [f"m{l}" for l in range(L)] + ["logits"]
+    sets = [[e for e in graph.edges if e.receiver == r] for r in receivers]
+    fast = patch_edges(model, toks, new, sets, metric, graph=graph)
+    expected = [tlp.get_act_patch_attn_head_q_all_pos(model, toks, corrupted_cache, metric).flatten(),
+                tlp.get_act_patch_attn_head_k_all_pos(model, toks, corrupted_cache, metric).flatten(),
+                tlp.get_act_patch_attn_head_v_all_pos(model, toks, corrupted_cache, metric).flatten(),
+                tlp.generic_activation_patch(model, toks, corrupted_cache, metric, _whole_layer_setter,
+                                             "mlp_out", index_axis_names=("layer",)).flatten(),
+                metric(model(new))[None]]
+    torch.testing.assert_close(fast, torch.cat(expected).float(), atol=ATOL, rtol=0)
+
+
+def test_every_edge_out_of_a_node_is_patching_its_output(setup):
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model)
+    _, corrupted_cache = model.run_with_cache(new)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    senders = [f"a{l}.h{h}" for l in range(L) for h in range(H)] + [f"m{l}" for l in range(L)]
+    sets = [[e for e in graph.edges if e.sender == s] for s in senders]
+    fast = patch_edges(model, toks, new, sets, metric, graph=graph)
+    expected = torch.cat([
+        tlp.get_act_patch_attn_head_out_all_pos(model, toks, corrupted_cache, metric).flatten(),
+        tlp.generic_activation_patch(model, toks, corrupted_cache, metric, _whole_layer_setter,
+                                     "mlp_out", index_axis_names=("layer",)).flatten(),
+    ]).float()
+    torch.testing.assert_close(fast, expected, atol=ATOL, rtol=0)
+    assert float(expected.abs().max()) > 0.05
+
+
+def test_empty_and_full_sets(setup):
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model, positions=POSITIONS)
+    clean, corrupted = float(metric(model(toks))), float(metric(model(new)))
+    patched = patch_edges(model, toks, new, [[], graph.edges], metric, graph=graph, word_idx=word_idx)
+    kept = patch_edges(model, toks, new, [[], graph.edges], metric, graph=graph, word_idx=word_idx, mode="keep")
+    torch.testing.assert_close(patched, torch.tensor([clean, corrupted]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(kept, torch.tensor([corrupted, clean]), atol=ATOL, rtol=0)
+
+
+def test_patching_errors(setup):
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model, positions=("END",))
+    with pytest.raises(ValueError, match="word_idx"):
+        patch_edges(model, toks, new, [[]], metric, graph=graph)
+    with pytest.raises(ValueError, match="mode must be"):
+        patch_edges(model, toks, new, [[]], metric, graph=graph, word_idx=word_idx, mode="ablate")
+    with pytest.raises(ValueError, match="exactly one"):
+        patch_edges(model, toks, None, [[]], metric, graph=graph, word_idx=word_idx)
+    with pytest.raises(ValueError, match="does not match the model"):
+        patch_edges(model, toks, new, [[]], metric, graph=EdgeGraph(7, 1))
+    with pytest.raises(ValueError, match="must match"):
+        patch_edges(model, toks, new[:, :-1], [[]], metric, graph=graph, word_idx=word_idx)
