@@ -228,3 +228,89 @@ def test_patching_errors(setup):
         patch_edges(model, toks, new, [[]], metric, graph=EdgeGraph(7, 1))
     with pytest.raises(ValueError, match="must match"):
         patch_edges(model, toks, new[:, :-1], [[]], metric, graph=graph, word_idx=word_idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attribution
+# ----------------------------------------------------------------------------------------------
+
+
+def test_eap_is_the_finite_difference_linearisation(setup):
+    """EAP score of each edge == d/d eps metric(edge carries eps * (corrupted - clean)) at 0,
+    by central differences of exact edge patching (mean-ablation values clean +- eps * delta)."""
+    from ioi.edges import eap_scores
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model, positions=("S2", "other"))
+    scores = eap_scores(model, toks, new, metric, graph, word_idx=word_idx, memory_budget_mb=0.05)
+    clean, corrupted = sender_outputs(model, toks, graph), sender_outputs(model, new, graph)
+    eps, single = 1e-2, torch.eye(len(graph), dtype=torch.bool)
+    plus, minus = (patch_edges(model, toks, None, single, metric, graph=graph, word_idx=word_idx,
+                               mean_activations=clean + sign * eps * (corrupted - clean)) for sign in (1, -1))
+    fd = (plus - minus) / (2 * eps)
+    torch.testing.assert_close(scores, fd, atol=1e-3, rtol=1e-3)
+    assert float(fd.abs().max()) > 0.02
+
+
+def test_eap_ig_right_rule_one_step_is_eap(setup):
+    from ioi.edges import eap_ig_scores, eap_scores
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model)
+    eap = eap_scores(model, toks, new, metric, graph)
+    torch.testing.assert_close(eap_ig_scores(model, toks, new, metric, graph, steps=1, rule="right"), eap,
+                               atol=1e-5, rtol=0)
+
+
+def _embedding_only_model():
+    """Every sender but the embedding writes a constant (value and MLP-output weights zeroed), so
+    each receiver's input is affine in the interpolated embedding; ln_final stays nonlinear."""
+    from transformers import GPT2LMHeadModel
+
+    from ioi.models import bridge_from_hf, random_gpt2_config
+    from ioi.tokenizer import get_gpt2_tokenizer
+
+    config = random_gpt2_config(2, 4, 16)
+    config.initializer_range = 0.2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for block in hf.transformer.h:
+            block.attn.c_attn.weight[:, 2 * config.n_embd :] = 0
+            block.mlp.c_proj.weight.zero_()
+    return bridge_from_hf(hf, get_gpt2_tokenizer(), device=torch.device("cpu"))
+
+
+def test_eap_ig_approaches_the_exact_edge_effect():
+    from ioi.edges import eap_ig_scores, eap_scores
+
+    model = _embedding_only_model()
+    toks, new, word_idx, io, s, _ = make_batch(6)
+    metric = LogitDiff(word_idx["S2"], io, s)  # read where clean and corrupted tokens differ
+    graph = EdgeGraph.from_model(model, positions=("S2", "END", "other"))
+    clean = float(metric(model(toks)))
+    exact = patch_edges(model, toks, new, torch.eye(len(graph), dtype=torch.bool), metric, graph=graph,
+                        word_idx=word_idx) - clean
+    assert abs(float(exact[graph.index("embed->logits@S2")])) > 1
+    eap_error = float((eap_scores(model, toks, new, metric, graph, word_idx=word_idx) - exact).abs().max())
+    errors = {rule: [float((eap_ig_scores(model, toks, new, metric, graph, steps=m, rule=rule, word_idx=word_idx)
+                            - exact).abs().max()) for m in (4, 16, 64)] for rule in ("left", "midpoint")}
+    assert eap_error > 1
+    for rule, errs in errors.items():
+        assert errs[0] > errs[1] > errs[2], (rule, errs)
+    assert errors["left"][2] < 0.01 * abs(float(exact.abs().max()))  # O(1/m)
+    assert errors["midpoint"][2] < 1e-3  # O(1/m^2)
+
+
+def test_attribution_errors(setup):
+    from ioi.edges import eap_ig_scores, eap_scores
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model)
+    with pytest.raises(ValueError, match="steps must be"):
+        eap_ig_scores(model, toks, new, metric, graph, steps=0)
+    with pytest.raises(ValueError, match="rule must be"):
+        eap_ig_scores(model, toks, new, metric, graph, rule="trapezoid")
+    with pytest.raises(ValueError, match="scalar metric"):
+        eap_scores(model, toks, new, LogitDiff(metric.end_idx, metric.io_ids, metric.s_ids, per_prompt=True), graph)

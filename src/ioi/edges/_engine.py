@@ -31,7 +31,9 @@ def slot_token_index(
     graph: EdgeGraph, word_idx: dict | None, n_prompts: int, n_pos: int, device: torch.device
 ) -> list[Tensor | None]:
     """Per position slot of ``graph``, the flat ``[prompt * n_pos + pos]`` indices of its tokens
-    (``None``: every token). ``"other"`` is every position no other label of the graph names."""
+    (``None``: every token). ``"other"`` is every position no other label of the graph names.
+    Positions at or after ``n_pos`` (the forward is cut after the last position a metric reads)
+    are dropped: causal attention makes them irrelevant."""
     if graph.positions is None:
         return [None]
     if word_idx is None:
@@ -48,9 +50,10 @@ def slot_token_index(
         pos = torch.as_tensor(word_idx[label], device=device).long()
         if pos.shape != (n_prompts,):
             raise ValueError(f"word_idx[{label!r}] must be LongTensor[{n_prompts}], got {tuple(pos.shape)}.")
-        if int(pos.max()) >= n_pos or int(pos.min()) < 0:
-            raise ValueError(f"word_idx[{label!r}] has positions outside 0..{n_pos - 1}.")
-        named[label] = rows * n_pos + pos
+        if int(pos.min()) < 0:
+            raise ValueError(f"word_idx[{label!r}] has negative positions.")
+        inside = pos < n_pos  # positions after the metric's last read position cannot matter
+        named[label] = (rows * n_pos + pos)[inside]
     out: list[Tensor | None] = []
     for label in graph.positions:
         if label == "other":
