@@ -314,3 +314,102 @@ def test_attribution_errors(setup):
         eap_ig_scores(model, toks, new, metric, graph, rule="trapezoid")
     with pytest.raises(ValueError, match="scalar metric"):
         eap_scores(model, toks, new, LogitDiff(metric.end_idx, metric.io_ids, metric.s_ids, per_prompt=True), graph)
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery
+# ----------------------------------------------------------------------------------------------
+
+
+def _sequential_acdc(model, toks, new, metric, graph, tau, word_idx):
+    """The definition, one exact patch_edges call per tested edge (no resume, batching or skips)."""
+    removed = torch.zeros(len(graph), dtype=torch.bool)
+
+    def value():
+        return float(patch_edges(model, toks, new, removed[None], metric, graph=graph, word_idx=word_idx)[0])
+
+    current = value()
+    for r in reversed(range(len(graph.receivers))):
+        incoming = [i for i in range(len(graph)) if int(graph.receiver_index[i]) == r]
+        for i in sorted(incoming, key=lambda i: (-int(graph.sender_index[i]), int(graph.slot_index[i]))):
+            removed[i] = True
+            new_value = value()
+            if abs(new_value - current) < tau:
+                current = new_value
+            else:
+                removed[i] = False
+    return {graph.edges[i] for i in range(len(graph)) if not removed[i]}, current
+
+
+def test_acdc_equals_the_sequential_definition():
+    from ioi.edges import acdc
+
+    model = sharp_model("random-L3-H2-D8")
+    toks, new, word_idx, io, s, _ = make_batch(6, bos=True)
+    metric = LogitDiff(word_idx["END"], io, s)
+    graph = EdgeGraph.from_model(model, positions=("S2", "END", "other"))
+    circuit = acdc(model, toks, new, metric, graph, 3e-3, word_idx=word_idx)
+    expected, final = _sequential_acdc(model, toks, new, metric, graph, 3e-3, word_idx)
+    assert 10 < len(expected) < len(graph) // 2
+    assert set(circuit.edges) == expected
+    assert circuit.meta["metric_final"] == pytest.approx(final, abs=ATOL)
+    kept = patch_edges(model, toks, new, [circuit], metric, graph=graph, word_idx=word_idx, mode="keep")
+    assert float(kept[0]) == pytest.approx(final, abs=ATOL)
+    assert len(acdc(model, toks, new, metric, graph, 0.0, word_idx=word_idx)) == len(graph)  # strict <
+
+
+def test_acdc_finds_the_planted_dependency():
+    """In the embedding-only model the only edge that matters for the logit difference read at S2
+    is embed -> logits at S2 (every other sender writes a constant): ACDC keeps exactly it."""
+    from ioi.edges import acdc
+
+    model = _embedding_only_model()
+    toks, new, word_idx, io, s, _ = make_batch(6)
+    metric = LogitDiff(word_idx["S2"], io, s)
+    graph = EdgeGraph.from_model(model, positions=("S2", "END", "other"))
+    for criterion, tau in (("abs_ld", 0.01), ("kl", 1e-4)):
+        circuit = acdc(model, toks, new, metric, graph, tau, word_idx=word_idx, criterion=criterion)
+        assert circuit.names == ["embed->logits@S2"], criterion
+
+
+def test_selection_and_rollup():
+    from ioi.edges import rollup_to_heads, threshold, top_n
+
+    graph = EdgeGraph(2, 2, positions=("S2", "END"))
+    scores = torch.zeros(len(graph))
+    picks = {"a1.h0->logits@END": 3.0, "a0.h1->a1.h0.q@END": -2.0, "a0.h1->a1.h0.k@S2": 1.0, "embed->m0@S2": 0.5}
+    for name, value in picks.items():
+        scores[graph.index(name)] = value
+    top = top_n(scores, graph, 3)
+    assert set(top.names) == set(list(picks)[:3])
+    assert top.scores["a0.h1->a1.h0.q@END"] == -2.0
+    assert set(threshold(scores, graph, 1.0).names) == set(top.names)
+    assert threshold(scores, graph, 1.0, absolute=False).names == ["a0.h1->a1.h0.k@S2", "a1.h0->logits@END"]
+    nodes = rollup_to_heads(top)
+    assert nodes["a1.h0"]["in_edges"] == 2 and nodes["a1.h0"]["out_edges"] == 1
+    assert nodes["a1.h0"]["inputs"] == {"q": 1, "k": 1, "v": 0}
+    assert nodes["a0.h1"]["out_score"] == 3.0 and nodes["logits"]["in_positions"] == {"END": 1}
+    assert (nodes["a1.h0"]["layer"], nodes["a1.h0"]["head"]) == (1, 0)
+
+
+def test_discovery_errors(setup):
+    from ioi.edges import acdc, rollup_to_heads, threshold, top_n
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model)
+    with pytest.raises(ValueError, match="tau must be"):
+        acdc(model, toks, new, metric, graph, -0.1)
+    with pytest.raises(ValueError, match="criterion must be"):
+        acdc(model, toks, new, metric, graph, 0.1, criterion="l2")
+    scores = torch.zeros(len(graph))
+    with pytest.raises(ValueError, match="No edge"):
+        threshold(scores, graph, 1.0)
+    assert len(threshold(scores, graph, 1.0, allow_empty=True)) == 0
+    with pytest.raises(ValueError, match="threshold on"):
+        threshold(scores, graph, -1.0)
+    with pytest.raises(ValueError, match="n must be"):
+        top_n(scores, graph, 0)
+    with pytest.raises(ValueError, match="one per edge"):
+        top_n(scores[:-1], graph, 1)
+    with pytest.raises(ValueError, match="no edges"):
+        rollup_to_heads(Circuit(edges=()))

@@ -16,6 +16,7 @@ carry no difference in any of the ``K`` sets takes the fused projection of the s
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -96,19 +97,18 @@ class EdgeForward:
         return self.net.W_E[tokens] + self.net.W_pos[: tokens.shape[1]]
 
     @staticmethod
-    def mix(
-        base: Float[Tensor, "kb T d"],
+    def mix_add(
         masks: Float[Tensor, "k slots r s"],
         delta: Float[Tensor, "kd s T d"],
         slot_idx: Sequence[Tensor | None],
         differentiable: bool = False,
-    ) -> Tensor:
-        """``[k, r, T, d]``: ``base`` plus each receiver's masked sum of sender differences."""
+    ) -> Tensor | None:
+        """``[k, r, T, d]``: each receiver's masked sum of sender differences (None when all zero)."""
         k, _, n_r, n_s = masks.shape
-        T, d = base.shape[-2:]
-        out = base[:, None].expand(max(k, base.shape[0]), n_r, T, d)
+        T, d = delta.shape[-2:]
         if n_s == 0:
-            return out
+            return None
+        total = None
         for j, idx in enumerate(slot_idx):
             m = masks[:, j]
             if not differentiable and not bool(m.any()):
@@ -119,8 +119,12 @@ class EdgeForward:
                 add = (m.reshape(k * n_r, n_s) @ part[0].reshape(n_s, width * d)).view(k, n_r, width, d)
             else:
                 add = torch.bmm(m, part.reshape(k, n_s, width * d)).view(k, n_r, width, d)
-            out = out + add if idx is None else out.index_add(2, idx, add)
-        return out
+            if idx is not None:
+                total = add.new_zeros(k, n_r, T, d) if total is None else total
+                total = total.index_add(2, idx, add)
+            else:
+                total = add if total is None else total + add
+        return total
 
     # -- the forward ------------------------------------------------------------------------------
 
@@ -135,94 +139,174 @@ class EdgeForward:
         embed: Float[Tensor, "n pos d"] | None = None,
         keep_outputs: bool = False,
         differentiable: bool = False,
+        start: "EngineState | None" = None,
     ) -> tuple[Float[Tensor, "k n pos d"], Tensor | None]:
         """Final residual streams (the logits receiver's input) of the ``k`` mask sets.
 
-        Exactly one of ``target`` (differences ``target - this run's outputs``) and
-        ``fixed_delta`` (given differences) is used when a mask is non-zero. ``embed`` overrides the
-        embedding sender's output (the clean tokens' embedding by default). ``keep_outputs``
-        returns every sender's output ``[k, senders, n, pos, d]`` as second value.
+        ``target``: differences are ``target - this run's outputs``; ``fixed_delta``: given
+        differences. ``embed`` overrides the embedding sender's output (the clean tokens'
+        embedding by default). ``keep_outputs`` also returns every sender's output
+        ``[k, senders, n, pos, d]`` (senders before ``start`` are left zero). ``start`` resumes
+        from a saved state (:meth:`clean_states`): every mask must be zero before it.
         """
         net = self.net
         H, D = net.n_heads, net.d_model
         n, P = tokens.shape
         T = n * P
         k = masks.shape[0]
-        emb = (self.embed(tokens) if embed is None else embed).reshape(1, T, D)
-        use_fixed = fixed_delta is not None
-        if use_fixed:
-            delta = fixed_delta.reshape(1, self.n_senders, T, D)
+        deltas = _Deltas(k, self.n_senders, T, D, masks, fixed_delta=fixed_delta, target=target)
+        outputs = masks.new_zeros(k, self.n_senders, T, D) if keep_outputs else None
+        first_layer, stage = 0, "attn"
+        if start is None:
+            emb = (self.embed(tokens) if embed is None else embed).reshape(1, T, D)
+            deltas.computed(0, 1, emb[:, None])
+            if outputs is not None:
+                outputs[:, 0] = emb[0]
+            resid = emb  # [1 or k, T, D]
         else:
-            delta = emb.new_zeros(k, self.n_senders, T, D) if target is not None else None
-        target_flat = None if target is None else target.reshape(self.n_senders, T, D)
-        outputs = emb.new_zeros(k, self.n_senders, T, D) if keep_outputs else None
-        if delta is not None and not use_fixed:
-            delta[:, 0] = target_flat[0] - emb[0]
-        if outputs is not None:
-            outputs[:, 0] = emb[0]
-        resid = emb  # [1 or k, T, D]
-        any_mask = masks.flatten(1).any(1) if not differentiable else None
-        for layer in range(net.n_layers):
-            r0, s0 = self.head_receivers[layer], self.head_senders[layer]
-            block = masks[:, :, r0 : r0 + 3 * H, :s0]
-            if differentiable or bool(block.any()):
-                x = self.mix(resid, block, delta[:, :s0] if delta is not None else fixed_delta, slot_idx,
-                             differentiable)  # [k, 3H, T, D]
-                y = net.ln(x, net.ln1[layer]).view(k, H, 3, T, D)
-                qkv = torch.einsum("khitd,hide->khite", y, self.W_hqkv[layer]) + self.b_hqkv[layer][None, :, :, None]
-                q, kk, v = (qkv[:, :, i].reshape(k * H, n, P, -1) for i in range(3))
-                kz = k
-            else:
-                kz = resid.shape[0]
-                flat = net.linear(net.ln(resid, net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
-                q, kk, v = (t.reshape(kz, n, P, H, -1).permute(0, 3, 1, 2, 4).reshape(kz * H, n, P, -1)
-                            for t in flat.view(kz, T, 3, H * net.d_head).unbind(2))
-            z = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=net.attn_scales[layer])
-            z = z.view(kz, H, T, net.d_head)
-            need_heads = (delta is not None and not use_fixed) or outputs is not None
-            if need_heads:
-                head_out = torch.einsum("khte,hed->khtd", z, net.W_O[layer])  # [kz, H, T, D]
-                if kz != k:
-                    head_out = head_out.expand(k, H, T, D)
-                if delta is not None and not use_fixed:
-                    delta[:, s0 : s0 + H] = target_flat[s0 : s0 + H] - head_out
-                if outputs is not None:
-                    outputs[:, s0 : s0 + H] = head_out
-                attn_out = head_out.sum(1) + net.b_O[layer]
-            else:
-                attn_out = net.linear(z.permute(0, 2, 1, 3).reshape(kz, T, H * net.d_head),
-                                      net.W_O_flat[layer], net.b_O[layer])
-            resid = resid + attn_out
-            if net.attn_only:
+            first_layer, stage, resid = start.layer, start.stage, start.resid
+            deltas.resume(start.delta, start.n_senders)
+
+        def receivers_input(base: Tensor, r0: int, r1: int, n_s: int) -> Tensor:
+            block = masks[:, :, r0:r1, :n_s]
+            add = deltas.mix_add(block, slot_idx, differentiable) if differentiable or bool(block.any()) else None
+            return None if add is None else base[:, None] + add
+
+        for layer in range(first_layer, net.n_layers):
+            if not (layer == first_layer and stage == "mlp") and stage != "final":
+                r0, s0 = self.head_receivers[layer], self.head_senders[layer]
+                x = receivers_input(resid, r0, r0 + 3 * H, s0)  # [k, 3H, T, D] or None
+                if x is not None:
+                    y = net.ln(x, net.ln1[layer]).view(k, H, 3, T, D)
+                    qkv = torch.einsum("khitd,hide->khite", y, self.W_hqkv[layer]) + self.b_hqkv[layer][None, :, :, None]
+                    q, kk, v = (qkv[:, :, i].reshape(k * H, n, P, -1) for i in range(3))
+                    kz = k
+                else:
+                    kz = resid.shape[0]
+                    flat = net.linear(net.ln(resid, net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
+                    q, kk, v = (t.reshape(kz, n, P, H, -1).permute(0, 3, 1, 2, 4).reshape(kz * H, n, P, -1)
+                                for t in flat.view(kz, T, 3, H * net.d_head).unbind(2))
+                z = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=net.attn_scales[layer])
+                z = z.view(kz, H, T, net.d_head)
+                if deltas.needs_outputs or outputs is not None:
+                    head_out = torch.einsum("khte,hed->khtd", z, net.W_O[layer])  # [kz, H, T, D]
+                    deltas.computed(s0, s0 + H, head_out)
+                    if outputs is not None:
+                        outputs[:, s0 : s0 + H] = head_out
+                    attn_out = head_out.sum(1) + net.b_O[layer]
+                else:
+                    attn_out = net.linear(z.permute(0, 2, 1, 3).reshape(kz, T, H * net.d_head),
+                                          net.W_O_flat[layer], net.b_O[layer])
+                resid = resid + attn_out
+            if net.attn_only or stage == "final":
                 continue
             rm, sm = self.mlp_receivers[layer], self.mlp_senders[layer]
-            block = masks[:, :, rm : rm + 1, :sm]
-            if differentiable or bool(block.any()):
-                x = self.mix(resid, block, delta[:, :sm] if delta is not None else fixed_delta, slot_idx,
-                             differentiable)[:, 0]
-            else:
-                x = resid
-            mlp_out = net.mlp(layer, x)
-            if mlp_out.shape[0] != k:
-                mlp_out = mlp_out.expand(k, T, D)
-            if delta is not None and not use_fixed:
-                delta[:, sm] = target_flat[sm] - mlp_out
+            x = receivers_input(resid, rm, rm + 1, sm)
+            mlp_out = net.mlp(layer, resid if x is None else x[:, 0])
+            deltas.computed(sm, sm + 1, mlp_out[:, None])
             if outputs is not None:
                 outputs[:, sm] = mlp_out
             resid = resid + mlp_out
-        block = masks[:, :, -1:, :]
-        if differentiable or bool(block.any()):
-            resid = self.mix(resid, block, delta if delta is not None else fixed_delta, slot_idx, differentiable)[:, 0]
-        elif resid.shape[0] != k:
+        x = receivers_input(resid, self.n_receivers - 1, self.n_receivers, self.n_senders)
+        resid = resid if x is None else x[:, 0]
+        if resid.shape[0] != k:
             resid = resid.expand(k, T, D)
-        del any_mask
         final = resid.reshape(k, n, P, D)
         if outputs is not None:
             outputs = outputs.view(k, self.n_senders, n, P, D)
         return final, outputs
+
+    def clean_states(self, tokens: Int[Tensor, "n pos"], target: Float[Tensor, "senders n pos d"]) -> dict:
+        """Resumable states of the unpatched run on ``tokens``: ``{(layer, "attn" | "mlp"): state}``
+        and ``{(n_layers, "final"): state}``, each with the residual stream where that stage reads
+        it and every earlier sender's difference ``target - output``."""
+        net = self.net
+        n, P = tokens.shape
+        T, D = n * P, net.d_model
+        none = torch.zeros(1, 1, self.n_receivers, self.n_senders, device=self.device)
+        _, outputs = self.run(tokens, none, [None], keep_outputs=True)
+        outputs = outputs[0].reshape(self.n_senders, T, D)
+        delta = (target.reshape(self.n_senders, T, D) - outputs)[None]
+        states = {}
+        resid = outputs[0][None].clone()
+        for layer in range(net.n_layers):
+            s0 = self.head_senders[layer]
+            states[(layer, "attn")] = EngineState(layer, "attn", resid.clone(), delta, s0)
+            resid = resid + outputs[s0 : s0 + net.n_heads].sum(0) + net.b_O[layer]
+            if not net.attn_only:
+                sm = self.mlp_senders[layer]
+                states[(layer, "mlp")] = EngineState(layer, "mlp", resid.clone(), delta, sm)
+                resid = resid + outputs[sm]
+        states[(net.n_layers, "final")] = EngineState(net.n_layers, "final", resid, delta, self.n_senders)
+        return states
 
     def sender_outputs(self, tokens: Int[Tensor, "n pos"]) -> Float[Tensor, "senders n pos d"]:
         """Every sender's output in the plain forward on ``tokens``."""
         none = torch.zeros(1, 1, self.n_receivers, self.n_senders, device=self.device)
         _, outputs = self.run(tokens, none, [None], keep_outputs=True)
         return outputs[0]
+
+
+@dataclasses.dataclass
+class EngineState:
+    """Where a resumed forward starts: ``layer``/``stage`` (``"attn"``: before the heads of
+    ``layer``; ``"mlp"``: before its MLP; ``"final"``: the logits), the residual stream there
+    ``[1, T, d]`` and the differences ``[1, senders, T, d]`` of the first ``n_senders`` senders."""
+
+    layer: int
+    stage: str
+    resid: Tensor
+    delta: Tensor
+    n_senders: int
+
+
+class _Deltas:
+    """Sender differences: a part shared by every set (``[1, ...]``: senders computed before any
+    set diverged, or given) and a per-set part from the first sender where the sets differ."""
+
+    def __init__(self, k: int, n_senders: int, T: int, d: int, like: Tensor, *,
+                 fixed_delta: Tensor | None, target: Tensor | None):
+        self.k, self.n_senders, self.T, self.d = k, n_senders, T, d
+        self.like = like
+        self.fixed = fixed_delta is not None
+        self.target = None if target is None else target.reshape(n_senders, T, d)
+        self.needs_outputs = self.target is not None
+        self.n_shared = 0
+        self.shared: Tensor | None = None
+        self.perk: Tensor | None = None
+        if self.fixed:
+            self.shared = fixed_delta.reshape(1, n_senders, T, d)
+            self.n_shared = n_senders
+
+    def resume(self, delta: Tensor, n_senders: int) -> None:
+        """Start from a saved state's differences (borrowed: copied before any write)."""
+        if self.fixed:
+            return
+        self.shared, self.n_shared, self.borrowed = delta, n_senders, True
+
+    def computed(self, s0: int, s1: int, out: Tensor) -> None:
+        """Senders ``s0:s1`` produced ``out`` ``[1 or k, s1 - s0, T, d]`` in this run."""
+        if self.target is None:
+            return
+        value = self.target[s0:s1] - out
+        if value.shape[0] == 1 and self.perk is None:
+            if self.shared is None:
+                self.shared = self.like.new_empty(1, self.n_senders, self.T, self.d)
+            elif getattr(self, "borrowed", False):
+                self.shared, self.borrowed = self.shared.clone(), False
+            self.shared[:, s0:s1] = value
+            self.n_shared = s1
+            return
+        if self.perk is None:
+            self.perk_from = self.n_shared
+            self.perk = self.like.new_empty(self.k, self.n_senders - self.perk_from, self.T, self.d)
+        self.perk[:, s0 - self.perk_from : s1 - self.perk_from] = value
+
+    def mix_add(self, masks: Tensor, slot_idx, differentiable: bool) -> Tensor | None:
+        n_s = masks.shape[-1]
+        a = min(n_s, self.n_shared if self.perk is None else self.perk_from)
+        total = EdgeForward.mix_add(masks[..., :a], self.shared[:, :a], slot_idx, differentiable) if a else None
+        if n_s > a:
+            more = EdgeForward.mix_add(masks[..., a:n_s], self.perk[:, : n_s - a], slot_idx, differentiable)
+            total = more if total is None else (total if more is None else total + more)
+        return total
