@@ -348,13 +348,16 @@ def _head_of(node) -> Head | None:
 
 
 def found_heads(circuit) -> list[Head]:
-    """The heads of a found circuit: for an edge :class:`~ioi.edges.graph.Circuit`, every head
-    that sends or receives (through its q, k or v) one of its edges; or any iterable / mapping of
-    head nodes (``"a9.h9"``, ``(9, 9)``, ``"9.9"``); sorted, without repeats."""
+    """The heads of a found circuit: for an edge :class:`~ioi.edges.graph.Circuit`, the head nodes
+    of :func:`ioi.edges.discovery.rollup_to_heads` (every head that sends or receives, through its
+    q, k or v, one of its edges; none for an empty circuit); or any iterable / mapping of head
+    nodes (``"a9.h9"``, ``(9, 9)``, ``"9.9"``); sorted, without repeats."""
     from ioi.edges.graph import Circuit as EdgeCircuit
 
     if isinstance(circuit, EdgeCircuit):
-        circuit = [node for edge in circuit.edges for node in (edge.sender, edge.receiver)]
+        from ioi.edges.discovery import rollup_to_heads
+
+        circuit = list(rollup_to_heads(circuit)) if len(circuit) else []
     if isinstance(circuit, Mapping):
         circuit = list(circuit.keys())
     heads = {_head_of(node) for node in circuit}

@@ -129,7 +129,7 @@ def edge_circuits(model, ctx: RunContext) -> ExperimentResult:
     circuits: dict[str, Circuit] = {}
     for name in RANKINGS:
         circuits[f"{name}_top_n"] = top_n(scores[name], graph, n_top)
-        circuits[f"{name}_threshold"] = threshold(scores[name], graph, tau)
+        circuits[f"{name}_threshold"] = threshold(scores[name], graph, tau, allow_empty=True)
     started = time.perf_counter()
     circuits["acdc"] = acdc(model, ioi.toks, abc.toks, metric, graph, tau)
     seconds["acdc"] = time.perf_counter() - started
