@@ -83,6 +83,38 @@ position, not only END; p_ABC's logit difference is ~0 by symmetry (GPT-2's is s
 negative).
 
 Measured behaviour: :data:`PLANTED_BEHAVIOUR` (re-measured by ``tests/test_planted.py``).
+
+The circuit as edges (:data:`CIRCUIT_EDGES`, :func:`circuit_edges`; the graph of
+:mod:`ioi.edges.graph`: senders ``embed``, ``a{L}.h{H}``, ``m{L}``; receivers ``a{L}.h{H}.q|k|v``,
+``m{L}``, ``logits``). An edge is planted when its receiver's weights read a subspace that its
+sender writes AND that subspace differs between p_IOI and p_ABC (whose IO, S1, S2 are three fresh
+names, every other token and position the same). Read off the weights in ``_build_weights``:
+
+* 0.1 (previous token): q and k read only POS / SINK (identical in both runs); v reads the token
+  identity -> ``embed->a0.h1.v`` at S1 (the name it copies into PREV at S1+1).
+* 0.3 (duplicate token): q and k read identity (and POS); v reads CONST/SINK (the DUP flag) and
+  NAME_ID (DUPID) -> ``embed->a0.h3.q`` at S2, ``embed->a0.h3.k`` and ``.v`` at S1.
+* 1.2 (induction): q reads identity -> ``embed->a1.h2.q`` at S2; k reads PREV (and SINK) ->
+  ``a0.h1->a1.h2.k`` at S1+1; v reads PREV (-> DUPID) -> ``a0.h1->a1.h2.v`` at S1+1 (its other
+  value reads, CONST/SINK and the next token's TOK_ID, are the same in both runs).
+* 2.0 (S-inhibition): q is a bias only; k reads DUP (+ FLAG, SINK: the same in both runs) and v
+  reads DUPID, both written at S2 by 0.3 and 1.2 -> ``a0.h3->a2.h0.k|v``, ``a1.h2->a2.h0.k|v``
+  at S2 (the two writers are redundant: each key edge alone costs only ~4% of the LD).
+* 3.1 / 3.3 (name mover / negative): q reads INHIB -> ``a2.h0->a3.h{1,3}.q`` at END; k reads
+  NAME_ID (+ FLAG, SINK) -> ``embed->a3.h{1,3}.k`` at S1 and S2 (a fresh name there is no longer
+  inhibited); v reads NAME_ID, FLAG -> ``embed->a3.h{1,3}.v`` at IO (the attended name).
+* logits read NAME_ID, FLAG, TOK_ID at END, written there only by 3.1 and 3.3 ->
+  ``a3.h1->logits``, ``a3.h3->logits`` at END.
+
+Everything else is inert: MLPs are exactly zero (no edge into or out of them carries anything),
+idle heads write only JUNK, and no circuit head reads another circuit head's subspace except as
+listed. Second-order edges (:data:`WEAK_EDGES`, not in the circuit): the name movers' keys at IO
+(the fixed per-name salience, ~0.03 logits) and their values at S1/S2 (attention there is ~0.2%,
+~0.01 logits). Measured by exact edge patching (``patch_edges``, p_ABC into p_IOI, N=40, mixed,
+seed 0; clean LD 4.24): the 19 planted edges move the mean LD by 0.15-8.3 logits, every other
+edge of the 479-edge graph by < 0.003; per position, the 21 planted edges by >= 0.15 and every
+other position of them by <= 0.03. :data:`EDGE_MATTERS_LD` / :data:`EDGE_INERT_LD` are the
+thresholds ``tests/test_planted_edges.py`` checks.
 """
 
 from __future__ import annotations
@@ -105,7 +137,13 @@ from ioi.tokenizer import GPT2_EOS_TOKEN_ID, GPT2_VOCAB_SIZE, get_gpt2_tokenizer
 
 __all__ = [
     "CIRCUIT",
+    "CIRCUIT_EDGES",
+    "EDGE_INERT_LD",
+    "EDGE_MATTERS_LD",
     "IDLE_HEADS",
+    "PlantedEdge",
+    "WEAK_EDGES",
+    "circuit_edges",
     "PLANTED_BEHAVIOUR",
     "PLANTED_VERSION",
     "RELEVANT_POSITIONS",
@@ -165,6 +203,115 @@ IDLE_HEADS: list[tuple[int, int]] = [
     for head in range(N_HEADS)
     if (layer, head) not in _CIRCUIT_HEADS
 ]
+
+# ----------------------------------------------------------------------------------------------
+# The circuit as edges (derived from _build_weights; see the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PlantedEdge:
+    """One planted edge: ``sender -> receiver``, the positions (``ioi.data`` word labels) where the
+    sender's p_IOI / p_ABC difference reaches what the receiver reads, and why."""
+
+    sender: str
+    receiver: str
+    positions: tuple[str, ...]
+    carries: str  # the subspace the receiver reads from the sender
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.sender}->{self.receiver}"
+
+
+def _h(head: tuple[int, int]) -> str:
+    return f"a{head[0]}.h{head[1]}"
+
+
+_PT, _DT, _IND = _h(PREVIOUS_TOKEN_HEAD), _h(DUPLICATE_TOKEN_HEAD), _h(INDUCTION_HEAD)
+_SI, _NM, _NNM = _h(S_INHIBITION_HEAD), _h(NAME_MOVER_HEAD), _h(NEGATIVE_NAME_MOVER_HEAD)
+
+CIRCUIT_EDGES: tuple[PlantedEdge, ...] = (
+    PlantedEdge("embed", f"{_PT}.v", ("S1",), "NAME_ID",
+                "previous-token head's value reads the token identity it copies into PREV at S1+1"),
+    PlantedEdge("embed", f"{_DT}.q", ("S2",), "NAME_ID",
+                "duplicate-token head's query: the identity matched against earlier tokens"),
+    PlantedEdge("embed", f"{_DT}.k", ("S1",), "NAME_ID",
+                "duplicate-token head's key: the earlier copy of S2's name"),
+    PlantedEdge("embed", f"{_DT}.v", ("S1",), "NAME_ID",
+                "duplicate-token head's value: the duplicated name's identity (DUPID)"),
+    PlantedEdge("embed", f"{_IND}.q", ("S2",), "NAME_ID",
+                "induction head's query: the identity matched against PREV"),
+    PlantedEdge(_PT, f"{_IND}.k", ("S1+1",), "PREV",
+                "induction head's key: PREV written by the previous-token head"),
+    PlantedEdge(_PT, f"{_IND}.v", ("S1+1",), "PREV",
+                "induction head's value: PREV, written out as DUPID"),
+    PlantedEdge(_DT, f"{_SI}.k", ("S2",), "DUP",
+                "S-inhibition key: the duplicated flag (redundant with the induction head's)"),
+    PlantedEdge(_DT, f"{_SI}.v", ("S2",), "DUPID",
+                "S-inhibition value: the duplicated name it copies into INHIB"),
+    PlantedEdge(_IND, f"{_SI}.k", ("S2",), "DUP",
+                "S-inhibition key: the duplicated flag (redundant with the duplicate head's)"),
+    PlantedEdge(_IND, f"{_SI}.v", ("S2",), "DUPID",
+                "S-inhibition value: the duplicated name it copies into INHIB"),
+    PlantedEdge(_SI, f"{_NM}.q", ("END",), "INHIB",
+                "name mover's query: which name to avoid"),
+    PlantedEdge(_SI, f"{_NNM}.q", ("END",), "INHIB",
+                "negative name mover's query: which name to avoid"),
+    PlantedEdge("embed", f"{_NM}.k", ("S1", "S2"), "NAME_ID",
+                "name mover's keys: S1 and S2 carry the inhibited name"),
+    PlantedEdge("embed", f"{_NNM}.k", ("S1", "S2"), "NAME_ID",
+                "negative name mover's keys: S1 and S2 carry the inhibited name"),
+    PlantedEdge("embed", f"{_NM}.v", ("IO",), "NAME_ID, FLAG",
+                "name mover's value: the attended name (IO) it copies to the logits"),
+    PlantedEdge("embed", f"{_NNM}.v", ("IO",), "NAME_ID, FLAG",
+                "negative name mover's value: the attended name, written negatively"),
+    PlantedEdge(_NM, "logits", ("END",), "NAME_ID, FLAG",
+                "the name mover's copy is the logit difference"),
+    PlantedEdge(_NNM, "logits", ("END",), "NAME_ID, FLAG",
+                "the negative name mover writes -0.3 x the name mover's copy"),
+)
+
+# Second-order edges (read by the weights, but carrying ~0.01-0.03 logits): not in the circuit.
+WEAK_EDGES: tuple[PlantedEdge, ...] = (
+    PlantedEdge("embed", f"{_NM}.k", ("IO",), "NAME_ID",
+                "only the fixed per-name salience (+-1 nat) of the IO key changes"),
+    PlantedEdge("embed", f"{_NNM}.k", ("IO",), "NAME_ID", "as for the name mover"),
+    PlantedEdge("embed", f"{_NM}.v", ("S1", "S2"), "NAME_ID", "attention to S1/S2 is ~0.2%"),
+    PlantedEdge("embed", f"{_NNM}.v", ("S1", "S2"), "NAME_ID", "attention to S1/S2 is ~0.2%"),
+)
+
+# |change of the mean LD| (logits; p_ABC into p_IOI, clean LD ~4.2) above which an edge matters
+# and below which it is inert (tests/test_planted_edges.py). Measured: planted >= 0.15, other <= 0.03.
+EDGE_MATTERS_LD = 0.1
+EDGE_INERT_LD = 0.05
+
+
+def circuit_edges(positions=None, *, weak: bool = False) -> list:
+    """The planted circuit's edges as :class:`ioi.edges.graph.Edge` objects.
+
+    ``positions=None``: one position-free edge per :data:`CIRCUIT_EDGES` entry (19 edges). With a
+    graph's position labels (e.g. ``("IO", "S1", "S1+1", "S2", "END", "other")``): one edge per
+    entry and position where it matters (21 edges); each of those labels must be in
+    ``positions``. ``weak=True`` returns :data:`WEAK_EDGES` instead."""
+    from ioi.edges.graph import Edge
+
+    table = WEAK_EDGES if weak else CIRCUIT_EDGES
+    if positions is None:
+        out, seen = [], set()
+        for e in table:
+            if e.name not in seen:
+                seen.add(e.name)
+                out.append(Edge(e.sender, e.receiver))
+        return out
+    positions = tuple(positions)
+    needed = sorted({p for e in table for p in e.positions} - set(positions))
+    if needed:
+        raise ValueError(f"The planted edges need position labels {needed}, which the graph's "
+                         f"positions {positions} lack: build the graph with them.")
+    return [Edge(e.sender, e.receiver, p) for e in table for p in e.positions]
+
 
 # Positional frequencies (radians per token): a fixed random draw (numpy PCG64, seed 1234, the best
 # of 20,000 for max_{0<d<512} |mean_f cos(w_f d)|), rounded and written out so the build never

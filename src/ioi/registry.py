@@ -347,3 +347,35 @@ figure("fig8_adversarial_table", "adversarial", f"{_SG_PLOTS}:fig8_adversarial_t
        "the paper code's final call (advex.py, DOUBLE_ADX_TEMPLATE), which the claims compare; the "
        "one-sentence rows (the paper's App. L example) are the named alternative.",
        "Section 4")
+
+# --- Edge-level circuits (issue 12): attribution, discovery, scoring against ground truth ------
+# Runner: ioi.experiments.edges; plotters: ioi.plots.edges. Graph: senders embed / heads / MLPs,
+# receivers head q/k/v inputs / MLP inputs / logits; p_ABC into p_IOI; metric = mean LD at END.
+_ED, _ED_PLOTS = "ioi.experiments.edges", "ioi.plots.edges"
+experiment("edge_circuits", f"{_ED}:edge_circuits", "edges", section="issue 12 (after §3, Fig. 2)",
+           description="EAP and EAP-IG edge scores, ACDC with exact edge patching, top-n / threshold "
+                       "circuits; faithfulness curves, head overlap with the hand-found circuit, and "
+                       "(planted model) ROC AUC against the planted edges",
+           mem_mb=6000, runtime_min=240)
+figure("edges_roc", "edge_circuits", f"{_ED_PLOTS}:edges_roc",
+       "ROC curves of edge rankings against the planted circuit's edges (ioi.planted.CIRCUIT_EDGES, "
+       "derived from how the weights are built): EAP and EAP-IG (embedding interpolated in 5 steps) "
+       "scores for p_ABC patched into p_IOI, metric = mean logit difference, edges ranked by |score|; "
+       "ACDC's circuit (exact edge patching, tau = 1% of the clean LD) as one point. Only a model "
+       "whose circuit is known edge by edge has an ROC; for other models the panel says so.",
+       "Edge-level circuits")
+figure("edges_faithfulness", "edge_circuits", f"{_ED_PLOTS}:edges_faithfulness",
+       "Faithfulness curve: (LD(C) - LD(empty)) / (LD(clean) - LD(empty)) with the top-k edges by "
+       "|EAP| or |EAP-IG| kept clean and every other edge patched from p_ABC (exact edge patching), "
+       "k at MIB's fractions of the edges, with its area (CPR) and the area of |1 - f| (CMD) as in "
+       "EAP-IG / MIB; every found circuit (ACDC, top-n, threshold) as a marker.",
+       "Edge-level circuits")
+figure("edges_graph_acdc", "edge_circuits", f"{_ED_PLOTS}:edges_graph_acdc",
+       "The circuit found by ACDC with exact edge patching, drawn like the paper's Fig. 2: heads by "
+       "layer, coloured by the hand-found circuit's class (the planted heads, or the paper's 26 for "
+       "GPT-2), one arrow per edge styled by the receiver's input (query, key, value); its head "
+       "overlap with the hand-found circuit by class.", "Edge-level circuits")
+figure("edges_graph_eap_ig", "edge_circuits", f"{_ED_PLOTS}:edges_graph_eap_ig",
+       "The top-n edges by |EAP-IG| (n = the planted circuit's size, or 1% of the edges where no "
+       "ground truth exists), drawn like the paper's Fig. 2 (as the ACDC figure).",
+       "Edge-level circuits")

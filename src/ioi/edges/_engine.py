@@ -1,0 +1,312 @@
+"""The plain-tensor forward behind edge patching and edge attribution.
+
+A GPT-2 forward (the activation engine's :class:`ioi.patching._fast_forward.NetWeights`: same
+weights, LayerNorms, MLP and unembedding) in which every receiver has its own input:
+
+    x_r = resid(r) + sum_slot sum_s M[slot, r, s] * delta_s   (at the slot's token positions)
+
+``resid(r)`` is the residual stream where ``r`` reads it in *this* run (``resid_pre`` of the head's
+layer for q/k/v, ``resid_mid`` for an MLP, the final residual for the logits), ``delta_s`` the
+sender's difference: ``target_s - out_s`` with ``out_s`` the sender's output in this run (edge
+patching; ``target`` = the corrupted run's outputs or means) or a fixed tensor (attribution).
+``K`` masks ``M`` run side by side as a leading batch axis. With ``M = 0`` this is the plain
+forward. Each head projects its own q, k and v input (batched over heads); a layer whose receivers
+carry no difference in any of the ``K`` sets takes the fused projection of the shared input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ioi.edges.graph import EdgeGraph
+from ioi.patching._fast_forward import NetWeights
+
+
+def slot_token_index(
+    graph: EdgeGraph, word_idx: dict | None, n_prompts: int, n_pos: int, device: torch.device
+) -> list[Tensor | None]:
+    """Per position slot of ``graph``, the flat ``[prompt * n_pos + pos]`` indices of its tokens
+    (``None``: every token). ``"other"`` is every position no other label of the graph names.
+    Positions at or after ``n_pos`` (the forward is cut after the last position a metric reads)
+    are dropped: causal attention makes them irrelevant."""
+    if graph.positions is None:
+        return [None]
+    if word_idx is None:
+        raise ValueError(f"{graph!r} has position-specific edges: pass word_idx (e.g. dataset.word_idx) "
+                         "with a LongTensor[N] per label.")
+    rows = torch.arange(n_prompts, device=device)
+    named: dict[str, Tensor] = {}
+    for label in graph.positions:
+        if label == "other":
+            continue
+        if label not in word_idx:
+            raise ValueError(f"word_idx has no {label!r} (has {sorted(word_idx)}): the graph's positions "
+                             f"are {graph.positions}.")
+        pos = torch.as_tensor(word_idx[label], device=device).long()
+        if pos.shape != (n_prompts,):
+            raise ValueError(f"word_idx[{label!r}] must be LongTensor[{n_prompts}], got {tuple(pos.shape)}.")
+        if int(pos.min()) < 0:
+            raise ValueError(f"word_idx[{label!r}] has negative positions.")
+        inside = pos < n_pos  # positions after the metric's last read position cannot matter
+        named[label] = (rows * n_pos + pos)[inside]
+    out: list[Tensor | None] = []
+    for label in graph.positions:
+        if label == "other":
+            taken = torch.zeros(n_prompts * n_pos, dtype=torch.bool, device=device)
+            for idx in named.values():
+                taken[idx] = True
+            out.append((~taken).nonzero()[:, 0])
+        else:
+            out.append(named[label])
+    return out
+
+
+class EdgeForward:
+    """The receiver-input forward of one model on one graph (see the module docstring)."""
+
+    def __init__(self, net: NetWeights, graph: EdgeGraph):
+        if graph.n_layers != net.n_layers or graph.n_heads != net.n_heads or graph.attn_only != net.attn_only:
+            raise ValueError(f"{graph!r} does not match the model ({net.n_layers} layers x {net.n_heads} heads"
+                             f"{', attention only' if net.attn_only else ''}): build it with "
+                             "EdgeGraph.from_model(model).")
+        self.net, self.graph = net, graph
+        L, H, D, dh = net.n_layers, net.n_heads, net.d_model, net.d_head
+        # per-head q|k|v weights [L, H, 3, D, dh] and biases [L, H, 3, dh]
+        self.W_hqkv = net.W_qkv.view(L, D, 3, H, dh).permute(0, 3, 2, 1, 4).contiguous()
+        self.b_hqkv = net.b_qkv.view(L, 3, H, dh).permute(0, 2, 1, 3).contiguous()
+        self.head_senders = [graph.sender_of(f"a{layer}.h0") for layer in range(L)]
+        self.head_receivers = [graph.receiver_of(f"a{layer}.h0.q") for layer in range(L)]
+        self.mlp_senders = [None if net.attn_only else graph.sender_of(f"m{layer}") for layer in range(L)]
+        self.mlp_receivers = [None if net.attn_only else graph.receiver_of(f"m{layer}") for layer in range(L)]
+        self.n_senders = len(graph.senders)
+        self.n_receivers = len(graph.receivers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.net.W_E[tokens] + self.net.W_pos[: tokens.shape[1]]
+
+    @staticmethod
+    def mix_add(
+        masks: Float[Tensor, "k slots r s"],
+        delta: Float[Tensor, "kd s T d"],
+        slot_idx: Sequence[Tensor | None],
+        differentiable: bool = False,
+    ) -> Tensor | None:
+        """``[k, r, T, d]``: each receiver's masked sum of sender differences (None when all zero)."""
+        k, _, n_r, n_s = masks.shape
+        T, d = delta.shape[-2:]
+        if n_s == 0:
+            return None
+        total = None
+        for j, idx in enumerate(slot_idx):
+            m = masks[:, j]
+            if not differentiable and not bool(m.any()):
+                continue
+            part = delta if idx is None else delta.index_select(2, idx)
+            width = part.shape[2]
+            if part.shape[0] == 1:
+                add = (m.reshape(k * n_r, n_s) @ part[0].reshape(n_s, width * d)).view(k, n_r, width, d)
+            else:
+                add = torch.bmm(m, part.reshape(k, n_s, width * d)).view(k, n_r, width, d)
+            if idx is not None:
+                total = add.new_zeros(k, n_r, T, d) if total is None else total
+                total = total.index_add(2, idx, add)
+            else:
+                total = add if total is None else total + add
+        return total
+
+    # -- the forward ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        tokens: Int[Tensor, "n pos"],
+        masks: Float[Tensor, "k slots receivers senders"],
+        slot_idx: Sequence[Tensor | None],
+        *,
+        target: Float[Tensor, "senders n pos d"] | None = None,
+        fixed_delta: Float[Tensor, "senders n pos d"] | None = None,
+        embed: Float[Tensor, "n pos d"] | None = None,
+        keep_outputs: bool = False,
+        differentiable: bool = False,
+        start: "EngineState | None" = None,
+    ) -> tuple[Float[Tensor, "k n pos d"], Tensor | None]:
+        """Final residual streams (the logits receiver's input) of the ``k`` mask sets.
+
+        ``target``: differences are ``target - this run's outputs``; ``fixed_delta``: given
+        differences. ``embed`` overrides the embedding sender's output (the clean tokens'
+        embedding by default). ``keep_outputs`` also returns every sender's output
+        ``[k, senders, n, pos, d]`` (senders before ``start`` are left zero). ``start`` resumes
+        from a saved state (:meth:`clean_states`): every mask must be zero before it.
+        """
+        net = self.net
+        H, D = net.n_heads, net.d_model
+        n, P = tokens.shape
+        T = n * P
+        k = masks.shape[0]
+        deltas = _Deltas(k, self.n_senders, T, D, masks, fixed_delta=fixed_delta, target=target)
+        outputs = masks.new_zeros(k, self.n_senders, T, D) if keep_outputs else None
+        first_layer, stage = 0, "attn"
+        if start is None:
+            emb = (self.embed(tokens) if embed is None else embed).reshape(1, T, D)
+            deltas.computed(0, 1, emb[:, None])
+            if outputs is not None:
+                outputs[:, 0] = emb[0]
+            resid = emb  # [1 or k, T, D]
+        else:
+            first_layer, stage, resid = start.layer, start.stage, start.resid
+            deltas.resume(start.delta, start.n_senders)
+
+        def receivers_input(base: Tensor, r0: int, r1: int, n_s: int) -> Tensor:
+            block = masks[:, :, r0:r1, :n_s]
+            add = deltas.mix_add(block, slot_idx, differentiable) if differentiable or bool(block.any()) else None
+            return None if add is None else base[:, None] + add
+
+        for layer in range(first_layer, net.n_layers):
+            if not (layer == first_layer and stage == "mlp") and stage != "final":
+                r0, s0 = self.head_receivers[layer], self.head_senders[layer]
+                x = receivers_input(resid, r0, r0 + 3 * H, s0)  # [k, 3H, T, D] or None
+                if x is not None:
+                    y = net.ln(x, net.ln1[layer]).view(k, H, 3, T, D)
+                    qkv = torch.einsum("khitd,hide->khite", y, self.W_hqkv[layer]) + self.b_hqkv[layer][None, :, :, None]
+                    q, kk, v = (qkv[:, :, i].reshape(k * H, n, P, -1) for i in range(3))
+                    kz = k
+                else:
+                    kz = resid.shape[0]
+                    flat = net.linear(net.ln(resid, net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
+                    q, kk, v = (t.reshape(kz, n, P, H, -1).permute(0, 3, 1, 2, 4).reshape(kz * H, n, P, -1)
+                                for t in flat.view(kz, T, 3, H * net.d_head).unbind(2))
+                z = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=net.attn_scales[layer])
+                z = z.view(kz, H, T, net.d_head)
+                if deltas.needs_outputs or outputs is not None:
+                    head_out = torch.einsum("khte,hed->khtd", z, net.W_O[layer])  # [kz, H, T, D]
+                    deltas.computed(s0, s0 + H, head_out)
+                    if outputs is not None:
+                        outputs[:, s0 : s0 + H] = head_out
+                    attn_out = head_out.sum(1) + net.b_O[layer]
+                else:
+                    attn_out = net.linear(z.permute(0, 2, 1, 3).reshape(kz, T, H * net.d_head),
+                                          net.W_O_flat[layer], net.b_O[layer])
+                resid = resid + attn_out
+            if net.attn_only or stage == "final":
+                continue
+            rm, sm = self.mlp_receivers[layer], self.mlp_senders[layer]
+            x = receivers_input(resid, rm, rm + 1, sm)
+            mlp_out = net.mlp(layer, resid if x is None else x[:, 0])
+            deltas.computed(sm, sm + 1, mlp_out[:, None])
+            if outputs is not None:
+                outputs[:, sm] = mlp_out
+            resid = resid + mlp_out
+        x = receivers_input(resid, self.n_receivers - 1, self.n_receivers, self.n_senders)
+        resid = resid if x is None else x[:, 0]
+        if resid.shape[0] != k:
+            resid = resid.expand(k, T, D)
+        final = resid.reshape(k, n, P, D)
+        if outputs is not None:
+            outputs = outputs.view(k, self.n_senders, n, P, D)
+        return final, outputs
+
+    def clean_states(self, tokens: Int[Tensor, "n pos"], target: Float[Tensor, "senders n pos d"]) -> dict:
+        """Resumable states of the unpatched run on ``tokens``: ``{(layer, "attn" | "mlp"): state}``
+        and ``{(n_layers, "final"): state}``, each with the residual stream where that stage reads
+        it and every earlier sender's difference ``target - output``."""
+        net = self.net
+        n, P = tokens.shape
+        T, D = n * P, net.d_model
+        none = torch.zeros(1, 1, self.n_receivers, self.n_senders, device=self.device)
+        _, outputs = self.run(tokens, none, [None], keep_outputs=True)
+        outputs = outputs[0].reshape(self.n_senders, T, D)
+        delta = (target.reshape(self.n_senders, T, D) - outputs)[None]
+        states = {}
+        resid = outputs[0][None].clone()
+        for layer in range(net.n_layers):
+            s0 = self.head_senders[layer]
+            states[(layer, "attn")] = EngineState(layer, "attn", resid.clone(), delta, s0)
+            resid = resid + outputs[s0 : s0 + net.n_heads].sum(0) + net.b_O[layer]
+            if not net.attn_only:
+                sm = self.mlp_senders[layer]
+                states[(layer, "mlp")] = EngineState(layer, "mlp", resid.clone(), delta, sm)
+                resid = resid + outputs[sm]
+        states[(net.n_layers, "final")] = EngineState(net.n_layers, "final", resid, delta, self.n_senders)
+        return states
+
+    def sender_outputs(self, tokens: Int[Tensor, "n pos"]) -> Float[Tensor, "senders n pos d"]:
+        """Every sender's output in the plain forward on ``tokens``."""
+        none = torch.zeros(1, 1, self.n_receivers, self.n_senders, device=self.device)
+        _, outputs = self.run(tokens, none, [None], keep_outputs=True)
+        return outputs[0]
+
+
+@dataclasses.dataclass
+class EngineState:
+    """Where a resumed forward starts: ``layer``/``stage`` (``"attn"``: before the heads of
+    ``layer``; ``"mlp"``: before its MLP; ``"final"``: the logits), the residual stream there
+    ``[1, T, d]`` and the differences ``[1, senders, T, d]`` of the first ``n_senders`` senders."""
+
+    layer: int
+    stage: str
+    resid: Tensor
+    delta: Tensor
+    n_senders: int
+
+
+class _Deltas:
+    """Sender differences: a part shared by every set (``[1, ...]``: senders computed before any
+    set diverged, or given) and a per-set part from the first sender where the sets differ."""
+
+    def __init__(self, k: int, n_senders: int, T: int, d: int, like: Tensor, *,
+                 fixed_delta: Tensor | None, target: Tensor | None):
+        self.k, self.n_senders, self.T, self.d = k, n_senders, T, d
+        self.like = like
+        self.fixed = fixed_delta is not None
+        self.target = None if target is None else target.reshape(n_senders, T, d)
+        self.needs_outputs = self.target is not None
+        self.n_shared = 0
+        self.shared: Tensor | None = None
+        self.perk: Tensor | None = None
+        if self.fixed:
+            self.shared = fixed_delta.reshape(1, n_senders, T, d)
+            self.n_shared = n_senders
+
+    def resume(self, delta: Tensor, n_senders: int) -> None:
+        """Start from a saved state's differences (borrowed: copied before any write)."""
+        if self.fixed:
+            return
+        self.shared, self.n_shared, self.borrowed = delta, n_senders, True
+
+    def computed(self, s0: int, s1: int, out: Tensor) -> None:
+        """Senders ``s0:s1`` produced ``out`` ``[1 or k, s1 - s0, T, d]`` in this run."""
+        if self.target is None:
+            return
+        value = self.target[s0:s1] - out
+        if value.shape[0] == 1 and self.perk is None:
+            if self.shared is None:
+                self.shared = self.like.new_empty(1, self.n_senders, self.T, self.d)
+            elif getattr(self, "borrowed", False):
+                self.shared, self.borrowed = self.shared.clone(), False
+            self.shared[:, s0:s1] = value
+            self.n_shared = s1
+            return
+        if self.perk is None:
+            self.perk_from = self.n_shared
+            self.perk = self.like.new_empty(self.k, self.n_senders - self.perk_from, self.T, self.d)
+        self.perk[:, s0 - self.perk_from : s1 - self.perk_from] = value
+
+    def mix_add(self, masks: Tensor, slot_idx, differentiable: bool) -> Tensor | None:
+        n_s = masks.shape[-1]
+        a = min(n_s, self.n_shared if self.perk is None else self.perk_from)
+        total = EdgeForward.mix_add(masks[..., :a], self.shared[:, :a], slot_idx, differentiable) if a else None
+        if n_s > a:
+            more = EdgeForward.mix_add(masks[..., a:n_s], self.perk[:, : n_s - a], slot_idx, differentiable)
+            total = more if total is None else (total if more is None else total + more)
+        return total

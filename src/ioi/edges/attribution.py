@@ -1,0 +1,189 @@
+"""Edge attribution: EAP (Syed et al. 2023) and EAP-IG (Hanna et al. 2024) on the edge graph.
+
+Both score an edge ``s -> r [@pos]`` by a first-order estimate of what patching it does to the
+metric:
+
+    score(s -> r) = sum_{prompts, positions} (a_s^target - a_s^clean) . g_r
+
+with ``a_s`` sender outputs of the clean and the corrupted run (or the mean-ablation values),
+``g_r`` a gradient of the metric with respect to the receiver's input ``x_r`` (before its
+LayerNorm), summed over every token position (or, for a position edge, over that label's
+position of each prompt). The metric is the mean over prompts, as in ``ioi.metrics``: the score
+estimates ``metric(edge patched) - metric(clean)`` (:func:`ioi.edges.patch_edges` gives the exact
+value).
+
+* **EAP**: ``g_r = d metric / d x_r`` in the clean run. One clean forward (with the sender
+  outputs), one corrupted forward and one backward give every edge's score.
+* **EAP-IG** (Hanna et al.'s "EAP-IG-inputs", the method of their paper and default of their
+  code): the only input interpolated is the embedding sender's output (token + position
+  embedding, every position): ``e(alpha) = e_corrupted + alpha * (e_clean - e_corrupted)``; the
+  rest of the network runs normally on it, and ``g_r`` is the mean over the ``steps`` values of
+  alpha of ``d metric / d x_r`` at ``e(alpha)``. The activation differences ``a^target - a^clean``
+  stay those of the clean and corrupted runs. ``rule="left"`` uses ``alpha = k / steps`` for
+  ``k = 0 .. steps - 1`` (their code); ``"right"`` uses ``k = 1 .. steps`` (``steps=1`` is then
+  EAP); ``"midpoint"`` uses ``(k + 1/2) / steps``.
+
+The receiver inputs are the engine's (:mod:`ioi.edges._engine`): each receiver reads
+``resid + M . delta`` with a zero mask ``M``, whose gradient is exactly the score table
+(AutoCircuit's mask-gradient formulation).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ioi.edges._engine import EdgeForward, slot_token_index
+from ioi.edges.graph import EdgeGraph
+from ioi.edges.patching import _BYTES, _budget, edge_forward
+from ioi.metrics import LogitDiff
+
+__all__ = ["eap_ig_scores", "eap_scores"]
+
+Rule = Literal["left", "right", "midpoint"]
+
+
+def _alphas(steps: int, rule: Rule) -> list[float]:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}.")
+    if rule == "left":
+        return [k / steps for k in range(steps)]
+    if rule == "right":
+        return [(k + 1) / steps for k in range(steps)]
+    if rule == "midpoint":
+        return [(k + 0.5) / steps for k in range(steps)]
+    raise ValueError(f"rule must be 'left' (Hanna et al.'s code), 'right' or 'midpoint', got {rule!r}.")
+
+
+def _affine_slope(metric: LogitDiff) -> float:
+    """``metric = slope * mean(LD) + offset``: the slope of its normalisation."""
+    if metric.per_prompt:
+        raise ValueError("Attribution needs a scalar metric: use a LogitDiff with per_prompt=False.")
+    one = metric.reduce(torch.ones(1, dtype=torch.float64))
+    zero = metric.reduce(torch.zeros(1, dtype=torch.float64))
+    return float(one - zero)
+
+
+def _grad_bytes_per_prompt(engine: EdgeForward, n_pos: int) -> float:
+    net = engine.net
+    saved = net.n_layers * (3 * net.n_heads * 4 + 8) * net.d_model + net.n_layers * 4 * net.d_mlp
+    return _BYTES * n_pos * (saved + 2 * engine.n_senders * net.d_model)
+
+
+def _scores(
+    model,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor | None,
+    metric,
+    graph: EdgeGraph,
+    *,
+    alphas: list[float] | None,
+    word_idx: dict | None,
+    mean_activations: Tensor | None,
+    memory_budget_mb: float | None,
+    progress: bool,
+) -> Tensor:
+    engine = edge_forward(model, graph)
+    device = engine.device
+    clean = torch.as_tensor(clean_tokens).long().to(device)
+    n, P = clean.shape
+    if (corrupted_tokens is None) == (mean_activations is None):
+        raise ValueError("Give exactly one of corrupted_tokens (patching) and mean_activations (mean ablation).")
+    corrupted = None if corrupted_tokens is None else torch.as_tensor(corrupted_tokens).long().to(device)
+    if corrupted is not None and corrupted.shape != clean.shape:
+        raise ValueError(f"corrupted_tokens {tuple(corrupted.shape)} must match clean_tokens {tuple(clean.shape)}.")
+    if alphas is not None and corrupted is None:
+        raise ValueError("EAP-IG interpolates between the clean and corrupted inputs: pass corrupted_tokens.")
+    is_ld = isinstance(metric, LogitDiff)
+    if is_ld:
+        if len(metric) != n:
+            raise ValueError(f"The metric has {len(metric)} prompts, the tokens {n}.")
+        slope = _affine_slope(metric)
+        P = int(metric.end_idx.max()) + 1
+        clean = clean[:, :P]
+        corrupted = None if corrupted is None else corrupted[:, :P]
+    means = None
+    if mean_activations is not None:
+        means = mean_activations.to(device)[:, :, :P].expand(-1, n, -1, -1)
+    chunk = n
+    if is_ld:
+        chunk = max(1, min(n, int(_budget(memory_budget_mb, device) // _grad_bytes_per_prompt(engine, P))))
+    grad_total = torch.zeros(1, graph.n_slots, engine.n_receivers, engine.n_senders, device=device)
+    points = [1.0] if alphas is None else alphas
+    bar = tqdm(total=len(points) * -(-n // chunk), disable=not progress, desc="attribution")
+    for p0 in range(0, n, chunk):
+        rows = slice(p0, min(n, p0 + chunk))
+        toks = clean[rows]
+        n_rows = toks.shape[0]
+        chunk_idx = None if word_idx is None else {k: torch.as_tensor(v)[rows] for k, v in word_idx.items()}
+        slots = slot_token_index(graph, chunk_idx, n_rows, P, device)
+        with torch.no_grad():
+            clean_out = engine.sender_outputs(toks)
+            target = engine.sender_outputs(corrupted[rows]) if corrupted is not None else means[:, rows]
+            delta = (target - clean_out).contiguous()
+            e_clean, e_corr = clean_out[0], (target[0] if corrupted is not None else None)
+        for alpha in points:
+            embed = None if alphas is None else e_corr + alpha * (e_clean - e_corr)
+            mask = torch.zeros_like(grad_total, requires_grad=True)
+            with torch.enable_grad():
+                final, _ = engine.run(toks, mask, slots, fixed_delta=delta, embed=embed, differentiable=True)
+                if is_ld:
+                    m = metric[rows]
+                    ends = m.end_idx.to(device).long()
+                    at_end = final[:, torch.arange(n_rows, device=device), ends]
+                    io, s = engine.net.answer_logits(at_end, m.io_ids.to(device), m.s_ids.to(device))
+                    value = slope * (io - s).sum() / n
+                else:
+                    value = metric(engine.net.logits(final)[0])
+                (grad,) = torch.autograd.grad(value, mask)
+            grad_total += grad
+            bar.update(1)
+    bar.close()
+    grad_total /= len(points)
+    return graph.dense_to_scores(grad_total[0].cpu())
+
+
+def eap_scores(
+    model,
+    clean_tokens: Int[Tensor, "n pos"],
+    corrupted_tokens: Int[Tensor, "n pos"] | None,
+    metric: LogitDiff | Callable[[Tensor], Tensor],
+    graph: EdgeGraph,
+    *,
+    word_idx: dict | None = None,
+    mean_activations: Float[Tensor, "senders n_or_1 pos d"] | None = None,
+    memory_budget_mb: float | None = None,
+    progress: bool = False,
+) -> Float[Tensor, "n_edges"]:
+    """EAP score of every edge of ``graph`` (``graph.edges`` order); see the module docstring.
+
+    ``metric``: a scalar :class:`ioi.metrics.LogitDiff` (prompts chunked to ``memory_budget_mb``)
+    or a callable on full logits ``[n, pos, vocab]`` returning a differentiable scalar (one chunk).
+    """
+    return _scores(model, clean_tokens, corrupted_tokens, metric, graph, alphas=None, word_idx=word_idx,
+                   mean_activations=mean_activations, memory_budget_mb=memory_budget_mb, progress=progress)
+
+
+def eap_ig_scores(
+    model,
+    clean_tokens: Int[Tensor, "n pos"],
+    corrupted_tokens: Int[Tensor, "n pos"],
+    metric: LogitDiff | Callable[[Tensor], Tensor],
+    graph: EdgeGraph,
+    *,
+    steps: int = 5,
+    rule: Rule = "left",
+    word_idx: dict | None = None,
+    memory_budget_mb: float | None = None,
+    progress: bool = False,
+) -> Float[Tensor, "n_edges"]:
+    """EAP-IG score of every edge (embedding interpolated in ``steps`` steps; module docstring).
+
+    ``steps=5`` as in Hanna et al.'s README (their function's default is 30)."""
+    return _scores(model, clean_tokens, corrupted_tokens, metric, graph, alphas=_alphas(steps, rule),
+                   word_idx=word_idx, mean_activations=None, memory_budget_mb=memory_budget_mb,
+                   progress=progress)

@@ -1,0 +1,202 @@
+"""Exact edge patching: many edge sets, one batched pass each chunk.
+
+Definition (ACDC's, AutoCircuit's and EAP-IG's ``evaluate_graph``). For an edge set ``E``, run the
+clean tokens; every receiver ``r`` (a head's q, k or v input, an MLP's input, the logits' input,
+all *before* their LayerNorm) reads
+
+    x_r = resid_r + sum_{(s -> r [@pos]) in E} (a_s^target - a_s)   [only at pos, when given]
+
+where ``resid_r`` is the residual stream at ``r`` in this run, ``a_s`` the sender's output in this
+run (which may itself differ from the clean run through earlier patched edges) and ``a_s^target``
+the sender's output in the corrupted run (``corrupted_tokens``) or the given mean
+(``mean_activations``: mean ablation). Since GPT-2's residual stream is the sum of the sender
+outputs (plus biases, which cancel), this replaces exactly the listed senders' contributions to
+that receiver's input and nothing else. Consequences (tested): patching every edge into a receiver
+equals activation patching of its input; patching every edge out of a head equals patching the
+head's output; the empty set is the clean run.
+
+* ``mode="patch"``: the listed edges carry the difference, every other edge stays clean.
+* ``mode="keep"`` (circuit evaluation): the listed edges stay clean, every other edge of the graph
+  carries the difference (an empty circuit is then the corrupted run; with a position graph, only
+  at the graph's position slots: include ``"other"`` in its positions to cover every token).
+
+Position-specific edges (``graph`` built with ``positions``) restrict an edge's difference to that
+label's token position of each prompt (``word_idx[label][n]``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ioi.edges._engine import EdgeForward, slot_token_index
+from ioi.edges.graph import EdgeGraph
+from ioi.metrics import LogitDiff
+from ioi.patching._fast_forward import net_weights
+
+Mode = Literal["patch", "keep"]
+DEFAULT_MEMORY_BUDGET_MB = {"cpu": 1024, "cuda": 8192}
+_BYTES = 4
+
+__all__ = ["edge_forward", "mean_sender_outputs", "patch_edges", "sender_outputs", "set_masks"]
+
+
+def edge_forward(model, graph: EdgeGraph) -> EdgeForward:
+    """The receiver-input engine of ``model`` (weights read once and cached per model)."""
+    return EdgeForward(net_weights(model), graph)
+
+
+def set_masks(graph: EdgeGraph, edge_sets, mode: Mode = "patch") -> Tensor:
+    """``BoolTensor[n_sets, n_edges]``: which edges carry the difference in each set."""
+    if mode not in ("patch", "keep"):
+        raise ValueError(f"mode must be 'patch' (listed edges patched) or 'keep' (listed edges kept "
+                         f"clean, the rest patched), got {mode!r}.")
+    mask = graph.edge_mask(edge_sets)
+    return mask if mode == "patch" else ~mask
+
+
+@torch.no_grad()
+def sender_outputs(model, tokens: Int[Tensor, "n pos"], graph: EdgeGraph) -> Float[Tensor, "senders n pos d"]:
+    """Every sender's output on ``tokens`` (``graph.senders`` order): the embedding, each head's
+    ``z @ W_O[h]`` (no ``b_O``), each MLP's output."""
+    engine = edge_forward(model, graph)
+    return engine.sender_outputs(torch.as_tensor(tokens).to(engine.device))
+
+
+def mean_sender_outputs(
+    model, tokens: Int[Tensor, "n pos"], graph: EdgeGraph, groups: list[Tensor] | None = None
+) -> Float[Tensor, "senders n_or_1 pos d"]:
+    """Mean ablation values: each sender's output averaged over prompts (per position), or over
+    each group of prompts (e.g. templates, as ``ioi.ablation``: then ``[senders, n, pos, d]`` with
+    every prompt given its group's mean)."""
+    outs = sender_outputs(model, tokens, graph)
+    if groups is None:
+        return outs.mean(1, keepdim=True)
+    means = torch.empty_like(outs)
+    for group in groups:
+        means[:, group] = outs[:, group].mean(1, keepdim=True)
+    return means
+
+
+def _budget(memory_budget_mb: float | None, device: torch.device) -> float:
+    mb = DEFAULT_MEMORY_BUDGET_MB.get(device.type, 1024) if memory_budget_mb is None else memory_budget_mb
+    return float(mb) * 2**20
+
+
+def _bytes_per_prompt_set(engine: EdgeForward, n_pos: int) -> float:
+    """Working memory of one (prompt, set) pair: differences, receiver inputs, projections."""
+    net = engine.net
+    per_token = net.d_model * (engine.n_senders + 2 * 3 * net.n_heads + net.n_heads + 8) + 4 * net.d_mlp
+    return _BYTES * n_pos * per_token + _BYTES * net.n_heads * n_pos * n_pos * 2
+
+
+@torch.no_grad()
+def patch_edges(
+    model,
+    clean_tokens: Int[Tensor, "n pos"],
+    corrupted_tokens: Int[Tensor, "n pos"] | None,
+    edge_sets,
+    metric: LogitDiff | Callable[[Tensor], Tensor],
+    *,
+    graph: EdgeGraph,
+    word_idx: dict[str, Tensor] | None = None,
+    mean_activations: Float[Tensor, "senders n_or_1 pos d"] | None = None,
+    mode: Mode = "patch",
+    memory_budget_mb: float | None = None,
+    max_sets_per_batch: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """The metric with each edge set patched (see the module docstring): ``Tensor[n_sets]``
+    (``[n_sets, n]`` for a per-prompt metric).
+
+    Args:
+        clean_tokens / corrupted_tokens: ``[n, pos]`` (same shape; right padding is fine, the
+            metric reads each prompt's END). ``corrupted_tokens=None`` with ``mean_activations``.
+        edge_sets: a list of edge sets (each a :class:`~ioi.edges.Circuit`, a list of edges or edge
+            names, or a ``BoolTensor[n_edges]``), or a ``BoolTensor[n_sets, n_edges]``.
+        metric: an :class:`ioi.metrics.LogitDiff` (fast: only END rows and two logit columns, and
+            prompts chunked to the memory budget) or any callable on full logits ``[n, pos, vocab]``
+            returning a scalar (all prompts in one chunk).
+        graph: the :class:`~ioi.edges.EdgeGraph` the edges belong to.
+        word_idx: per-prompt positions (``dataset.word_idx``), needed for a position graph.
+        mean_activations: mean-ablation values ``[senders, n or 1, pos, d]``
+            (:func:`mean_sender_outputs`) instead of a corrupted run.
+        mode: ``"patch"`` or ``"keep"``.
+        memory_budget_mb: working memory of one batched pass (default 1 GiB on CPU).
+    """
+    engine = edge_forward(model, graph)
+    device = engine.device
+    clean = torch.as_tensor(clean_tokens).long().to(device)
+    if clean.ndim != 2:
+        raise ValueError(f"clean_tokens must be [n, pos], got shape {tuple(clean.shape)}.")
+    n, P = clean.shape
+    if (corrupted_tokens is None) == (mean_activations is None):
+        raise ValueError("Give exactly one of corrupted_tokens (patching) and mean_activations (mean ablation).")
+    corrupted = None
+    if corrupted_tokens is not None:
+        corrupted = torch.as_tensor(corrupted_tokens).long().to(device)
+        if corrupted.shape != clean.shape:
+            raise ValueError(f"corrupted_tokens {tuple(corrupted.shape)} must match clean_tokens {tuple(clean.shape)} "
+                             "(position-aligned prompts, as p_ABC).")
+    means = None
+    if mean_activations is not None:
+        means = mean_activations.to(device)
+        if means.ndim != 4 or means.shape[0] != engine.n_senders or means.shape[1] not in (1, n) or means.shape[2] < P:
+            raise ValueError(f"mean_activations must be [{engine.n_senders} senders, {n} or 1, >= {P}, d_model], "
+                             f"got {tuple(means.shape)}: use ioi.edges.mean_sender_outputs.")
+        means = means[:, :, :P].expand(-1, n, -1, -1)
+    mask = set_masks(graph, edge_sets, mode)
+    n_sets = mask.shape[0]
+    is_ld = isinstance(metric, LogitDiff)
+    if is_ld:
+        if len(metric) != n:
+            raise ValueError(f"The metric has {len(metric)} prompts, the tokens {n}.")
+        end = metric.end_idx.to(device).long()
+        P_used = int(end.max()) + 1
+    else:
+        P_used = P
+    clean = clean[:, :P_used]
+    corrupted = None if corrupted is None else corrupted[:, :P_used]
+    means = None if means is None else means[:, :, :P_used]
+
+    budget = _budget(memory_budget_mb, device)
+    per = _bytes_per_prompt_set(engine, P_used)
+    prompt_chunk = n if not is_ld else max(1, min(n, int(budget // (2 * per))))
+    sets_chunk = max(1, int(budget // (per * prompt_chunk)) - 1)
+    if max_sets_per_batch is not None:
+        sets_chunk = max(1, min(sets_chunk, max_sets_per_batch))
+
+    dense_all = graph.dense_masks(mask).to(device)  # [n_sets, slots, R, S]
+    results: list[Tensor] = []
+    per_prompt = torch.empty(n_sets, n, device=device) if is_ld else None
+    bar = tqdm(total=n_sets * math.ceil(n / prompt_chunk), disable=not progress, desc="edge patching")
+    for p0 in range(0, n, prompt_chunk):
+        rows = slice(p0, min(n, p0 + prompt_chunk))
+        toks = clean[rows]
+        n_rows = toks.shape[0]
+        chunk_idx = None if word_idx is None else {k: torch.as_tensor(v)[rows] for k, v in word_idx.items()}
+        slots = slot_token_index(graph, chunk_idx, n_rows, P_used, device)
+        target = engine.sender_outputs(corrupted[rows]) if corrupted is not None else means[:, rows].contiguous()
+        for s0 in range(0, n_sets, sets_chunk):
+            dense = dense_all[s0 : s0 + sets_chunk]
+            final, _ = engine.run(toks, dense, slots, target=target)
+            if is_ld:
+                m = metric[rows] if n_rows != n else metric
+                ends = m.end_idx.to(device).long()
+                at_end = final[:, torch.arange(n_rows, device=device), ends]  # [k, n_rows, D]
+                io, s = engine.net.answer_logits(at_end, m.io_ids.to(device), m.s_ids.to(device))
+                per_prompt[s0 : s0 + dense.shape[0], rows] = io - s
+            else:
+                logits = engine.net.logits(final)
+                for j in range(final.shape[0]):
+                    results.append(torch.as_tensor(metric(logits[j])).detach().float())
+            bar.update(dense.shape[0])
+    bar.close()
+    if is_ld:
+        return metric.reduce(per_prompt).cpu()
+    return torch.stack(results).cpu()
