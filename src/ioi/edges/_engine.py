@@ -165,7 +165,7 @@ class EdgeForward:
             resid = emb  # [1 or k, T, D]
         else:
             first_layer, stage, resid = start.layer, start.stage, start.resid
-            deltas.resume(start.delta, start.n_senders)
+            deltas.resume(start.delta, start.n_senders, start.delta_sum())
 
         def receivers_input(base: Tensor, r0: int, r1: int, n_s: int) -> Tensor:
             block = masks[:, :, r0:r1, :n_s]
@@ -175,8 +175,13 @@ class EdgeForward:
         for layer in range(first_layer, net.n_layers):
             if not (layer == first_layer and stage == "mlp") and stage != "final":
                 r0, s0 = self.head_receivers[layer], self.head_senders[layer]
-                x = receivers_input(resid, r0, r0 + 3 * H, s0)  # [k, 3H, T, D] or None
-                if x is not None:
+                block = masks[:, :, r0 : r0 + 3 * H, :s0]
+                grouped = not differentiable and bool(block.any())
+                x = None if grouped else receivers_input(resid, r0, r0 + 3 * H, s0)  # [k, 3H, T, D]
+                if grouped:
+                    q, kk, v = self._grouped_qkv(layer, resid, block, deltas, slot_idx, n, P)
+                    kz = k
+                elif x is not None:
                     y = net.ln(x, net.ln1[layer]).view(k, H, 3, T, D)
                     qkv = torch.einsum("khitd,hide->khite", y, self.W_hqkv[layer]) + self.b_hqkv[layer][None, :, :, None]
                     q, kk, v = (qkv[:, :, i].reshape(k * H, n, P, -1) for i in range(3))
@@ -201,20 +206,95 @@ class EdgeForward:
             if net.attn_only or stage == "final":
                 continue
             rm, sm = self.mlp_receivers[layer], self.mlp_senders[layer]
-            x = receivers_input(resid, rm, rm + 1, sm)
-            mlp_out = net.mlp(layer, resid if x is None else x[:, 0])
+            x = self._single_input(resid, masks[:, :, rm : rm + 1, :sm], deltas, slot_idx, differentiable)
+            mlp_out = net.mlp(layer, resid if x is None else x)
             deltas.computed(sm, sm + 1, mlp_out[:, None])
             if outputs is not None:
                 outputs[:, sm] = mlp_out
             resid = resid + mlp_out
-        x = receivers_input(resid, self.n_receivers - 1, self.n_receivers, self.n_senders)
-        resid = resid if x is None else x[:, 0]
+        x = self._single_input(resid, masks[:, :, -1:, :], deltas, slot_idx, differentiable)
+        resid = resid if x is None else x
         if resid.shape[0] != k:
             resid = resid.expand(k, T, D)
         final = resid.reshape(k, n, P, D)
         if outputs is not None:
             outputs = outputs.view(k, self.n_senders, n, P, D)
         return final, outputs
+
+    # -- grouped receiver inputs (no autograd) ---------------------------------------------------
+    #
+    # Receivers of one block whose mask rows are equal read the same input, so each distinct row
+    # is built once (and LayerNorm-ed once). A row is built from the senders it names, or, when
+    # it names more than half of them (circuit evaluation: most edges patched), as
+    # ``base + sum(all differences) - sum(differences of the senders it leaves out)``, with the
+    # running sum of every difference so far; only the senders some row uses are read.
+
+    def _distinct_inputs(self, base: Tensor, m: Tensor, deltas: "_Deltas", kk: int, slot_idx) -> tuple[Tensor, Tensor]:
+        """For set ``kk``: ``([U, T, D] inputs of the distinct rows, [R] row of each receiver)``."""
+        n_slots, n_r, n_s = m.shape
+        rows = m.permute(1, 0, 2).reshape(n_r, n_slots * n_s)
+        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        U = uniq.shape[0]
+        T, D = base.shape[-2:]
+        out = base.expand(U, T, D).clone()
+        if n_slots == 1 and slot_idx[0] is None:
+            coef = uniq
+            complement = coef.sum(1) > n_s / 2
+            if bool(complement.any()):
+                coef = torch.where(complement[:, None], coef - 1.0, coef)
+                out[complement] += deltas.running_total(kk)
+            used = coef.abs().sum(0).nonzero()[:, 0]
+            if len(used):
+                cols = deltas.columns(kk, used)  # [n_used, T, D]
+                out.view(U, T * D).addmm_(coef[:, used], cols.view(len(used), T * D))
+            return out, inverse
+        for j, idx in enumerate(slot_idx):
+            coef = uniq[:, j * n_s : (j + 1) * n_s]
+            used = coef.abs().sum(0).nonzero()[:, 0]
+            if not len(used):
+                continue
+            cols = deltas.columns(kk, used)
+            if idx is None:
+                out.view(U, T * D).addmm_(coef[:, used], cols.view(len(used), T * D))
+            else:
+                part = cols.index_select(1, idx)
+                add = (coef[:, used] @ part.reshape(len(used), -1)).view(U, len(idx), D)
+                out.index_add_(1, idx, add)
+        return out, inverse
+
+    def _grouped_qkv(self, layer: int, resid: Tensor, block: Tensor, deltas: "_Deltas", slot_idx, n: int, P: int):
+        net = self.net
+        H, dh = net.n_heads, net.d_head
+        k = block.shape[0]
+        T, D = resid.shape[-2:]
+        W = self.W_hqkv[layer].reshape(3 * H, D, dh)
+        b = self.b_hqkv[layer].reshape(3 * H, dh)
+        out = resid.new_empty(k, 3 * H, T, dh)
+        for kk in range(k):
+            base = resid[min(kk, resid.shape[0] - 1)]
+            x, inverse = self._distinct_inputs(base, block[kk], deltas, kk, slot_idx)
+            y = net.ln(x, net.ln1[layer])
+            for u in range(x.shape[0]):
+                members = (inverse == u).nonzero()[:, 0]
+                W_u = W.index_select(0, members).permute(1, 0, 2).reshape(D, -1)
+                b_u = b.index_select(0, members).reshape(-1)
+                proj = torch.addmm(b_u, y[u], W_u).view(T, len(members), dh)
+                out[kk].index_copy_(0, members, proj.permute(1, 0, 2))
+        qkv = out.view(k, H, 3, n, P, dh)
+        return tuple(qkv[:, :, i].reshape(k * H, n, P, dh) for i in range(3))
+
+    def _single_input(self, resid: Tensor, block: Tensor, deltas: "_Deltas", slot_idx, differentiable: bool):
+        """The input ``[k, T, D]`` of a one-receiver block (MLP, logits), None when unpatched."""
+        if differentiable:
+            add = deltas.mix_add(block, slot_idx, True)
+            return resid + add[:, 0]
+        if not bool(block.any()):
+            return None
+        k = block.shape[0]
+        xs = [self._distinct_inputs(resid[min(kk, resid.shape[0] - 1)], block[kk], deltas, kk, slot_idx)[0][0]
+              for kk in range(k)]
+        return torch.stack(xs)
+
 
     def clean_states(self, tokens: Int[Tensor, "n pos"], target: Float[Tensor, "senders n pos d"]) -> dict:
         """Resumable states of the unpatched run on ``tokens``: ``{(layer, "attn" | "mlp"): state}``
@@ -258,6 +338,13 @@ class EngineState:
     resid: Tensor
     delta: Tensor
     n_senders: int
+    _sum: Tensor | None = None
+
+    def delta_sum(self) -> Tensor:
+        """Sum of the first ``n_senders`` differences ``[1, T, d]`` (computed once)."""
+        if self._sum is None:
+            self._sum = self.delta[:, : self.n_senders].sum(1)
+        return self._sum
 
 
 class _Deltas:
@@ -274,21 +361,44 @@ class _Deltas:
         self.n_shared = 0
         self.shared: Tensor | None = None
         self.perk: Tensor | None = None
+        self.total: Tensor | None = None
         if self.fixed:
             self.shared = fixed_delta.reshape(1, n_senders, T, d)
             self.n_shared = n_senders
 
-    def resume(self, delta: Tensor, n_senders: int) -> None:
+    def resume(self, delta: Tensor, n_senders: int, delta_sum: Tensor | None = None) -> None:
         """Start from a saved state's differences (borrowed: copied before any write)."""
         if self.fixed:
             return
         self.shared, self.n_shared, self.borrowed = delta, n_senders, True
+        self.total = delta_sum
+
+    def running_total(self, kk: int) -> Tensor:
+        """Sum of every difference computed so far, for set ``kk`` ``[T, d]``."""
+        if self.total is None:  # resumed without a saved sum
+            self.total = self.shared[:, : self.n_shared].sum(1)
+        return self.total[min(kk, self.total.shape[0] - 1)]
+
+    def columns(self, kk: int, idx: Tensor) -> Tensor:
+        """The differences of senders ``idx`` for set ``kk``: ``[len(idx), T, d]``."""
+        if self.perk is None:
+            return self.shared[0].index_select(0, idx)
+        low, high = idx[idx < self.perk_from], idx[idx >= self.perk_from]
+        parts = []
+        if len(low):
+            parts.append(self.shared[0].index_select(0, low))
+        if len(high):
+            parts.append(self.perk[kk].index_select(0, high - self.perk_from))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def computed(self, s0: int, s1: int, out: Tensor) -> None:
         """Senders ``s0:s1`` produced ``out`` ``[1 or k, s1 - s0, T, d]`` in this run."""
         if self.target is None:
             return
         value = self.target[s0:s1] - out
+        if self.total is not None or s0 == 0:
+            added = value.sum(1)
+            self.total = added if self.total is None else self.total + added
         if value.shape[0] == 1 and self.perk is None:
             if self.shared is None:
                 self.shared = self.like.new_empty(1, self.n_senders, self.T, self.d)
