@@ -236,18 +236,16 @@ class EdgeForward:
         uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
         U = uniq.shape[0]
         T, D = base.shape[-2:]
-        out = base.expand(U, T, D).clone()
         if n_slots == 1 and slot_idx[0] is None:
             coef = uniq
             complement = coef.sum(1) > n_s / 2
             if bool(complement.any()):
                 coef = torch.where(complement[:, None], coef - 1.0, coef)
-                out[complement] += deltas.running_total(kk)
-            used = coef.abs().sum(0).nonzero()[:, 0]
-            if len(used):
-                cols = deltas.columns(kk, used)  # [n_used, T, D]
-                out.view(U, T * D).addmm_(coef[:, used], cols.view(len(used), T * D))
+            out = deltas.combine(kk, coef, base.reshape(1, T * D)).view(U, T, D)
+            for u in complement.nonzero()[:, 0].tolist():
+                out[u] += deltas.running_total(kk)
             return out, inverse
+        out = base.expand(U, T, D).clone()
         for j, idx in enumerate(slot_idx):
             coef = uniq[:, j * n_s : (j + 1) * n_s]
             used = coef.abs().sum(0).nonzero()[:, 0]
@@ -274,6 +272,9 @@ class EdgeForward:
             base = resid[min(kk, resid.shape[0] - 1)]
             x, inverse = self._distinct_inputs(base, block[kk], deltas, kk, slot_idx)
             y = net.ln(x, net.ln1[layer])
+            if x.shape[0] > H:  # mostly distinct inputs: one batched projection
+                out[kk] = torch.baddbmm(b[:, None], y.index_select(0, inverse), W)
+                continue
             for u in range(x.shape[0]):
                 members = (inverse == u).nonzero()[:, 0]
                 W_u = W.index_select(0, members).permute(1, 0, 2).reshape(D, -1)
@@ -378,6 +379,32 @@ class _Deltas:
         if self.total is None:  # resumed without a saved sum
             self.total = self.shared[:, : self.n_shared].sum(1)
         return self.total[min(kk, self.total.shape[0] - 1)]
+
+    def combine(self, kk: int, coef: Tensor, base: Tensor) -> Tensor:
+        """``base + coef @ differences`` for set ``kk``: ``[U, T * d]`` (``coef`` ``[U, n_s]``).
+
+        Reads only the senders some row uses: gathered when few, else the contiguous views
+        between the first and last used sender (no copy)."""
+        U, n_s = coef.shape
+        Td = self.T * self.d
+        out = base.expand(U, Td).clone()
+        used = coef.abs().sum(0).nonzero()[:, 0]
+        if not len(used):
+            return out
+        if len(used) <= 8:
+            out.addmm_(coef[:, used], self.columns(kk, used).view(len(used), Td))
+            return out
+        split = self.n_shared if self.perk is None else self.perk_from
+        pieces = [(0, min(split, n_s), self.shared[0], 0)]
+        if self.perk is not None and n_s > split:
+            pieces.append((split, n_s, self.perk[kk], split))
+        for lo, hi, store, offset in pieces:
+            inside = used[(used >= lo) & (used < hi)]
+            if not len(inside):
+                continue
+            a, b = int(inside[0]), int(inside[-1]) + 1
+            out.addmm_(coef[:, a:b], store[a - offset : b - offset].reshape(b - a, Td))
+        return out
 
     def columns(self, kk: int, idx: Tensor) -> Tensor:
         """The differences of senders ``idx`` for set ``kk``: ``[len(idx), T, d]``."""
