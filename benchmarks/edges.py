@@ -1,0 +1,160 @@
+"""Edge-level benchmark (issue 12): EAP for every edge, circuit evaluation by exact edge patching
+against the arithmetic floor, and ACDC on the planted model. Prints a table, writes JSON.
+
+Rows
+----
+* ``eap_all_edges``: :func:`ioi.edges.eap_scores` for every edge of ``--model`` (default
+  ``random-gpt2-small``: GPT-2 small's shape and cost, random weights), N IOI prompts vs p_ABC.
+  Target: <= 60 s on 2 CPU cores at N=100.
+* ``circuits_exact``: ``--circuits`` circuits evaluated by :func:`ioi.edges.patch_edges`
+  (``mode="keep"``: circuit clean, every other edge patched) -- the top-n edges of the EAP scores
+  for n log-spaced from 1 to every edge (a faithfulness curve); and the same number of random
+  circuits (each edge kept with probability 1/2: the densest case). Beside it the arithmetic
+  floor: ``circuits x`` the FLOPs of one plain forward pass (every layer at every position up to
+  each prompt's END, the full-vocabulary unembedding at those positions) divided by the machine's
+  float32 matmul throughput, measured here on ``[2048, d_model] x [d_model, 4 d_model]``.
+  Target: <= 1.5x the floor.
+* ``acdc_planted``: :func:`ioi.edges.acdc` on ``planted-ioi`` at ``--acdc-n`` prompts (demo N),
+  reporting the edges kept and whether the planted name-mover -> logits edge is among them.
+  Target: <= 120 s on 2 CPU cores.
+
+Timings are wall-clock seconds; they are never asserted in tests.
+
+    python benchmarks/edges.py                                 # the issue's scale (N=100, 100 circuits)
+    python benchmarks/edges.py --n 10 --circuits 4 --acdc-n 8  # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from ioi.data import IOIDataset
+from ioi.edges import EdgeGraph, acdc, eap_scores, patch_edges, top_n
+from ioi.metrics import LogitDiff
+from ioi.models import load_model
+from ioi.provenance import device_description, provenance, write_json
+
+TARGETS = {"eap_all_edges": "<= 60 s", "circuits_exact": "<= 1.5x floor", "acdc_planted": "<= 120 s"}
+
+
+def matmul_gflops(d_model: int, device: torch.device, repeats: int = 10) -> float:
+    """Measured float32 matmul throughput (GFLOP/s) on a forward-pass-shaped product."""
+    a = torch.randn(2048, d_model, device=device)
+    b = torch.randn(d_model, 4 * d_model, device=device)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return repeats * 2 * a.shape[0] * d_model * 4 * d_model / (time.perf_counter() - start) / 1e9
+
+
+def forward_flops(cfg, end_idx: torch.Tensor) -> float:
+    """FLOPs of one plain forward pass over each prompt's positions 0..END (matmuls only)."""
+    d, L, d_mlp, vocab = cfg.d_model, cfg.n_layers, cfg.d_mlp, cfg.d_vocab
+    lengths = (end_idx.long() + 1).double()
+    tokens = float(lengths.sum())
+    per_token = L * (2 * 4 * d * d + 2 * 2 * d * d_mlp) + 2 * d * vocab
+    attention = float((lengths**2).sum()) * L * 2 * 2 * d  # scores and weighted values
+    return tokens * per_token + attention
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="random-gpt2-small")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--circuits", type=int, default=100)
+    parser.add_argument("--acdc-n", type=int, default=100)
+    parser.add_argument("--acdc-tau", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip", nargs="*", default=(), choices=("eap", "circuits", "acdc"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    torch.set_grad_enabled(False)
+    device = torch.device(args.device)
+    rows: list[dict] = []
+    model = load_model(args.model, device=args.device, seed=args.seed)
+    ioi = IOIDataset(N=args.n, seed=args.seed)
+    abc = ioi.abc_dataset()
+    metric = LogitDiff.from_dataset(ioi)
+    graph = EdgeGraph.from_model(model)
+    gflops = matmul_gflops(model.cfg.d_model, device)
+
+    scores = None
+    if "eap" not in args.skip or "circuits" not in args.skip:
+        scores, seconds = _timed(lambda: eap_scores(model, ioi.toks, abc.toks, metric, graph))
+        rows.append({"experiment": "eap_all_edges", "model": args.model, "N": args.n, "edges": len(graph),
+                     "seconds": seconds, "target": TARGETS["eap_all_edges"],
+                     "max_abs_score": float(scores.abs().max())})
+    if "circuits" not in args.skip:
+        sizes = torch.logspace(0, math.log10(len(graph)), args.circuits).round().long().tolist()
+        floor = args.circuits * forward_flops(model.cfg, metric.end_idx) / (gflops * 1e9)
+        circuits = [top_n(scores, graph, int(n)) for n in sizes]
+        values, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, circuits, metric, graph=graph,
+                                                     mode="keep"))
+        rows.append({"experiment": "circuits_exact", "circuits": "top-n of EAP (log-spaced n)", "model": args.model,
+                     "N": args.n, "n_circuits": len(circuits), "edges": len(graph), "seconds": seconds,
+                     "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
+                     "target": TARGETS["circuits_exact"], "metric_first_last": [float(values[0]), float(values[-1])]})
+        gen = torch.Generator().manual_seed(args.seed)
+        random_sets = torch.rand(args.circuits, len(graph), generator=gen) < 0.5
+        _, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, random_sets, metric, graph=graph,
+                                                mode="keep"))
+        rows.append({"experiment": "circuits_exact", "circuits": "random (p=1/2)", "model": args.model,
+                     "N": args.n, "n_circuits": args.circuits, "edges": len(graph), "seconds": seconds,
+                     "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
+                     "target": TARGETS["circuits_exact"]})
+    if "acdc" not in args.skip:
+        planted = load_model("planted-ioi", device=args.device)
+        small = IOIDataset(N=args.acdc_n, seed=args.seed)
+        small_abc = small.abc_dataset()
+        planted_graph = EdgeGraph.from_model(planted)
+        circuit, seconds = _timed(lambda: acdc(planted, small.toks, small_abc.toks, LogitDiff.from_dataset(small),
+                                               planted_graph, args.acdc_tau))
+        rows.append({"experiment": "acdc_planted", "model": "planted-ioi", "N": args.acdc_n, "tau": args.acdc_tau,
+                     "edges": len(planted_graph), "edges_kept": len(circuit), "seconds": seconds,
+                     "target": TARGETS["acdc_planted"], "kept": circuit.names,
+                     "name_mover_to_logits_kept": "a3.h1->logits" in circuit.names,
+                     "tested": circuit.meta["n_tested"], "batched_passes": circuit.meta["n_batched_passes"]})
+
+    print(json.dumps(rows, indent=2, default=str))
+    print(f"device {device_description(device)}, torch threads {torch.get_num_threads()}, "
+          f"matmul {gflops:.1f} GFLOP/s")
+    header = f"{'experiment':<16} {'circuits':<28} {'model':<18} {'N':>4} {'edges':>6} {'seconds':>8} {'floor s':>8} {'x floor':>7}  target"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        floor = row.get("floor_seconds")
+        floor_s = "-" if floor is None else f"{floor:.1f}"
+        ratio = "-" if floor is None else f"{row['ratio_to_floor']:.2f}"
+        print(f"{row['experiment']:<16} {row.get('circuits', '-'):<28} {row['model']:<18} {row['N']:>4} "
+              f"{row['edges']:>6} {row['seconds']:>8.1f} {floor_s:>8} {ratio:>7}  {row['target']}")
+    if args.json:
+        write_json(args.json, {
+            "provenance": provenance(model, N=args.n, seed=args.seed, device=device_description(device),
+                                     threads=torch.get_num_threads(), dataset_hash=ioi.content_hash(),
+                                     abc_dataset_hash=abc.content_hash(), matmul_gflops=gflops),
+            "rows": rows,
+        })
+    return rows
+
+
+if __name__ == "__main__":
+    main()
