@@ -447,3 +447,97 @@ class _Deltas:
             more = EdgeForward.mix_add(masks[..., a:n_s], self.perk[:, : n_s - a], slot_idx, differentiable)
             total = more if total is None else (total if more is None else total + more)
         return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Attribution: the clean forward with receiver probes (gradients of a zero mask, by hand)
+# ----------------------------------------------------------------------------------------------
+
+
+def _ln_vjp(x: Tensor, grad_y: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """Vector-Jacobian product of ``layer_norm(x) * weight + bias`` at ``x`` ``[T, d]`` for a stack
+    of output gradients ``[R, T, d]``."""
+    var, mean = torch.var_mean(x, -1, unbiased=False, keepdim=True)
+    inv = torch.rsqrt(var + eps)
+    x_hat = (x - mean) * inv
+    g = grad_y if weight is None else grad_y * weight
+    return inv * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+
+
+def _mask_grad(grad_x: Tensor, delta: Tensor, slot_idx) -> Tensor:
+    """``[slots, R, S]``: sum over each slot's tokens of ``grad_x[r] . delta[s]``."""
+    R, T, d = grad_x.shape
+    S = delta.shape[0]
+    out = []
+    for idx in slot_idx:
+        g = grad_x if idx is None else grad_x.index_select(1, idx)
+        dl = delta if idx is None else delta.index_select(1, idx)
+        out.append(g.reshape(R, -1) @ dl.reshape(S, -1).T)
+    return torch.stack(out)
+
+
+class _HeadInputsProbe(torch.autograd.Function):
+    """q|k|v of every head from the shared ``resid`` (``LN1`` then per-head projections), with a
+    zero mask ``M`` whose gradient is ``sum_t (d metric / d x_r) . delta_s`` per receiver."""
+
+    @staticmethod
+    def forward(ctx, resid, mask, W, b, ln_w, ln_b, eps, delta, slot_idx):
+        y = F.layer_norm(resid, (resid.shape[-1],), ln_w, ln_b, eps)
+        out = torch.baddbmm(b[:, None], y.expand(W.shape[0], -1, -1), W)  # [R, T, dh]
+        ctx.save_for_backward(resid, W, ln_w, delta)
+        ctx.eps, ctx.slot_idx = eps, slot_idx
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        resid, W, ln_w, delta = ctx.saved_tensors
+        grad_y = torch.bmm(grad_out, W.transpose(1, 2))  # [R, T, d]
+        grad_x = _ln_vjp(resid, grad_y, ln_w, ctx.eps)
+        grad_mask = _mask_grad(grad_x, delta, ctx.slot_idx)
+        return grad_x.sum(0), grad_mask, None, None, None, None, None, None, None
+
+
+class _InputProbe(torch.autograd.Function):
+    """The identity on one receiver's input, with the zero-mask gradient (MLP, logits)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, delta, slot_idx):
+        ctx.save_for_backward(delta)
+        ctx.slot_idx = slot_idx
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (delta,) = ctx.saved_tensors
+        return grad, _mask_grad(grad[None], delta, ctx.slot_idx), None, None
+
+
+def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, delta: Tensor,
+                   embed: Tensor | None = None) -> Tensor:
+    """The plain forward on ``tokens`` (embedding ``embed`` when given) whose receivers read
+    ``resid + mask . delta`` with ``mask`` ``[slots, receivers, senders]`` = 0: the forward is the
+    unpatched one, and ``d metric / d mask`` is the EAP table. Returns the final residual
+    ``[n, pos, d]``."""
+    net = engine.net
+    H, D = net.n_heads, net.d_model
+    n, P = tokens.shape
+    T = n * P
+    delta = delta.reshape(engine.n_senders, T, D)
+    resid = (engine.embed(tokens) if embed is None else embed).reshape(T, D)
+    for layer in range(net.n_layers):
+        r0, s0 = engine.head_receivers[layer], engine.head_senders[layer]
+        W = engine.W_hqkv[layer].reshape(3 * H, D, -1)
+        b = engine.b_hqkv[layer].reshape(3 * H, -1)
+        ln_w, ln_b = net.ln1[layer]
+        qkv = _HeadInputsProbe.apply(resid, mask[:, r0 : r0 + 3 * H, :s0], W, b, ln_w, ln_b, net.eps,
+                                     delta[:s0], tuple(slot_idx))
+        q, k, v = (t.reshape(H, n, P, -1) for t in qkv.view(H, 3, T, -1).unbind(1))
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=net.attn_scales[layer])
+        z = z.reshape(H, T, -1).permute(1, 0, 2).reshape(T, -1)
+        resid = resid + net.attn_out_from_z(layer, z)
+        if not net.attn_only:
+            rm, sm = engine.mlp_receivers[layer], engine.mlp_senders[layer]
+            x = _InputProbe.apply(resid, mask[:, rm, :sm][:, None], delta[:sm], tuple(slot_idx))
+            resid = resid + net.mlp(layer, x)
+    final = _InputProbe.apply(resid, mask[:, -1, :][:, None], delta, tuple(slot_idx))
+    return final.view(n, P, D)

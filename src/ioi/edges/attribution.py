@@ -25,7 +25,9 @@ value).
 
 The receiver inputs are the engine's (:mod:`ioi.edges._engine`): each receiver reads
 ``resid + M . delta`` with a zero mask ``M``, whose gradient is exactly the score table
-(AutoCircuit's mask-gradient formulation).
+(AutoCircuit's mask-gradient formulation). The forward is the plain one (M = 0); the backward
+takes each receiver's input gradient through its own LayerNorm by hand
+(:func:`ioi.edges._engine.probed_forward`) and contracts it with the differences.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ioi.edges._engine import EdgeForward, slot_token_index
+from ioi.edges._engine import EdgeForward, probed_forward, slot_token_index
 from ioi.edges.graph import EdgeGraph
 from ioi.edges.patching import _BYTES, _budget, edge_forward
 from ioi.metrics import LogitDiff
@@ -128,9 +130,9 @@ def _scores(
             e_clean, e_corr = clean_out[0], (target[0] if corrupted is not None else None)
         for alpha in points:
             embed = None if alphas is None else e_corr + alpha * (e_clean - e_corr)
-            mask = torch.zeros_like(grad_total, requires_grad=True)
+            mask = torch.zeros_like(grad_total[0], requires_grad=True)
             with torch.enable_grad():
-                final, _ = engine.run(toks, mask, slots, fixed_delta=delta, embed=embed, differentiable=True)
+                final = probed_forward(engine, toks, mask, slots, delta, embed=embed)[None]
                 if is_ld:
                     m = metric[rows]
                     ends = m.end_idx.to(device).long()
@@ -140,7 +142,7 @@ def _scores(
                 else:
                     value = metric(engine.net.logits(final)[0])
                 (grad,) = torch.autograd.grad(value, mask)
-            grad_total += grad
+            grad_total[0] += grad
             bar.update(1)
     bar.close()
     grad_total /= len(points)
