@@ -413,3 +413,20 @@ def test_discovery_errors(setup):
         top_n(scores[:-1], graph, 1)
     with pytest.raises(ValueError, match="no edges"):
         rollup_to_heads(Circuit(edges=()))
+
+
+def test_eap_under_inference_mode_after_patching(setup):
+    """The pipeline runs under torch.inference_mode: attribution must still work after a patching
+    call cached the engine's weights as inference tensors."""
+    from ioi.edges import eap_scores
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model)
+    expected = eap_scores(model, toks, new, metric, graph)
+    from ioi.patching import _fast_forward
+
+    _fast_forward._WEIGHT_CACHE.pop(model, None)  # re-read the weights under inference mode
+    with torch.inference_mode():
+        patch_edges(model, toks.clone(), new.clone(), [[]], metric, graph=graph)
+        got = eap_scores(model, toks.clone(), new.clone(), metric, graph)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from ioi.edges._engine import EdgeForward, probed_forward, slot_token_index
 from ioi.edges.graph import EdgeGraph
-from ioi.edges.patching import _BYTES, _budget, edge_forward
+from ioi.edges.patching import _BYTES, _budget
+from ioi.patching._fast_forward import NetWeights, net_weights
 from ioi.metrics import LogitDiff
 
 __all__ = ["eap_ig_scores", "eap_scores"]
@@ -76,7 +77,23 @@ def _grad_bytes_per_prompt(engine: EdgeForward, n_pos: int) -> float:
     return _BYTES * n_pos * (saved + 2 * engine.n_senders * net.d_model)
 
 
-def _scores(
+def _grad_engine(model, graph: EdgeGraph) -> EdgeForward:
+    """The engine with weights autograd can save (not inference tensors: the cached weights may
+    have been read under ``torch.inference_mode``)."""
+    net = net_weights(model)
+    tensors = [v for v in vars(net).values() if isinstance(v, Tensor)]
+    tensors += [t for pair in (*net.ln1, *net.ln2, net.ln_final) for t in pair if t is not None]
+    if any(t.is_inference() for t in tensors):
+        net = NetWeights.from_bridge(model)
+    return EdgeForward(net, graph)
+
+
+def _scores(*args, **kwargs) -> Tensor:
+    with torch.inference_mode(False), torch.enable_grad():
+        return _scores_impl(*args, **kwargs)
+
+
+def _scores_impl(
     model,
     clean_tokens: Tensor,
     corrupted_tokens: Tensor | None,
@@ -89,13 +106,13 @@ def _scores(
     memory_budget_mb: float | None,
     progress: bool,
 ) -> Tensor:
-    engine = edge_forward(model, graph)
+    engine = _grad_engine(model, graph)
     device = engine.device
-    clean = torch.as_tensor(clean_tokens).long().to(device)
+    clean = torch.as_tensor(clean_tokens).long().to(device).clone()
     n, P = clean.shape
     if (corrupted_tokens is None) == (mean_activations is None):
         raise ValueError("Give exactly one of corrupted_tokens (patching) and mean_activations (mean ablation).")
-    corrupted = None if corrupted_tokens is None else torch.as_tensor(corrupted_tokens).long().to(device)
+    corrupted = None if corrupted_tokens is None else torch.as_tensor(corrupted_tokens).long().to(device).clone()
     if corrupted is not None and corrupted.shape != clean.shape:
         raise ValueError(f"corrupted_tokens {tuple(corrupted.shape)} must match clean_tokens {tuple(clean.shape)}.")
     if alphas is not None and corrupted is None:
@@ -110,7 +127,7 @@ def _scores(
         corrupted = None if corrupted is None else corrupted[:, :P]
     means = None
     if mean_activations is not None:
-        means = mean_activations.to(device)[:, :, :P].expand(-1, n, -1, -1)
+        means = mean_activations.to(device)[:, :, :P].expand(-1, n, -1, -1).clone()
     chunk = n
     if is_ld:
         chunk = max(1, min(n, int(_budget(memory_budget_mb, device) // _grad_bytes_per_prompt(engine, P))))
