@@ -48,7 +48,8 @@ TINY_CIRCUIT = Circuit(
     },
 )
 
-OUR_EXPERIMENTS = ("fig3b", "fig4b", "fig4c", "fig5b", "fig12b", "fig13b", "fig15", "fig19")
+OUR_EXPERIMENTS = ("fig3b", "fig4b", "fig4c", "fig5b", "fig12b", "fig13b", "fig15", "fig19",
+                   "induction_queries", "sinh_queries")
 OUR_FIGURES = {
     "fig3b_path_patching_logits": "fig3b",
     "fig4b_path_patching_nm_queries": "fig4b",
@@ -58,6 +59,8 @@ OUR_FIGURES = {
     "fig13b_path_patching_induction_keys": "fig13b",
     "fig15_backup_name_movers": "fig15",
     "fig19_mlps": "fig19",
+    "induction_queries": "induction_queries",
+    "sinh_queries": "sinh_queries",
 }
 HEAD_COLUMNS = {"layer", "head", "class", "variant", "value", "ci_low", "ci_high"}
 COLUMNS = {
@@ -66,6 +69,8 @@ COLUMNS = {
     "fig5b": HEAD_COLUMNS | {"receiver"},
     "fig12b": HEAD_COLUMNS | {"receiver"},
     "fig13b": HEAD_COLUMNS | {"receiver"},
+    "induction_queries": HEAD_COLUMNS | {"receiver"},
+    "sinh_queries": HEAD_COLUMNS | {"receiver"},
     "fig15": HEAD_COLUMNS,
     "fig4c": {"prompt", "template", "layer", "head", "condition", "key", "attention", "logit_diff"},
     "fig19": {"layer", "variant", "value", "ci_low", "ci_high", "unit"},
@@ -74,9 +79,12 @@ COLUMNS = {
 CLAIM_KEYS = {
     "fig3b": ("effect",),
     "fig4b": ("effect",),
-    "fig5b": ("effect",),
+    "fig5b": ("effect", "max_abs_effect"),
     "fig12b": ("effect",),
-    "fig13b": ("effect",),
+    "fig13b": ("effect", "max_abs_effect"),
+    "fig4c": ("attention_s1_after", "attention_io_after", "attention_s1_before", "attention_io_before"),
+    "induction_queries": ("effect", "max_abs_effect"),
+    "sinh_queries": ("effect", "max_abs_effect"),
     "fig15": ("knockout_logit_diff_ratio", "effect_after", "backup_candidates", "backup_selected"),
     "fig19": ("mlp0_knockout_logit_diff", "all_but_mlp0_knockout_logit_diff"),
 }
@@ -86,10 +94,12 @@ PER_HEAD_KEYS = {
     "fig5b": ("effect",),
     "fig12b": ("effect",),
     "fig13b": ("effect",),
+    "induction_queries": ("effect",),
+    "sinh_queries": ("effect",),
     "fig15": ("effect_before", "effect_after"),
 }
 # Senders that cannot reach the receivers (layer >= the last receiver layer) -> None.
-UNREACHABLE = {"fig4b": 3, "fig5b": 2, "fig12b": 2, "fig13b": 1}
+UNREACHABLE = {"fig4b": 3, "fig5b": 2, "fig12b": 2, "fig13b": 1, "induction_queries": 1, "sinh_queries": 2}
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +204,8 @@ def test_result_files(results, name):
 
 def test_receivers_and_positions(results):
     expected = {"fig4b": (["3.0"], "q", "END"), "fig5b": (["2.0"], "v", "S2"),
-                "fig12b": (["2.0"], "k", "S2"), "fig13b": (["1.0"], "k", "S1+1")}
+                "fig12b": (["2.0"], "k", "S2"), "fig13b": (["1.0"], "k", "S1+1"),
+                "induction_queries": (["1.0"], "q", "S2"), "sinh_queries": (["2.0"], "q", "END")}
     for name, (receivers, which, position) in expected.items():
         frame, summary, _ = _read(results[name])
         assert summary["receivers"] == receivers and summary["receiver_input"] == which

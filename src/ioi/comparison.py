@@ -272,9 +272,11 @@ def evaluate_claim(claim: Mapping, results_dir: str | Path) -> ClaimOutcome:
         if kind == "compare":
             other, _ = source_value(results_dir, check["other"])
             ours_v, other_v = _number(value), _number(other)
-            ok = _OPS[check["op"]](ours_v, other_v + check.get("margin", 0.0))
+            factor = float(check.get("factor", 1.0))
+            ok = _OPS[check["op"]](ours_v, factor * other_v + check.get("margin", 0.0))
+            scaled = f"{factor:g} x other" if factor != 1.0 else "other"
             result = (ok, f"{_fmt(ours_v)} vs {_fmt(other_v)}",
-                      f"{check['op']} other {check.get('margin', 0):+g}", "")
+                      f"{check['op']} {scaled} {check.get('margin', 0):+g}", "")
         elif kind in ("cells_abs", "sign_match"):
             fn = _check_cells_abs if kind == "cells_abs" else _check_sign_match
             result = fn(value, check, claim["paper_value"])
@@ -387,3 +389,59 @@ def figure_links_by_experiment() -> dict[str, list[str]]:
     for spec in FIGURES.values():
         links.setdefault(spec.experiment, []).append(f"{spec.name}.png")
     return links
+
+
+# ------------------------------------------------------------------------------------------------
+# Secondary table: every headline number per order and per template (ioi.breakdown)
+# ------------------------------------------------------------------------------------------------
+
+
+def breakdown_tables(results_dir: str | Path, experiments: list[str] | None = None) -> str:
+    """Markdown: each experiment's ``summary["breakdown"]`` per order (ABBA / BABA, with the spread
+    over templates), then per template. Experiments without results are listed as NOT RUN."""
+    from ioi.breakdown import breakdown_rows
+
+    results_dir = Path(results_dir)
+    if experiments is None:
+        from ioi.registry import EXPERIMENTS
+
+        experiments = list(EXPERIMENTS)
+    rows, missing = [], []
+    for experiment in experiments:
+        try:
+            summary = load_summary(results_dir, experiment)
+        except MissingResult:
+            missing.append(experiment)
+            continue
+        rows.extend(breakdown_rows(experiment, summary))
+    lines = [
+        "## Secondary table: per order and per template",
+        "",
+        "Every headline number of the claims above, recomputed on each order's (ABBA / BABA) and each "
+        "template's prompts (`summary.json` key `breakdown`, `ioi.breakdown`): value [95% CI] "
+        "(bootstrap over the group's prompts; Wilson for copy scores); path-patching sweeps list each "
+        "group's top heads (% change of the group's mean LD). Templates hold few prompts each at the "
+        "paper's N, so their CIs are wide. No verdicts: the paper reports no per-template numbers.",
+        "",
+    ]
+    if not rows:
+        lines += [f"NOT RUN: no breakdowns in `{results_dir}/` "
+                  f"({len(missing)} experiments without results).", ""]
+        return "\n".join(lines)
+    lines += ["| experiment | quantity | statistic | all prompts | ABBA | BABA | spread over templates |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['experiment']}` | {_cell(r['quantity'])} | {_cell(r['statistic'])} | "
+                     f"{_cell(r['overall'])} | {_cell(r['ABBA'])} | {_cell(r['BABA'])} | {_cell(r['spread'])} |")
+    templates = sorted({t for r in rows for t in r["templates"]},
+                       key=lambda t: (t.partition("-")[0], int(t.partition("-")[2]) if t.partition("-")[2].isdigit() else -1))
+    lines += ["", "Per template:", "",
+              "| experiment | quantity | " + " | ".join(templates) + " |",
+              "|---|---|" + "---|" * len(templates)]
+    for r in rows:
+        cells = " | ".join(_cell(r["templates"].get(t, "")) for t in templates)
+        lines.append(f"| `{r['experiment']}` | {_cell(r['quantity'])} | {cells} |")
+    if missing:
+        lines += ["", f"NOT RUN (no results): {', '.join(f'`{m}`' for m in missing)}."]
+    lines.append("")
+    return "\n".join(lines)

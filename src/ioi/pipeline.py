@@ -138,8 +138,11 @@ def run_experiment_job(
 
 
 def plot_figure_job(*, name: str, data_csv: str, summary_json: str, meta_json: str,
-                    png: str, pdf: str) -> None:
-    """Draw registered figure ``name`` from its experiment's files; save PNG and PDF atomically."""
+                    png: str, pdf: str, extra_summary_jsons: list[str] | None = None) -> None:
+    """Draw registered figure ``name`` from its experiment's files; save PNG and PDF atomically.
+
+    A figure with ``extra_experiments`` also gets their summaries (``extra={name: summary}``, in
+    the spec's order; ``extra_summary_jsons`` are their paths in the same order)."""
     import json
 
     import pandas as pd
@@ -151,5 +154,13 @@ def plot_figure_job(*, name: str, data_csv: str, summary_json: str, meta_json: s
     frame = pd.read_csv(data_csv)
     summary = json.loads(Path(summary_json).read_text())
     meta = json.loads(Path(meta_json).read_text())
-    fig = resolve(spec.plotter)(frame, summary, meta)
+    if spec.extra_experiments:
+        paths = list(extra_summary_jsons or [])
+        if len(paths) != len(spec.extra_experiments):
+            raise ValueError(f"Figure {name!r} reads {list(spec.extra_experiments)}'s summaries; got "
+                             f"{len(paths)} paths.")
+        extra = {exp: json.loads(Path(p).read_text()) for exp, p in zip(spec.extra_experiments, paths)}
+        fig = resolve(spec.plotter)(frame, summary, meta, extra=extra)
+    else:
+        fig = resolve(spec.plotter)(frame, summary, meta)
     save_figure(fig, png, pdf)

@@ -4,12 +4,16 @@
 def figure_inputs(wildcards):
     experiment_name = FIGURE_SPECS[wildcards.figure].experiment
     base = f"{RESULTS}/{experiment_name}"
-    return {
+    inputs = {
         "data": f"{base}/data.csv",
         "summary": f"{base}/summary.json",
         "meta": f"{base}/meta.json",
         "lib": PLOT_SOURCES,
     }
+    extra = FIGURE_SPECS[wildcards.figure].extra_experiments
+    if extra:
+        inputs["extra"] = [f"{RESULTS}/{name}/summary.json" for name in extra]
+    return inputs
 
 
 rule figure:

@@ -15,4 +15,5 @@ with log_to(snakemake.log[0]):
         meta_json=snakemake.input.meta,
         png=snakemake.output.png,
         pdf=snakemake.output.pdf,
+        extra_summary_jsons=list(getattr(snakemake.input, "extra", [])),
     )

@@ -76,8 +76,22 @@ def baseline(model, ctx: RunContext) -> ExperimentResult:
         "io_over_s_rate": float(1 - ioi_rows.s_over_io.mean()),
         "abc_logit_diff_mean": float(frame[frame.dataset == "abc"].logit_diff.mean()),
         "per_template_logit_diff": ioi_rows.groupby("template").logit_diff.mean().to_dict(),
+        "breakdown": _breakdown(ioi_rows, ctx),
     }
     return ExperimentResult(frame, summary)
+
+
+def _breakdown(ioi_rows: pd.DataFrame, ctx: RunContext) -> dict:
+    """LD and IO probability on p_IOI per template and per order (ioi.breakdown)."""
+    from ioi.breakdown import breakdown_mean, group_labels
+
+    labels = group_labels(ctx.ioi)
+    return {
+        "logit_diff": breakdown_mean(ioi_rows.logit_diff.to_numpy(), labels, seed=ctx.seed,
+                                     definition="mean logit(IO) - logit(S) at END over the group"),
+        "io_prob": breakdown_mean(ioi_rows.io_prob.to_numpy(), labels, seed=ctx.seed,
+                                  definition="mean IO probability at END over the group"),
+    }
 
 
 def example_prompts(model, ctx: RunContext) -> ExperimentResult:

@@ -490,6 +490,21 @@ def _faithfulness_values(f_m: np.ndarray, f_c: np.ndarray, seed: int, suffix: st
     }
 
 
+def _faithfulness_breakdown(ioi, f_m: np.ndarray, f_c: np.ndarray, f_naive: np.ndarray, seed: int) -> dict[str, Any]:
+    """F(M), F(C) and F(C)/F(M) (full and naive circuit) per template and per order."""
+    from ioi.breakdown import breakdown_mean, breakdown_ratio, group_labels
+
+    labels = group_labels(ioi)
+    return {
+        "F_M": breakdown_mean(f_m, labels, seed=seed, definition="mean LD of the model over the group"),
+        "F_C": breakdown_mean(f_c, labels, seed=seed, definition="mean LD of the circuit over the group"),
+        "faithfulness_ratio": breakdown_ratio(f_c, f_m, labels, seed=seed,
+                                              definition="mean F(C) / mean F(M) within the group"),
+        "faithfulness_ratio_naive": breakdown_ratio(f_naive, f_m, labels, seed=seed,
+                                                    definition="naive circuit: mean F(C) / mean F(M) within the group"),
+    }
+
+
 def _extra_seed_datasets(ctx: RunContext, seed: int):
     """p_IOI regenerated with another seed and the same settings as ``ctx.ioi``, and its p_ABC."""
     from ioi.data import IOIDataset
@@ -554,6 +569,7 @@ def faithfulness(model, ctx: RunContext) -> ExperimentResult:
                     "faithfulness_ratio_naive": finite(part["F_C_naive"].mean() / part["F_M"].mean()),
                 }
             summary["by_template"] = by_template
+            summary["breakdown"] = _faithfulness_breakdown(ioi, f_m, f_c, f_naive, ctx.seed)
         del means, clean
     ratios = np.array([s["faithfulness_ratio"] for s in per_seed], dtype=float)
     summary.update({

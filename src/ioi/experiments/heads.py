@@ -279,6 +279,36 @@ PAPER_COPY = {"name_mover_copy_score_above": 0.95, "negative_copy_score": 0.98,
               "average_copy_score_below": 0.20, "average_negative_copy_score": 0.12}
 
 
+def _copy_score_breakdown(model, resid, names, dataset, circuit) -> dict:
+    """Copy score of each name mover and negative copy score of each negative name mover, on each
+    template's and each order's samples (its prompts' IO, S1, S2; Wilson 95% CI over the 3n samples,
+    which treats the three samples of a prompt as independent)."""
+    from ioi.breakdown import breakdown_many, group_labels, wilson_interval
+
+    wanted = {False: _class_heads(circuit, NAME_MOVER), True: _class_heads(circuit, NEGATIVE_NAME_MOVER)}
+    heads = sorted({h for hs in wanted.values() for h in hs})
+    if not heads:
+        return {}
+    n = len(dataset)
+
+    def compute(rows):
+        rows = np.asarray(rows)
+        samples = torch.as_tensor(np.concatenate([rows + k * n for k in range(resid.shape[0] // n)]),
+                                  device=resid.device)
+        grids = copy_scores_both_signs(model, resid[samples], names[samples], heads=heads)
+        total = int(samples.shape[0])
+        out = {}
+        for negative, hs in wanted.items():
+            for l, h in hs:
+                value = float(grids[negative][l, h])
+                key = f"{'negative_copy_score' if negative else 'copy_score'}_{head_key(l, h)}"
+                out[key] = {"value": finite(value), "ci": wilson_interval(value * total, total),
+                            "n": int(len(rows))}
+        return out
+
+    return breakdown_many(compute, n, group_labels(dataset), statistic="fraction (Wilson CI)")
+
+
 def copy_scores(model, ctx: RunContext) -> ExperimentResult:
     """The paper code's copy score and negative copy score of every head (§3.1)."""
     circuit = ctx.circuit_for(model)
@@ -314,6 +344,7 @@ def copy_scores(model, ctx: RunContext) -> ExperimentResult:
         "n_samples": int(resid.shape[0]),
         "value_biases_unfolded": bool(value_biases_unfolded),
         "paper": PAPER_COPY,
+        "breakdown": _copy_score_breakdown(model, resid, names, dataset, circuit),
         **_shape_summary(model, circuit),
     }
     meta = {

@@ -24,6 +24,12 @@ receiver inputs recorded and patched into a clean ``x_orig`` run at the receiver
   and 6.9 only (default ``receivers="paper"``); ``receivers="all_induction"`` adds the fuzzy
   induction heads 5.8 and 5.9 (their key paths too, which can reorder the top two). A circuit other
   than the paper's has no fuzzy/validated split: all its induction heads.
+* ``induction_queries`` (App. D): each head at S2 -> the induction heads' queries at S2 (5.5, 6.9
+  for the paper circuit); ``sinh_queries`` (§3.3): each head at END -> the S-inhibition heads'
+  queries at END. The paper finds no significant effect on either; ``max_abs_effect`` is the
+  largest |% change| of any sender (the null claims read it).
+* Every sweep also reports its top heads per template and per order (``summary["breakdown"]``,
+  :func:`ioi.breakdown.breakdown_heads`).
 * ``fig15``: the name movers mean-ablated at END (template-wise p_ABC means); the LD ratio
   knocked-out / clean, and fig3b's heads -> logits before and after the knockout (the knockout
   applied in every run; "after" relative to the knocked-out LD, as the paper code's
@@ -47,6 +53,7 @@ from tqdm.auto import tqdm
 
 from ioi.ablation import Ablation, compute_template_means, head_knockout, mlp_knockout
 from ioi.analysis._common import model_device
+from ioi.breakdown import breakdown_heads, group_labels
 from ioi.analysis.attention import pattern_hook_name
 from ioi.circuits import Circuit
 from ioi.experiments.attribution import (
@@ -80,6 +87,8 @@ __all__ = [
     "fig5b",
     "fig12b",
     "fig13b",
+    "induction_queries",
+    "sinh_queries",
     "fig15",
     "fig19",
     "backup_name_movers",
@@ -216,6 +225,24 @@ def _clean(model, ctx: RunContext) -> tuple[np.ndarray, dict[str, Any]]:
     return ld, {"clean_logit_diff": finite(ld.mean()), "clean_logit_diff_ci": ci(ld, ctx.seed)}
 
 
+def _max_abs_effect(mean: np.ndarray) -> dict[str, Any]:
+    """The largest |% change| over the reachable senders, and which head it is (null claims)."""
+    finite_cells = np.where(np.isfinite(mean), np.abs(mean), -np.inf)
+    if not np.isfinite(finite_cells).any():
+        return {"max_abs_effect": None, "max_abs_effect_head": None}
+    layer, head = np.unravel_index(int(np.argmax(finite_cells)), mean.shape)
+    return {"max_abs_effect": finite(finite_cells[layer, head]), "max_abs_effect_head": head_key(layer, head)}
+
+
+def _head_breakdown(values: torch.Tensor, ld: np.ndarray, ctx: RunContext, order: str = "negative") -> dict[str, Any]:
+    """Per template / per order: the top heads of a sweep (``values [L, H, N]`` patched LDs)."""
+    return breakdown_heads(values.detach().double().cpu().numpy(), ld, group_labels(ctx.ioi), k=TOP_K,
+                           order=order, seed=ctx.seed,
+                           definition="% change of the group's mean LD, 100 (mean_g LD_patched - "
+                                      "mean_g LD_clean) / mean_g LD_clean; top heads "
+                                      + ("by |effect|" if order == "abs" else "most negative first"))
+
+
 def _effect_summary(mean, low, high, prefix: str = "effect") -> dict[str, Any]:
     return {
         prefix: per_head_dict(mean),
@@ -244,6 +271,8 @@ def fig3b(model, ctx: RunContext) -> ExperimentResult:
         mean, low, high = _head_stats(_percent_change(values, ld), ctx.seed)
         frames.append(_head_frame(mean, low, high, variant, circuit, len(ld)))
         summary.update(_effect_summary(mean, low, high, prefix))
+        if variant == "end":
+            summary["breakdown"] = {"effect": _head_breakdown(values, ld, ctx, order="abs")}
     # With every other head frozen nothing moves information between positions (MLPs and LNs act
     # per position), so only the sender's change at END reaches the logits read at END: the two
     # variants agree up to float rounding. Recorded to show it.
@@ -265,7 +294,8 @@ def fig3b(model, ctx: RunContext) -> ExperimentResult:
 def _to_receivers(model, ctx: RunContext, *, receiver_class: str, receiver_input: str,
                   position: str, paper: str, receivers: Sequence[Head] | None = None) -> ExperimentResult:
     circuit = ctx.circuit_for(model)
-    receivers = _class_heads(circuit, receiver_class) if receivers is None else list(receivers)
+    receivers = (_class_heads(circuit, receiver_class) if receivers is None
+                 else [tuple(map(int, h)) for h in receivers])
     orig, new = _pair(ctx, model)
     ld, clean = _clean(model, ctx)
     metric = _ld_metric(ctx.ioi)
@@ -278,6 +308,8 @@ def _to_receivers(model, ctx: RunContext, *, receiver_class: str, receiver_input
     frame["receiver"] = frame["head_label"].isin([f"L{l}H{h}" for l, h in receivers])
     summary = {
         **_effect_summary(mean, low, high),
+        **_max_abs_effect(mean),
+        "breakdown": {"effect": _head_breakdown(values, ld, ctx)},
         **clean,
         **_shape(model, circuit),
         "receivers": [head_key(*h) for h in receivers],
@@ -348,6 +380,28 @@ def fig13b(model, ctx: RunContext, receivers: str | Sequence[Head] = "paper") ->
         "receivers='all_induction' includes them)" if circuit.name == "paper" else
         "every induction head of the circuit (no fuzzy/validated split outside the paper circuit)")
     return result
+
+
+def induction_receivers(circuit: Circuit) -> list[Head]:
+    """Receivers of the induction-query figure: those of Fig. 13b (:func:`fig13b_receivers`'s
+    default: 5.5 and 6.9 for the paper circuit, App. D; the circuit's induction heads otherwise)."""
+    return fig13b_receivers(circuit, "paper")
+
+
+def induction_queries(model, ctx: RunContext) -> ExperimentResult:
+    """PP each head (S2) -> the induction heads' queries (S2): App. D's query composition at S2,
+    where the paper "did not find any significant effect"."""
+    circuit = ctx.circuit_for(model)
+    return _to_receivers(model, ctx, receiver_class="induction", receiver_input="q", position="S2",
+                         paper="App. D (query composition at S2; no significant effect)",
+                         receivers=induction_receivers(circuit))
+
+
+def sinh_queries(model, ctx: RunContext) -> ExperimentResult:
+    """PP each head (END) -> the S-inhibition heads' queries (END): the §3.3 query path with no
+    significant effect (the S-inhibition heads' inputs that matter are their values and keys at S2)."""
+    return _to_receivers(model, ctx, receiver_class="s-inhibition", receiver_input="q", position="END",
+                         paper="§3.3 (S-inhibition queries; no significant effect)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 
 from ioi.analysis.attention import pattern_hook_name
+from ioi.breakdown import breakdown_mean, group_labels
 from ioi.circuits import NAME_MOVER, S_INHIBITION
 from ioi.experiments.attribution import circuit_summary, finite, head_key
 from ioi.experiments.circuit_eval import EndLogitDiff, mean_ci
@@ -236,6 +237,12 @@ def signals(model, ctx: RunContext) -> ExperimentResult:
                         "std": finite(clean_attention[k].std(ddof=1)) if len(ioi) > 1 else None}
             for k in keys}
     fit = fit_signals(cells)
+    labels = group_labels(ioi)
+    cell_breakdown = {
+        f"cell_{cell}": breakdown_mean(frame["logit_diff"].to_numpy(), labels, seed=ctx.seed,
+                                       definition=f"mean LD after patching the S-inhibition heads from {cell}")
+        for cell, frame in zip(datasets, frames)
+    }
     summary: dict[str, Any] = {
         "cells": cells,
         "cell_ci": cell_ci,
@@ -248,6 +255,7 @@ def signals(model, ctx: RunContext) -> ExperimentResult:
         "nm_attention_all_cells": attention_summary,
         "patched_heads": [head_key(*h) for h in sinh],
         "name_mover_heads": [head_key(*h) for h in nm_heads],
+        "breakdown": cell_breakdown,
         "cell_signals": {c: {"token": t, "position": p, "flip": f or "none"}
                          for c, (f, t, p) in SIGNAL_CELLS.items()},
         "circuit": circuit_summary(circuit),

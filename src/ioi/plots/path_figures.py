@@ -209,6 +209,40 @@ def fig13b(frame, summary, meta):
         paper=PAPER_FIG13B, classes=("previous token",), receiver_label="receivers (induction)")
 
 
+PAPER_INDUCTION_QUERIES = (
+    "Paper App. D (path patching each head at S2 → the induction heads' queries at S2, the "
+    "receivers of Fig. 13b): for query composition at S2 the paper 'did not find any significant "
+    "effect'. No magnitudes. Claim: the largest |effect| of any sender is at most a quarter of "
+    "Fig. 13b's largest (the key path the paper calls significant)."
+)
+PAPER_SINH_QUERIES = (
+    "Paper §3.3 (path patching each head at END → the S-inhibition heads' queries at END): the "
+    "S-inhibition heads' inputs that matter are their values (Fig. 5b) and keys (Fig. 12b) at S2; "
+    "the query path has no significant effect. No magnitudes. Claim: the largest |effect| of any "
+    "sender is at most a quarter of Fig. 5b's largest."
+)
+
+
+def _null_note(summary) -> str:
+    value, head = summary.get("max_abs_effect"), summary.get("max_abs_effect_head")
+    return "" if value is None else f"Largest |effect| of any sender: {value:.3g}% ({head})."
+
+
+def induction_queries(frame, summary, meta):
+    fig = _heads_to_receivers(
+        summary, meta, title="App. D: path patching each head → induction queries (S2)",
+        paper=PAPER_INDUCTION_QUERIES + "\n\n" + _null_note(summary),
+        classes=("duplicate token", "previous token"), receiver_label="receivers (induction)")
+    return fig
+
+
+def sinh_queries(frame, summary, meta):
+    return _heads_to_receivers(
+        summary, meta, title="§3.3: path patching each head → S-inhibition queries (END)",
+        paper=PAPER_SINH_QUERIES + "\n\n" + _null_note(summary),
+        classes=("induction", "duplicate token"), receiver_label="receivers (S-inhibition)")
+
+
 # ------------------------------------------------------------------------------------------------
 # Fig. 4c
 # ------------------------------------------------------------------------------------------------
