@@ -146,3 +146,14 @@ def test_margins_over_the_next_best_head(tmp_path):
     _write(tmp_path, "toy", {"value": close})
     for check in (extreme, top):
         assert evaluate_claim(_claim(check), tmp_path).status == FAIL, check
+
+
+def test_compare_with_a_factor(tmp_path):
+    """``factor`` scales the other value: a null path's largest effect against a quarter of the
+    significant path's."""
+    _write(tmp_path, "toy", {"null": 2.0, "significant": 10.0})
+    check = {"kind": "compare", "op": "<=", "factor": 0.25, "other": {"experiment": "toy", "key": "significant"}}
+    outcome = evaluate_claim(_claim(check, key="null"), tmp_path)
+    assert outcome.status == PASS and "0.25 x other" in outcome.tolerance
+    _write(tmp_path, "toy", {"null": 3.0, "significant": 10.0})
+    assert evaluate_claim(_claim(check, key="null"), tmp_path).status == FAIL
