@@ -53,7 +53,12 @@ GPT2_PREAMBLE = (
 def write_comparison(reference: Path, results: Path, out: Path, *, figures_dir: str | None = None,
                      model_label: str | None = None, title: str = "Paper comparison",
                      preamble: str | None = None) -> None:
-    from ioi.comparison import evaluate_reference, figure_links_by_experiment, render_markdown
+    from ioi.comparison import (
+        evaluate_reference,
+        figure_links_by_experiment,
+        render_markdown,
+        selfcheck_header,
+    )
     from ioi.provenance import write_text
 
     model = results.name
@@ -66,6 +71,7 @@ def write_comparison(reference: Path, results: Path, out: Path, *, figures_dir: 
         figure_links=figure_links_by_experiment(),
         title=title,
         preamble=GPT2_PREAMBLE if preamble is None and model == "gpt2-small" else (preamble or ""),
+        checks=selfcheck_header(results),
     )
     write_text(out, text)
     print(f"wrote {out}: " + ", ".join(f"{o.claim_id}={o.status}" for o in outcomes[:3]) + ", ...")

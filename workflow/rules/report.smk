@@ -18,6 +18,7 @@ rule comparison:
     input:
         reference=comparison_reference(),
         summaries=[f"{RESULTS}/{name}/summary.json" for name in EXPERIMENTS],
+        selfcheck=SELFCHECK,
         lib=["src/ioi/comparison.py", "src/ioi/__main__.py"],
     output:
         **comparison_outputs(),

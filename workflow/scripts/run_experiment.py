@@ -20,4 +20,5 @@ with log_to(snakemake.log[0]):
         dataset_settings=dict(snakemake.params.dataset_settings),
         memory_budget_mb=snakemake.params.memory_budget_mb,
         threads=snakemake.threads,
+        selfcheck_path=snakemake.input.selfcheck,
     )
