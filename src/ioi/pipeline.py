@@ -90,13 +90,21 @@ def make_datasets(
 
 def load_workflow_model(spec: str, *, device: str = "auto", seed: int = 0, **processing):
     """The configured model, with a clear one-paragraph error (no stack trace) when unavailable."""
+    import torch
+
     from ioi.models import ModelNotAvailableError, load_model
 
+    # One thread while the weights are processed, whatever the job's thread count: the processed
+    # weights are then bit-identical in every job and in the model server (ioi.server).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         return load_model(spec, device=None if device == "auto" else device, seed=seed, **processing)
     except ModelNotAvailableError as err:
         print(str(err), file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_experiment_job(

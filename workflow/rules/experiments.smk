@@ -63,5 +63,6 @@ rule experiment:
         device=config["device"],
         dataset_settings=config["dataset"],
         memory_budget_mb=config["memory_budget_mb"],
+        model_server=config["model_server"],
     script:
         "../scripts/run_experiment.py"

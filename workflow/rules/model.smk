@@ -27,5 +27,6 @@ rule selfcheck:
         device=config["device"],
         dataset_settings=config["dataset"],
         n=config["n"]["selfcheck"],
+        model_server=config["model_server"],
     script:
         "../scripts/selfcheck.py"

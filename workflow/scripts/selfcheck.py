@@ -1,20 +1,24 @@
-"""The run's self-check (ioi.selfcheck + ioi.identity) -> results/{model}/selfcheck/selfcheck.json."""
+"""The run's self-check (ioi.selfcheck + ioi.identity) -> results/{model}/selfcheck/selfcheck.json.
+
+The first job of a run: it starts the model server (ioi.server) that the experiments then use."""
 
 from typing import TYPE_CHECKING
 
-from ioi.pipeline import log_to, run_selfcheck_job
+from ioi.server import dispatch
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
 
-with log_to(snakemake.log[0]):
-    run_selfcheck_job(
-        model_spec=snakemake.params.model_spec,
-        model_label=snakemake.params.model_label,
-        out_path=snakemake.output[0],
-        seed=snakemake.params.seed,
-        device=snakemake.params.device,
-        dataset_settings=dict(snakemake.params.dataset_settings),
-        n=snakemake.params.n,
-        threads=snakemake.threads,
-    )
+dispatch(
+    "selfcheck",
+    log=snakemake.log[0],
+    use_server=snakemake.params.model_server,
+    model_spec=snakemake.params.model_spec,
+    model_label=snakemake.params.model_label,
+    out_path=snakemake.output[0],
+    seed=snakemake.params.seed,
+    device=snakemake.params.device,
+    dataset_settings=dict(snakemake.params.dataset_settings),
+    n=snakemake.params.n,
+    threads=snakemake.threads,
+)
