@@ -6,7 +6,9 @@ so every run first checks them again **on its own weights**, on a small sample, 
 tolerance (1e-4 absolute, float32):
 
 * **path patching** (:mod:`ioi.patching.path`) against the seed-style hooked loops
-  (:mod:`ioi.patching.reference`), per prompt, raw logit difference IO - S at END, for a few head
+  (:mod:`ioi.patching.reference`), the raw logit difference IO - S at END (the mean over the
+  prompts, the quantity the figures plot and the tests compare; the largest per-prompt difference
+  is recorded too), for a few head
   senders and one MLP sender, into every receiver input kind: the logits (senders at END), a
   late head's queries (receivers at END), a middle head's keys (at S1+1) and values (at S2), and
   the logits with a knockout (heads mean-ablated at END and an MLP mean-ablated everywhere: the
@@ -69,6 +71,7 @@ class Comparison:
     n_values: int
     tolerance: float = TOLERANCE
     error: str = ""  # the fast path raised instead of answering (e.g. its own forward check)
+    per_prompt_max_abs_diff: float | None = None  # before the mean over prompts (information)
 
     @property
     def passed(self) -> bool:
@@ -194,9 +197,10 @@ def _path_comparisons(model, ioi, abc, metric, means, mlp_means, progress: bool)
         heads_idx = torch.tensor(senders)
         fast_values = torch.cat([fast.heads[heads_idx[:, 0], heads_idx[:, 1]], fast.mlps[:1]])
         ref_values = torch.cat([ref.heads[heads_idx[:, 0], heads_idx[:, 1]], ref.mlps[:1]])
-        diff, count = _max_diff(fast_values, ref_values)
+        diff, count = _max_diff(fast_values.mean(-1), ref_values.mean(-1))
         out.append(Comparison(name, f"ioi.patching.path.{fast_fn.__name__}",
-                              f"ioi.patching.reference.{ref_fn.__name__}", diff, count))
+                              f"ioi.patching.reference.{ref_fn.__name__}", diff, count,
+                              per_prompt_max_abs_diff=_max_diff(fast_values, ref_values)[0]))
         sample[name] = {"senders": [list(s) for s in senders] + ["mlp0"],
                         **{k: v for k, v in kwargs.items() if k in ("receivers", "receiver_input")}}
 
@@ -310,11 +314,11 @@ def _knockout_comparisons(model, ioi, metric, means, mlp_means, circuit: dict) -
     ]
     out = []
     for name, fast_fn, ablation_fn in cases:
-        fast = fast_fn()
-        ref = metric(hooked_knockout_logits(model, toks, ablation_fn()))
-        diff, count = _max_diff(fast, ref)
+        fast = torch.as_tensor(fast_fn())
+        ref = torch.as_tensor(metric(hooked_knockout_logits(model, toks, ablation_fn())))
+        diff, count = _max_diff(fast.mean(-1), ref.mean(-1))
         out.append(Comparison(f"knockout: {name}", "ioi.ablation", "hooked bridge forward (Ablation.hooks)",
-                              diff, count))
+                              diff, count, per_prompt_max_abs_diff=_max_diff(fast, ref)[0]))
     sample = {"circuit_heads": [list(h) for h in circuit], "K": [list(h) for h in k_set], "mlp": L - 1}
     return out, sample
 

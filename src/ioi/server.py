@@ -99,7 +99,7 @@ def enabled(setting: bool | None = True) -> bool:
 
 
 def run_job(kind: str, kwargs: dict[str, Any], log_path: str | None, model=None,
-            cwd: str | None = None) -> int:
+            cwd: str | None = None, sent: float | None = None) -> int:
     """Run job ``kind`` (``experiment`` / ``selfcheck``) with ``kwargs`` in the folder ``cwd`` (the
     client's: its paths are relative to it); its output goes to ``log_path``. Returns the exit
     status (0 = done)."""
@@ -109,15 +109,19 @@ def run_job(kind: str, kwargs: dict[str, Any], log_path: str | None, model=None,
     if cwd:
         os.chdir(cwd)
     try:
-        return _run_job(pipeline, kind, kwargs, log_path, model)
+        return _run_job(pipeline, kind, kwargs, log_path, model, sent)
     finally:
         os.chdir(previous)
 
 
-def _run_job(pipeline, kind: str, kwargs: dict[str, Any], log_path: str | None, model) -> int:
+def _run_job(pipeline, kind: str, kwargs: dict[str, Any], log_path: str | None, model,
+             sent: float | None = None) -> int:
     job = {"experiment": pipeline.run_experiment_job, "selfcheck": pipeline.run_selfcheck_job}[kind]
     context = pipeline.log_to(log_path) if log_path else contextlib.nullcontext()
     with context:
+        if sent is not None:
+            print(f"served by the model server (pid {os.getppid()}): started {time.time() - sent:.2f} s "
+                  "after the job's request", flush=True)
         try:
             job(**kwargs, model=model)
         except SystemExit as exit_:
@@ -164,6 +168,9 @@ def serve(model_spec: str, device: str, seed: int, path: Path, idle_s: float = D
     for spec in EXPERIMENTS.values():  # import every runner's module once, here
         resolve(spec.runner)
     import ioi.selfcheck  # noqa: F401
+    # What jobs import lazily (reading the datasets, TL's patching for the references), once here.
+    import pyarrow.parquet  # noqa: F401
+    import transformer_lens.patching  # noqa: F401
     forking = next(model.parameters()).device.type == "cpu"
     print(f"model server: {model_spec} on {device} loaded in {time.perf_counter() - t0:.1f} s; "
           f"{'forking a child per job' if forking else 'running jobs one at a time'}; {path}",
@@ -188,14 +195,14 @@ def serve(model_spec: str, device: str, seed: int, path: Path, idle_s: float = D
                     if pid == 0:  # the child: one job, then exit
                         listener.close()
                         code = run_job(request["kind"], request["kwargs"], request.get("log"), model,
-                                       request.get("cwd"))
+                                       request.get("cwd"), request.get("sent"))
                         sys.stdout.flush()
                         sys.stderr.flush()
                         os._exit(code)
                     children[pid] = conn
                 else:
                     code = run_job(request["kind"], request["kwargs"], request.get("log"), model,
-                                   request.get("cwd"))
+                                   request.get("cwd"), request.get("sent"))
                     with contextlib.suppress(Exception):
                         model.reset_hooks()
                     if torch.cuda.is_available():
@@ -293,7 +300,8 @@ def dispatch(kind: str, *, log: str, use_server: bool | None = True,
         code = run_job(kind, kwargs, log)
     else:
         with conn:
-            request = {"kind": kind, "kwargs": kwargs, "log": str(Path(log).resolve()), "cwd": os.getcwd()}
+            request = {"kind": kind, "kwargs": kwargs, "log": str(Path(log).resolve()), "cwd": os.getcwd(),
+                       "sent": time.time()}
             conn.sendall((json.dumps(request) + "\n").encode())
             reply = _read_request(conn)
         code = int(reply["returncode"])

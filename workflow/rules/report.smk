@@ -24,6 +24,8 @@ rule comparison:
         **comparison_outputs(),
     log:
         "logs/" + MODEL + "/comparison.log",
+    benchmark:
+        RESULTS + "/benchmarks/comparison.tsv"
     params:
         results=RESULTS,
         figures=FIGURES,
