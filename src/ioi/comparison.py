@@ -276,7 +276,10 @@ def withheld_reason(results_dir: str | Path) -> str | None:
 
 def selfcheck_header(results_dir: str | Path) -> str:
     """One paragraph for the comparison's header: the fast engine's self-check on these weights
-    (largest |fast - reference|) and the GPT-2 small identity check."""
+    (largest |fast - reference|) and the GPT-2 small identity check ("" when the results folder
+    does not exist at all)."""
+    if not Path(results_dir).exists():
+        return ""  # nothing has run: every row already says NOT RUN
     record = load_selfcheck(results_dir)
     if record is None:
         return (f"Self-check: not run (no `{SELFCHECK_FILE.as_posix()}` in the results folder), so "
