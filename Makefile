@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: setup test test-fast figures demo report check-model benchmark clean-results
+.PHONY: setup test test-fast figures demo report check-model benchmark gpu-check clean-results
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (found %s); set PYTHON=/path/to/python3.11" % sys.version.split()[0]'
@@ -41,6 +41,10 @@ check-model: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/patching.py
+
+## On a CUDA machine: device tests on the GPU, benchmarks/patching.py and benchmarks/dag.py on CUDA, one table.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean-results:
 	rm -rf results .snakemake

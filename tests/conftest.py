@@ -12,6 +12,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_grad_enabled(False)
 
+# `make gpu-check` (benchmarks/gpu_check.py) runs the device tests with IOI_TEST_DEVICE=cuda: every
+# model the tests load "on the CPU" (or on the default device) is then loaded on that device, so
+# the fast paths and their references run on the GPU while the test data stay where the tests
+# make them (the library must move them).
+TEST_DEVICE = os.environ.get("IOI_TEST_DEVICE", "cpu")
+if TEST_DEVICE != "cpu":
+    import ioi.models as _models
+
+    _resolve_device = _models.resolve_device
+
+    def _on_test_device(device=None):
+        return _resolve_device(TEST_DEVICE if device is None or str(device) in ("cpu", "auto") else device)
+
+    _models.resolve_device = _on_test_device
+
 TINY_SPECS = ("random-L2-H4-D16", "random-L3-H2-D8", "random-L1-H3-D12")
 
 

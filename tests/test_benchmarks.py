@@ -38,3 +38,29 @@ def test_patching_benchmark_runs_every_experiment(tmp_path, monkeypatch, capsys)
     table = capsys.readouterr().out.split("model random-L2-H3-D12")[-1]
     assert all(name in table for name in EXPERIMENTS)
     assert "as called" in table and "end to end" in table
+
+
+def test_dag_benchmark_smoke(tmp_path, monkeypatch, capsys):
+    """benchmarks/dag.py at CI size: the planted model, N scaled down, two experiments (and their
+    figures); the JSON has the issue's fields, one row per benchmarked job with its own seconds."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("dag", None)
+    import dag
+
+    out = tmp_path / "dag.json"
+    report = dag.main(["--planted", "--n-scale", "0.01", "--experiments", "baseline,example_prompts",
+                       "--cores", "2", "--threads-per-job", "1", "--scratch", str(tmp_path / "scratch"),
+                       "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert {"total_wall_s", "cores", "threads", "device", "rules"} <= set(saved)
+    assert saved["cores"] == 2 and saved["threads"] == 1 and saved["device"].startswith("cpu")
+    rules = {row["rule"]: row for row in saved["rules"]}
+    assert {"selfcheck", "experiment:baseline", "experiment:example_prompts",
+            "figure:baseline_logit_diff", "figure:logit_diff_table"} <= set(rules)
+    for row in saved["rules"]:
+        assert set(row) == {"rule", "wall_s", "own_s", "overhead_s", "max_rss_mb"}, row
+        assert row["wall_s"] > 0 and row["max_rss_mb"] > 0
+    for name in ("selfcheck", "experiment:baseline"):
+        assert rules[name]["own_s"] > 0 and rules[name]["overhead_s"] is not None
+    assert "whole DAG" in capsys.readouterr().out

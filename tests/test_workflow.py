@@ -39,12 +39,17 @@ def test_offline_demo_produces_every_file(planted_demo):
         meta = json.loads((CI_RESULTS / name / "meta.json").read_text())
         assert PROVENANCE_KEYS <= set(meta), (name, PROVENANCE_KEYS - set(meta))
         assert meta["model"]["spec"] == "planted-ioi"
+        # the run's self-check (issue 10 §5): the fast engine equals its references on these weights
+        assert meta["selfcheck"]["passed"] and meta["selfcheck"]["max_abs_diff"] <= 1e-4, name
+        assert meta["selfcheck"]["identity"]["applicable"] is False, name
     for name in FIGURES:
         for ext in ("png", "pdf"):
             path = CI_FIGURES / f"{name}.{ext}"
             assert path.exists() and path.stat().st_size > 1000, path
     table = (CI_RESULTS / "paper_comparison.md").read_text()
     assert "planted-ioi-ci" in table and "GPT-2 small" not in table.split("\n")[4]
+    assert "Self-check on these weights: max |fast − reference|" in table and "): PASS." in table
+    assert "WITHHELD" not in table
 
 
 @pytest.mark.slow

@@ -58,6 +58,7 @@ def write_comparison(reference: Path, results: Path, out: Path, *, figures_dir: 
         evaluate_reference,
         figure_links_by_experiment,
         render_markdown,
+        selfcheck_header,
     )
     from ioi.provenance import write_text
 
@@ -71,6 +72,7 @@ def write_comparison(reference: Path, results: Path, out: Path, *, figures_dir: 
         figure_links=figure_links_by_experiment(),
         title=title,
         preamble=GPT2_PREAMBLE if preamble is None and model == "gpt2-small" else (preamble or ""),
+        checks=selfcheck_header(results),
     )
     text = text.rstrip("\n") + "\n\n" + breakdown_tables(results)
     write_text(out, text)

@@ -90,13 +90,21 @@ def make_datasets(
 
 def load_workflow_model(spec: str, *, device: str = "auto", seed: int = 0, **processing):
     """The configured model, with a clear one-paragraph error (no stack trace) when unavailable."""
+    import torch
+
     from ioi.models import ModelNotAvailableError, load_model
 
+    # One thread while the weights are processed, whatever the job's thread count: the processed
+    # weights are then bit-identical in every job and in the model server (ioi.server).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         return load_model(spec, device=None if device == "auto" else device, seed=seed, **processing)
     except ModelNotAvailableError as err:
         print(str(err), file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_experiment_job(
@@ -112,8 +120,14 @@ def run_experiment_job(
     dataset_settings: dict[str, Any],
     memory_budget_mb: int,
     threads: int | None = None,
+    selfcheck_path: str | None = None,
+    model=None,
 ) -> None:
-    """Load model + datasets, run the registered experiment ``name``, write its three files."""
+    """Load model + datasets, run the registered experiment ``name``, write its three files.
+
+    ``selfcheck_path``: the run's ``selfcheck.json`` (:func:`run_selfcheck_job`); its summary goes
+    into ``meta.json`` under ``selfcheck``. ``model``: an already loaded model (the model server,
+    :mod:`ioi.server`), else it is loaded here."""
     from ioi.circuits import circuit_for_model
     from ioi.data import IOIDataset
     from ioi.experiments.core import RunContext, run_and_write
@@ -121,7 +135,8 @@ def run_experiment_job(
 
     set_threads(threads)
     spec = EXPERIMENTS[name]
-    model = load_workflow_model(model_spec, device=device, seed=seed)
+    if model is None:
+        model = load_workflow_model(model_spec, device=device, seed=seed)
     datasets = {kind: IOIDataset.load(path) for kind, path in dataset_paths.items()}
     circuit = circuit_for_model(model_spec)  # validated by the experiments that use it
     context = RunContext(
@@ -133,8 +148,68 @@ def run_experiment_job(
         memory_budget_mb=memory_budget_mb,
         model_label=model_label,
     )
-    run_and_write(resolve(spec.runner), model, context, out_dir, experiment_name=name)
+    extra_meta = {"selfcheck": selfcheck_summary(selfcheck_path)} if selfcheck_path else None
+    run_and_write(resolve(spec.runner), model, context, out_dir, experiment_name=name,
+                  extra_meta=extra_meta)
     print(f"{name}: done -> {out_dir}")
+
+
+def selfcheck_summary(path: str | Path) -> dict[str, Any]:
+    """The part of ``selfcheck.json`` every result's ``meta.json`` carries: the fast engine's
+    largest difference from its references on these weights, and the GPT-2 identity check."""
+    import json
+
+    record = json.loads(Path(path).read_text())
+    engine, identity = record["engine"], record["identity"]
+    return {
+        "max_abs_diff": engine["max_abs_diff"],
+        "tolerance": engine["tolerance"],
+        "passed": engine["passed"],
+        "n_comparisons": engine["n_comparisons"],
+        "identity": {key: identity.get(key) for key in ("applicable", "passed", "max_abs_diff", "tolerance")},
+        "file": str(path),
+    }
+
+
+def run_selfcheck_job(
+    *,
+    model_spec: str,
+    model_label: str,
+    out_path: str,
+    seed: int,
+    device: str,
+    dataset_settings: dict[str, Any],
+    n: int,
+    threads: int | None = None,
+    model=None,
+) -> None:
+    """The run's self-check (:mod:`ioi.selfcheck`, :mod:`ioi.identity`) -> ``selfcheck.json``.
+
+    A fast path over the tolerance stops the run here (exit status 1, the mismatches named); a
+    failed GPT-2 identity check does not stop it: the comparison then withholds every verdict."""
+    from ioi.identity import identity_check
+    from ioi.provenance import Timer
+    from ioi.selfcheck import SelfCheckError, run_selfcheck
+
+    set_threads(threads)
+    if model is None:
+        model = load_workflow_model(model_spec, device=device, seed=seed)
+    with Timer() as timer:
+        try:
+            report = run_selfcheck(model, model_spec=model_spec, n=n, seed=seed,
+                                   dataset_settings=dataset_settings)
+        except SelfCheckError as err:
+            print(str(err), file=sys.stderr)
+            raise SystemExit(1) from None
+        identity = identity_check(model, model_label=model_label, model_spec=model_spec)
+    write_json(out_path, provenance(model, experiment="selfcheck", seed=seed, N=n,
+                                    seconds=round(timer.seconds, 3),
+                                    engine=report.as_dict(), identity=identity))
+    print(f"self-check passed: max |fast - reference| = {report.max_abs_diff:.3g} over "
+          f"{len(report.comparisons)} comparisons (tolerance {report.tolerance:g})")
+    if identity["applicable"]:
+        verdict = "passed" if identity["passed"] else "FAILED: " + identity["reason"]
+        print(f"GPT-2 small identity check {verdict}")
 
 
 def plot_figure_job(*, name: str, data_csv: str, summary_json: str, meta_json: str,

@@ -13,6 +13,7 @@ def experiment_inputs(wildcards):
     spec = experiment_spec(wildcards)
     inputs = {kind: dataset_path(kind, experiment_n(wildcards)) for kind in spec.datasets}
     inputs["lib"] = LIBRARY_SOURCES
+    inputs["selfcheck"] = SELFCHECK
     return inputs
 
 
@@ -62,5 +63,6 @@ rule experiment:
         device=config["device"],
         dataset_settings=config["dataset"],
         memory_budget_mb=config["memory_budget_mb"],
+        model_server=config["model_server"],
     script:
         "../scripts/run_experiment.py"

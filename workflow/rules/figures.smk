@@ -29,6 +29,8 @@ rule figure:
         pdf=FIGURES + "/{figure}.pdf",
     log:
         "logs/" + MODEL + "/figures/{figure}.log",
+    benchmark:
+        RESULTS + "/benchmarks/figures/{figure}.tsv"
     wildcard_constraints:
         figure="|".join(FIGURE_SPECS) if FIGURE_SPECS else "NO_FIGURES",
     resources:

@@ -18,11 +18,14 @@ rule comparison:
     input:
         reference=comparison_reference(),
         summaries=[f"{RESULTS}/{name}/summary.json" for name in EXPERIMENTS],
+        selfcheck=SELFCHECK,
         lib=["src/ioi/comparison.py", "src/ioi/__main__.py"],
     output:
         **comparison_outputs(),
     log:
         "logs/" + MODEL + "/comparison.log",
+    benchmark:
+        RESULTS + "/benchmarks/comparison.tsv"
     params:
         results=RESULTS,
         figures=FIGURES,

@@ -1,23 +1,28 @@
-"""Run one registered experiment (see ioi.registry) and write data.csv, summary.json, meta.json."""
+"""Run one registered experiment (see ioi.registry) and write data.csv, summary.json, meta.json.
+
+The job is served by the model server (ioi.server: the model loaded once per run), or runs here."""
 
 from typing import TYPE_CHECKING
 
-from ioi.pipeline import log_to, run_experiment_job
+from ioi.server import dispatch
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
 
-with log_to(snakemake.log[0]):
-    run_experiment_job(
-        name=snakemake.wildcards.experiment,
-        model_spec=snakemake.params.model_spec,
-        model_label=snakemake.params.model_label,
-        dataset_paths={kind: snakemake.input[kind] for kind in snakemake.params.dataset_kinds},
-        out_dir=snakemake.params.out_dir,
-        n=snakemake.params.n,
-        seed=snakemake.params.seed,
-        device=snakemake.params.device,
-        dataset_settings=dict(snakemake.params.dataset_settings),
-        memory_budget_mb=snakemake.params.memory_budget_mb,
-        threads=snakemake.threads,
-    )
+dispatch(
+    "experiment",
+    log=snakemake.log[0],
+    use_server=snakemake.params.model_server,
+    name=snakemake.wildcards.experiment,
+    model_spec=snakemake.params.model_spec,
+    model_label=snakemake.params.model_label,
+    dataset_paths={kind: snakemake.input[kind] for kind in snakemake.params.dataset_kinds},
+    out_dir=snakemake.params.out_dir,
+    n=snakemake.params.n,
+    seed=snakemake.params.seed,
+    device=snakemake.params.device,
+    dataset_settings=dict(snakemake.params.dataset_settings),
+    memory_budget_mb=snakemake.params.memory_budget_mb,
+    threads=snakemake.threads,
+    selfcheck_path=snakemake.input.selfcheck,
+)

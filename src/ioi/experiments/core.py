@@ -81,8 +81,10 @@ def run_and_write(
     out_dir: str | Path,
     *,
     experiment_name: str,
+    extra_meta: dict[str, Any] | None = None,
 ) -> ExperimentResult:
-    """Run ``runner(model, context)`` under inference mode and write data/summary/meta atomically."""
+    """Run ``runner(model, context)`` under inference mode and write data/summary/meta atomically
+    (``extra_meta``: more provenance for ``meta.json``, e.g. the run's self-check)."""
     out_dir = Path(out_dir)
     with Timer() as timer, torch.inference_mode():
         result = runner(model, context)
@@ -95,12 +97,22 @@ def run_and_write(
         datasets=dataset_fingerprints(context.datasets),
         dataset_settings=context.dataset_settings,
         seconds=round(timer.seconds, 3),
-        extra=result.meta,
+        max_rss_mb=peak_rss_mb(),
+        extra={**(extra_meta or {}), **result.meta},
     )
     write_csv(out_dir / "data.csv", result.data)
     write_json(out_dir / "summary.json", result.summary)
     write_json(out_dir / "meta.json", meta)
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB; on Linux ``ru_maxrss`` is in KB). A job run
+    by the model server (:mod:`ioi.server`) is a forked child, whose peak Snakemake's benchmark
+    cannot see, so every result records it here."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def default_circuit(model_spec: str) -> Circuit:

@@ -1,0 +1,330 @@
+"""Load once: one process per model holds the processed model; every workflow job is served by it.
+
+Why (issue 11 item 2, measured on the 2-core development machine, see the helper's report): a job
+that starts its own Python pays ``import torch`` (~2.5 s CPU), ``transformers`` + ``pandas``
+(~3-5 s), TransformerLens, then builds the Hugging Face model and boots and processes the bridge
+(``fold_ln``, centring: 1-5 s for GPT-2 small's shape) -- 8-18 s of every job, before any work.
+Memory-mapping the processed weights would remove only the last part; the imports alone exceed the
+3 s target. So the imports and the model are paid once, by a **model server**:
+
+* the first job of a run (client, :func:`dispatch`) finds no server for its model and starts one
+  (``python -m ioi.server``, detached, its output in ``logs/model-server/``), under a file lock so
+  parallel jobs start exactly one; the server imports the library, loads the model once
+  (:func:`ioi.pipeline.load_workflow_model`, every real loading path: hub, HF cache, model_path)
+  and listens on a Unix socket;
+* each job sends its arguments and log path; on CPU the server **forks** a child per job (the
+  child shares the loaded weights copy-on-write, sets the job's thread count, writes the job's
+  log and results, and exits); on CUDA (no fork after CUDA initialisation) it runs the jobs one
+  at a time in its own process (GPU jobs are serialised by the ``gpu`` resource anyway). The
+  client waits and exits with the job's status, so Snakemake sees a normal job;
+* the server's socket name is a hash of the model spec, device, seed, Python and the library's
+  source files (path, size, mtime): editing ``src/ioi`` or changing the model starts a new
+  server, never reuses a stale one. A server exits after ``IOI_MODEL_SERVER_IDLE_S`` seconds
+  (default 120) without a job.
+
+``IOI_MODEL_SERVER=0`` (or ``model_server: false`` in the config) runs every job in its own process
+as before. Any failure to reach or start a server falls back to that, so a missing model still
+ends with its one-paragraph message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_IDLE_S = 120.0
+START_TIMEOUT_S = 900.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity of a server
+# ----------------------------------------------------------------------------------------------
+
+
+def library_fingerprint() -> str:
+    """Hash of every library source file's path, size and mtime (cheap: no file is read)."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(PACKAGE_DIR)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def resolved_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible (checked without importing torch), else ``cpu``."""
+    if device != "auto":
+        return device
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "cpu"
+    return "cuda" if Path("/dev/nvidiactl").exists() else "cpu"
+
+
+def server_key(model_spec: str, device: str, seed: int) -> str:
+    spec_path = Path(model_spec).expanduser()
+    where = str(spec_path.resolve()) if spec_path.exists() else model_spec
+    text = json.dumps([where, resolved_device(device), int(seed), sys.executable, library_fingerprint()])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def socket_path(key: str) -> Path:
+    root = Path(os.environ.get("IOI_MODEL_SERVER_DIR") or os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
+    return root / f"ioi-model-{os.getuid()}-{key}.sock"
+
+
+def enabled(setting: bool | None = True) -> bool:
+    """Whether jobs go through a model server: the config's ``model_server`` and, overriding it,
+    the environment variable ``IOI_MODEL_SERVER`` (``0`` / ``1``)."""
+    env = os.environ.get("IOI_MODEL_SERVER")
+    if env is not None:
+        return env not in ("0", "false", "False", "")
+    return bool(setting)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one job (in the server's child, in the server itself, or in the client as a fallback)
+# ----------------------------------------------------------------------------------------------
+
+
+def run_job(kind: str, kwargs: dict[str, Any], log_path: str | None, model=None,
+            cwd: str | None = None, sent: float | None = None) -> int:
+    """Run job ``kind`` (``experiment`` / ``selfcheck``) with ``kwargs`` in the folder ``cwd`` (the
+    client's: its paths are relative to it); its output goes to ``log_path``. Returns the exit
+    status (0 = done)."""
+    from ioi import pipeline
+
+    previous = os.getcwd()
+    if cwd:
+        os.chdir(cwd)
+    try:
+        return _run_job(pipeline, kind, kwargs, log_path, model, sent)
+    finally:
+        os.chdir(previous)
+
+
+def _run_job(pipeline, kind: str, kwargs: dict[str, Any], log_path: str | None, model,
+             sent: float | None = None) -> int:
+    job = {"experiment": pipeline.run_experiment_job, "selfcheck": pipeline.run_selfcheck_job}[kind]
+    context = pipeline.log_to(log_path) if log_path else contextlib.nullcontext()
+    with context:
+        if sent is not None:
+            print(f"served by the model server (pid {os.getppid()}): started {time.time() - sent:.2f} s "
+                  "after the job's request", flush=True)
+        try:
+            job(**kwargs, model=model)
+        except SystemExit as exit_:
+            code = exit_.code
+            return code if isinstance(code, int) else (0 if code is None else 1)
+        except BaseException:  # noqa: BLE001 - reported in the job's log, as Python would
+            traceback.print_exc()
+            return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The server
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_request(conn: socket.socket) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data.decode())
+
+
+def _reply(conn: socket.socket, message: dict) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall((json.dumps(message) + "\n").encode())
+    conn.close()
+
+
+def serve(model_spec: str, device: str, seed: int, path: Path, idle_s: float = DEFAULT_IDLE_S) -> int:
+    """Load the model, then serve jobs on the Unix socket ``path`` until idle for ``idle_s``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer's threads and fork
+    import torch
+
+    from ioi import pipeline
+    from ioi.registry import EXPERIMENTS, resolve
+
+    torch.set_num_threads(1)  # no OpenMP pool in the parent: children set their own thread count
+    t0 = time.perf_counter()
+    model = pipeline.load_workflow_model(model_spec, device=device, seed=seed)
+    for spec in EXPERIMENTS.values():  # import every runner's module once, here
+        resolve(spec.runner)
+    import ioi.selfcheck  # noqa: F401
+    # What jobs import lazily (reading the datasets, TL's patching for the references), once here.
+    import pyarrow.parquet  # noqa: F401
+    import transformer_lens.patching  # noqa: F401
+    forking = next(model.parameters()).device.type == "cpu"
+    print(f"model server: {model_spec} on {device} loaded in {time.perf_counter() - t0:.1f} s; "
+          f"{'forking a child per job' if forking else 'running jobs one at a time'}; {path}",
+          flush=True)
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener.bind(str(path))
+    listener.listen(64)
+    children: dict[int, socket.socket] = {}
+    last_activity = time.monotonic()
+    try:
+        while True:
+            ready, _, _ = select.select([listener], [], [], 0.2)
+            if ready:
+                conn, _ = listener.accept()
+                request = _read_request(conn)
+                last_activity = time.monotonic()
+                if forking:
+                    pid = os.fork()
+                    if pid == 0:  # the child: one job, then exit
+                        listener.close()
+                        code = run_job(request["kind"], request["kwargs"], request.get("log"), model,
+                                       request.get("cwd"), request.get("sent"))
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(code)
+                    children[pid] = conn
+                else:
+                    code = run_job(request["kind"], request["kwargs"], request.get("log"), model,
+                                   request.get("cwd"), request.get("sent"))
+                    with contextlib.suppress(Exception):
+                        model.reset_hooks()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    _reply(conn, {"returncode": code})
+                    last_activity = time.monotonic()
+            for pid in list(children):
+                done, status, usage = os.wait4(pid, os.WNOHANG)
+                if done:
+                    code = os.waitstatus_to_exitcode(status)
+                    _reply(children.pop(pid), {"returncode": code if code >= 0 else 128 - code,
+                                               "max_rss_mb": round(usage.ru_maxrss / 1024, 1)})
+                    last_activity = time.monotonic()
+            if not children and time.monotonic() - last_activity > idle_s:
+                print(f"model server: idle for {idle_s:.0f} s, exiting", flush=True)
+                return 0
+            if not path.exists():  # replaced or removed: stop serving
+                return 0
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            if path.exists() and os.environ.get("IOI_MODEL_SERVER_KEEP_SOCKET") != "1":
+                path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# The client
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _connect(path: Path) -> socket.socket | None:
+    if not path.exists():
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+        return conn
+    except OSError:
+        conn.close()
+        return None
+
+
+def _start_server(model_spec: str, device: str, seed: int, path: Path, log_dir: Path) -> socket.socket | None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f"{path.stem}.log", "a")  # noqa: SIM115 - handed to the detached server
+    command = [sys.executable, "-m", "ioi.server", "--spec", model_spec, "--device", device,
+               "--seed", str(seed), "--socket", str(path)]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True, close_fds=True, env={**os.environ})
+    log.close()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        conn = _connect(path)
+        if conn is not None:
+            return conn
+        if process.poll() is not None:
+            return None
+        time.sleep(0.1)
+    return None
+
+
+def _server_connection(model_spec: str, device: str, seed: int, log_dir: Path) -> socket.socket | None:
+    path = socket_path(server_key(model_spec, device, seed))
+    conn = _connect(path)
+    if conn is not None:
+        return conn
+    with _locked(path.with_suffix(".lock")):
+        conn = _connect(path)  # another job may have started it meanwhile
+        if conn is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a dead server's socket
+            conn = _start_server(model_spec, device, seed, path, log_dir)
+    return conn
+
+
+def dispatch(kind: str, *, log: str, use_server: bool | None = True,
+             server_log_dir: str = "logs/model-server", **kwargs: Any) -> None:
+    """Run one workflow job through the model server (started if need be), else in this process;
+    exits with the job's status when it fails."""
+    conn = None
+    if enabled(use_server):
+        conn = _server_connection(kwargs["model_spec"], str(kwargs["device"]), int(kwargs["seed"]),
+                                  Path(server_log_dir))
+    if conn is None:
+        code = run_job(kind, kwargs, log)
+    else:
+        with conn:
+            request = {"kind": kind, "kwargs": kwargs, "log": str(Path(log).resolve()), "cwd": os.getcwd(),
+                       "sent": time.time()}
+            conn.sendall((json.dumps(request) + "\n").encode())
+            reply = _read_request(conn)
+        code = int(reply["returncode"])
+        if code:
+            print(f"{kind} failed (status {code}) in the model server's child; its log: {log}",
+                  file=sys.stderr)
+            with contextlib.suppress(OSError):
+                sys.stderr.write(Path(log).read_text()[-4000:])
+    if code:
+        raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ioi.server", description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--idle-s", type=float,
+                        default=float(os.environ.get("IOI_MODEL_SERVER_IDLE_S", DEFAULT_IDLE_S)))
+    args = parser.parse_args(argv)
+    return serve(args.spec, args.device, args.seed, args.socket, args.idle_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

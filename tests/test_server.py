@@ -1,0 +1,69 @@
+"""The model server (ioi.server): jobs served by one process per model give the same files as jobs
+run in their own process, a second job reuses the running server, and a failing job's status
+reaches the client."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from ioi import server
+
+SPEC = "random-L2-H4-D16"
+
+
+def _selfcheck(tmp_path: Path, name: str) -> dict:
+    server.dispatch("selfcheck", log=f"logs/{name}.log", model_spec=SPEC, model_label="x",
+                    out_path=f"out/{name}.json", seed=0, device="cpu", dataset_settings={}, n=2,
+                    threads=1)
+    return json.loads((tmp_path / "out" / f"{name}.json").read_text())
+
+
+@pytest.fixture
+def server_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IOI_MODEL_SERVER_DIR", str(tmp_path))
+    monkeypatch.setenv("IOI_MODEL_SERVER_IDLE_S", "30")
+    yield tmp_path
+    for sock in tmp_path.glob("*.sock"):
+        sock.unlink()  # the server stops when its socket goes
+
+
+def test_served_jobs_equal_jobs_in_their_own_process(server_dir, monkeypatch):
+    monkeypatch.setenv("IOI_MODEL_SERVER", "1")
+    first = _selfcheck(server_dir, "first")
+    t0 = time.perf_counter()
+    second = _selfcheck(server_dir, "second")
+    served_wall = time.perf_counter() - t0
+    monkeypatch.setenv("IOI_MODEL_SERVER", "0")
+    alone = _selfcheck(server_dir, "alone")
+    for record in (second, alone):
+        assert record["engine"]["comparisons"] == first["engine"]["comparisons"]  # bit-identical
+        assert record["identity"]["ours"] == first["identity"]["ours"]
+    logs = list((server_dir / "logs" / "model-server").glob("*.log"))
+    assert len(logs) == 1 and logs[0].read_text().count("loaded in") == 1  # one server, one load
+    assert "self-check passed" in (server_dir / "logs" / "second.log").read_text()
+    # the served job's wall time is its own work plus well under a second of overhead (a loose
+    # bound, so a busy CI machine cannot fail it; timings are measured by benchmarks/dag.py)
+    assert served_wall < second["seconds"] + 30
+
+
+def test_a_failing_served_job_fails_the_client(server_dir, monkeypatch, capsys):
+    monkeypatch.setenv("IOI_MODEL_SERVER", "1")
+    with pytest.raises(SystemExit) as exit_:
+        server.dispatch("experiment", log="logs/bad.log", name="no-such-experiment", model_spec=SPEC,
+                        model_label="x", dataset_paths={}, out_dir="out/bad", n=2, seed=0,
+                        device="cpu", dataset_settings={}, memory_budget_mb=64, threads=1)
+    assert exit_.value.code == 1
+    assert "no-such-experiment" in (server_dir / "logs" / "bad.log").read_text()
+    assert "model server's child" in capsys.readouterr().err
+
+
+def test_a_new_library_or_model_gets_a_new_server():
+    key = server.server_key(SPEC, "cpu", 0)
+    assert key == server.server_key(SPEC, "cpu", 0)
+    assert key != server.server_key("random-L3-H2-D8", "cpu", 0)
+    assert key != server.server_key(SPEC, "cpu", 1)

@@ -1,0 +1,32 @@
+# The configured model, checked once before anything else of the run (issue 10 §5): the fast
+# engine against its hook-based references on these weights, and whether they are GPT-2 small.
+# Every experiment takes selfcheck.json as an input (so no figure comes before it) and copies its
+# summary into meta.json; the comparison quotes it in its header.
+
+SELFCHECK = RESULTS + "/selfcheck/selfcheck.json"
+
+
+rule selfcheck:
+    input:
+        lib=LIBRARY_SOURCES,
+    output:
+        SELFCHECK,
+    log:
+        "logs/" + MODEL + "/selfcheck.log",
+    benchmark:
+        RESULTS + "/benchmarks/selfcheck.tsv"
+    threads: config["threads_per_job"] or workflow.cores
+    resources:
+        gpu=lambda wildcards: 1 if USES_GPU else 0,
+        mem_mb=4000,
+        runtime=15,
+    params:
+        model_spec=model_spec(),
+        model_label=MODEL,
+        seed=config["seed"],
+        device=config["device"],
+        dataset_settings=config["dataset"],
+        n=config["n"]["selfcheck"],
+        model_server=config["model_server"],
+    script:
+        "../scripts/selfcheck.py"
