@@ -63,3 +63,20 @@ def test_checker_catches_out_of_tolerance_number(planted_demo, tmp_path):
 
     mutated = _mutate(planted_demo, tmp_path, "faithfulness", halve)
     assert evaluate_claim(BY_ID["planted_faithfulness"], mutated).status == FAIL
+
+
+@pytest.mark.slow
+def test_checker_catches_a_wrong_edge_circuit(planted_demo, tmp_path):
+    """An ACDC circuit with one edge too many, or a worse EAP-IG ranking, fails its claim."""
+    def extra_edge(summary):
+        summary["acdc_exact"] = 0.0
+        summary["acdc_extra"] = ["a1.h0->a3.h1.k"]
+
+    mutated = _mutate(planted_demo, tmp_path, "edge_circuits", extra_edge)
+    assert evaluate_claim(BY_ID["planted_edges_acdc_exact"], mutated).status == FAIL
+
+    def worse_ranking(summary):
+        summary["auc"]["eap_ig"] = 0.9
+
+    mutated = _mutate(planted_demo, tmp_path / "second", "edge_circuits", worse_ranking)
+    assert evaluate_claim(BY_ID["planted_edges_auc_eap_ig"], mutated).status == FAIL

@@ -71,7 +71,8 @@ def _heads_text(heads: list[str]) -> str:
     return "{" + ", ".join(heads) + "}"
 
 
-def _attribution(model, ioi, abc, metric, graph, *, progress: bool) -> dict[str, torch.Tensor]:
+def _attribution(model, ioi, abc, metric, graph, *, progress: bool,
+                 memory_budget_mb: float | None = None) -> dict[str, torch.Tensor]:
     from ioi.edges.attribution import eap_ig_scores, eap_scores
 
     word_idx = ioi.word_idx if graph.positions is not None else None
@@ -80,9 +81,10 @@ def _attribution(model, ioi, abc, metric, graph, *, progress: bool) -> dict[str,
         fresh_metric = LogitDiff.from_dataset(ioi)
         return {
             "eap": eap_scores(model, clean, corrupted, fresh_metric, graph, word_idx=word_idx,
-                              progress=progress).detach().double(),
+                              memory_budget_mb=memory_budget_mb, progress=progress).detach().double(),
             "eap_ig": eap_ig_scores(model, clean, corrupted, fresh_metric, graph, steps=EAP_IG_STEPS,
-                                    word_idx=word_idx, progress=progress).detach().double(),
+                                    word_idx=word_idx, memory_budget_mb=memory_budget_mb,
+                                    progress=progress).detach().double(),
         }
 
 
@@ -119,7 +121,7 @@ def edge_circuits(model, ctx: RunContext) -> ExperimentResult:
     # runs under torch.inference_mode, and autograd cannot save those for backward)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    scores = _attribution(model, ioi, abc, metric, graph, progress=ctx.progress)
+    scores = _attribution(model, ioi, abc, metric, graph, progress=ctx.progress, memory_budget_mb=budget)
     seconds["attribution"] = time.perf_counter() - started
     base = patch_edges(model, ioi.toks, abc.toks, [list(graph.edges), []], metric, graph=graph,
                        mode="keep", memory_budget_mb=budget)
@@ -131,7 +133,8 @@ def edge_circuits(model, ctx: RunContext) -> ExperimentResult:
         circuits[f"{name}_top_n"] = top_n(scores[name], graph, n_top)
         circuits[f"{name}_threshold"] = threshold(scores[name], graph, tau, allow_empty=True)
     started = time.perf_counter()
-    circuits["acdc"] = acdc(model, ioi.toks, abc.toks, metric, graph, tau)
+    circuits["acdc"] = acdc(model, ioi.toks, abc.toks, metric, graph, tau, memory_budget_mb=budget,
+                            progress=ctx.progress)
     seconds["acdc"] = time.perf_counter() - started
     started = time.perf_counter()
 
@@ -210,7 +213,8 @@ def edge_circuits(model, ctx: RunContext) -> ExperimentResult:
         pos_graph = EdgeGraph.from_model(model, positions=POSITIONS)
         pos_labels = truth_labels(pos_graph, _truth(ctx, POSITIONS))
         started = time.perf_counter()
-        pos_scores = _attribution(model, ioi, abc, metric, pos_graph, progress=ctx.progress)
+        pos_scores = _attribution(model, ioi, abc, metric, pos_graph, progress=ctx.progress,
+                                  memory_budget_mb=budget)
         seconds["attribution_positions"] = time.perf_counter() - started
         summary["n_edges_positions"] = len(pos_graph)
         summary["auc_positions"] = {name: roc_auc(pos_scores[name], pos_labels) for name in RANKINGS}
