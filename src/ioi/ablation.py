@@ -28,10 +28,11 @@ from typing import Callable, Iterable, Literal, Mapping, Sequence, Union
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ioi.ablation_engine import KnockoutEngine, KnockoutSpec
 from ioi.forward import cache_activations
-from ioi.patching.path import Positions, positions_as_list
+from ioi.patching._fast_forward import net_weights
+from ioi.patching.path import DEFAULT_MEMORY_BUDGET_MB, Positions, positions_as_list
 
 __all__ = [
     "Ablation",
@@ -42,7 +43,9 @@ __all__ = [
     "circuit_positions",
     "completeness_pair",
     "compute_template_means",
+    "evaluate_ablations",
     "evaluate_circuit",
+    "evaluate_circuits",
     "expand_group_means",
     "head_knockout",
     "knockout_heads",
@@ -399,18 +402,81 @@ def mlp_knockout(
 
 
 # ----------------------------------------------------------------------------------------------
-# Running
+# Running (on the plain-tensor engine, ioi.ablation_engine; hooked twin: ioi.ablation_reference)
 # ----------------------------------------------------------------------------------------------
+
+
+def _spec_of(ablation: Ablation | None, n_prompts: int, seq: int, n_layers: int, n_heads: int, device,
+             capture: bool = False) -> KnockoutSpec:
+    """An :class:`Ablation` as an engine spec, with the cheaper source stream."""
+    if ablation is None or ablation.head_keep is None:
+        head_keep = torch.ones(n_prompts, seq, n_layers, n_heads, dtype=torch.bool, device=device)
+    else:
+        head_keep = ablation.head_keep[:, :seq].to(device)
+    mlp_keep = None if ablation is None or ablation.mlp_keep is None else ablation.mlp_keep[:, :seq].to(device)
+    kept = int(head_keep.sum())
+    source = "ablated" if kept < head_keep.numel() - kept else "clean"
+    return KnockoutSpec(head_keep=head_keep, source=source, mlp_keep=mlp_keep, capture=capture)
+
+
+def _means_of(ablations: Sequence[Ablation | None], attr: str) -> Tensor | None:
+    found = [getattr(a, attr) for a in ablations if a is not None and getattr(a, attr) is not None]
+    if not found:
+        return None
+    first = found[0]
+    if any(m is not first and (m.shape != first.shape or not torch.equal(m, first)) for m in found[1:]):
+        raise ValueError(f"Batched ablations must share their {attr}; evaluate them in separate calls.")
+    return first
+
+
+@torch.no_grad()
+def evaluate_ablations(
+    model,
+    toks: Int[Tensor, "batch seq"],
+    metric: Callable[[Tensor], Tensor],
+    ablations: Sequence[Ablation | None],
+    *,
+    memory_budget_mb: int | None = None,
+) -> list[Tensor]:
+    """``metric`` of the model under each ablation, many ablations per batched pass.
+
+    Runs on the plain-tensor engine (:class:`ioi.ablation_engine.KnockoutEngine`): with an
+    :class:`ioi.metrics.LogitDiff` only the two answer logits at END are computed; any other metric
+    gets the full logits. Models the engine does not reproduce exactly fall back to the hooked
+    reference (:mod:`ioi.ablation_reference`). The ablations must share their means tensors.
+    """
+    from ioi.ablation_reference import run_with_ablation as hooked_run
+    from ioi.metrics import LogitDiff
+    from ioi.patching._fast_forward import UnsupportedModelError
+
+    device = model.W_U.device
+    toks = torch.as_tensor(toks).to(device)
+    N, S = toks.shape
+    for ablation in ablations:
+        if ablation is not None:
+            ablation.check_shape(N, S)
+    try:
+        net = net_weights(model, device)
+    except UnsupportedModelError:
+        return [metric(hooked_run(model, toks, a)) for a in ablations]
+    budget = memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB.get(device.type, 1024)
+    ld_mode = isinstance(metric, LogitDiff)
+    kwargs = {}
+    if ld_mode:
+        kwargs = {"end": metric.end_idx, "io_ids": metric.io_ids, "s_ids": metric.s_ids}
+    engine = KnockoutEngine(net, toks, head_means=_means_of(ablations, "head_means"),
+                            mlp_means=_means_of(ablations, "mlp_means"), memory_budget_mb=budget, **kwargs)
+    specs = [_spec_of(a, N, engine.seq, net.n_layers, net.n_heads, device) for a in ablations]
+    runs = engine.evaluate(specs)
+    if ld_mode:
+        return [metric.reduce(run.ld.to(net.W_E.dtype)) for run in runs]
+    return [metric(run.logits) for run in runs]
 
 
 @torch.no_grad()
 def run_with_ablation(model, toks: Int[Tensor, "batch seq"], ablation: Ablation | None) -> Tensor:
-    """Logits of ``toks`` with ``ablation`` applied (one forward pass, one hook per layer)."""
-    toks = torch.as_tensor(toks).to(model.W_U.device)
-    if ablation is None:
-        return model(toks)
-    ablation.check_shape(*toks.shape)
-    return model.run_with_hooks(toks, fwd_hooks=ablation.hooks())
+    """Logits of ``toks`` with ``ablation`` applied (the plain-tensor engine; full logits)."""
+    return evaluate_ablations(model, toks, lambda logits: logits, [ablation])[0]
 
 
 def evaluate_circuit(
@@ -425,7 +491,24 @@ def evaluate_circuit(
 ) -> Tensor:
     """F(C), F(C\\K), F(M\\K) or F(M) (see :func:`ablate_circuit`) under ``metric``."""
     ablation = ablate_circuit(means, circuit, knockout=knockout, knockout_mode=knockout_mode, seq=toks.shape[1])
-    return metric(run_with_ablation(model, toks, ablation))
+    return evaluate_ablations(model, toks, metric, [ablation])[0]
+
+
+def evaluate_circuits(
+    model,
+    toks: Int[Tensor, "batch seq"],
+    metric: Callable[[Tensor], Tensor],
+    means: Float[Tensor, "batch seq layer head d_head"],
+    circuit: Circuit | None,
+    knockouts: Sequence[Knockout],
+    *,
+    knockout_mode: KnockoutMode = "all_positions",
+    memory_budget_mb: int | None = None,
+) -> list[Tensor]:
+    """:func:`evaluate_circuit` for many K at once (one batched pass per memory chunk)."""
+    ablations = [ablate_circuit(means, circuit, knockout=k, knockout_mode=knockout_mode, seq=toks.shape[1])
+                 for k in knockouts]
+    return evaluate_ablations(model, toks, metric, ablations, memory_budget_mb=memory_budget_mb)
 
 
 def completeness_pair(
@@ -452,7 +535,7 @@ def knockout_heads(
 ) -> Tensor:
     """Metric with only the given heads mean-ablated at the given positions (``None`` = all)."""
     ablation = head_knockout(means, heads_with_positions, seq=toks.shape[1])
-    return metric(run_with_ablation(model, toks, ablation))
+    return evaluate_ablations(model, toks, metric, [ablation])[0]
 
 
 def knockout_mlps(
@@ -465,7 +548,7 @@ def knockout_mlps(
 ) -> Tensor:
     """Metric with MLP ``layers`` mean-ablated (e.g. ``range(1, n_layers)``: all but MLP0)."""
     ablation = mlp_knockout(mlp_means, layers, positions, seq=toks.shape[1])
-    return metric(run_with_ablation(model, toks, ablation))
+    return evaluate_ablations(model, toks, metric, [ablation])[0]
 
 
 def mlp_knockout_sweep(
@@ -476,13 +559,12 @@ def mlp_knockout_sweep(
     *,
     progress: bool = True,
 ) -> Tensor:
-    """``Tensor[n_layers]``: the metric with each MLP layer mean-ablated alone (paper Fig. 19 left)."""
+    """``Tensor[n_layers]``: the metric with each MLP layer mean-ablated alone (paper Fig. 19 left),
+    every layer in one batched pass (``progress`` is accepted for compatibility)."""
     L = mlp_means.shape[2]
-    values = [
-        torch.as_tensor(knockout_mlps(model, toks, metric, mlp_means, [layer])).float()
-        for layer in tqdm(range(L), desc="MLP knockouts", disable=not progress)
-    ]
-    return torch.stack(values)
+    ablations = [mlp_knockout(mlp_means, [layer], seq=toks.shape[1]) for layer in range(L)]
+    values = evaluate_ablations(model, toks, metric, ablations)
+    return torch.stack([torch.as_tensor(v).float() for v in values])
 
 
 def circuit_positions(circuit, word_idx: Mapping[str, Tensor]) -> dict[Head, Tensor]:

@@ -1,0 +1,549 @@
+"""Batched knockouts (mean ablations) on the plain-tensor forward that path patching uses.
+
+What is computed
+----------------
+A *knockout spec* says, for every prompt ``n``, position ``p``, layer ``l`` and head ``h``, whether
+the head's output ``z[n, p, l, h]`` is kept (``head_keep = True``) or replaced by the given mean
+``head_means[n, p, l, h]`` (the template-wise p_ABC mean of :func:`ioi.ablation.compute_template_means`),
+and optionally the same for every MLP output (``mlp_keep`` / ``mlp_means``). Its value is the
+model's output with those replacements: the per-prompt logit difference at END (or the full logits),
+exactly as the hooks of :class:`ioi.ablation.Ablation` give on the bridge
+(:mod:`ioi.ablation_reference`, the slow twin; tests: equal to 1e-4).
+
+How (every shortcut exact)
+--------------------------
+Many specs run in one batched pass (``k`` specs x the rows that change), chunked to a memory
+budget. Two *source streams* are computed once and shared:
+
+* the clean run (nothing ablated) -- the source of F(M\\K)-like specs, which ablate a few heads at a
+  few positions. Causal attention: a prompt's rows before its first ablated position are clean, so
+  only rows from there to END are recomputed (a window), from the first layer where anything is
+  ablated;
+* the all-ablated run (every head mean-ablated everywhere, MLPs intact) -- the source of
+  F(C)/F(C\\K)-like specs. A row where no head is kept at any layer reads nothing from other rows
+  (its attention output is the means), so it equals the all-ablated run; only the rows where some
+  head is kept (for the paper's circuit: S1+1, S2 and END) are recomputed, and only the kept heads
+  need ``q``/``k``/``v`` (an ablated head needs none).
+
+A spec may also *resume* from a stored run whose masks agree with it below some layer (e.g.
+F(C\\(K∪{v})) from F(C\\K) at v's layer): below that layer the two runs are equal at every row,
+so the pass starts there from the stored run's residual stream. Rows that are not recomputed use
+the source stream's keys and values. In the last layer only END rows are computed (LD mode).
+
+Rows are packed (prompt-major lists of (prompt, position)); everything after a prompt's END is
+skipped in LD mode.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ioi.patching._fast_forward import NetWeights, net_weights, row_tiles
+
+Source = Literal["clean", "ablated"]
+
+__all__ = ["KnockoutEngine", "KnockoutRun", "KnockoutSpec", "FlopCounter"]
+
+
+@dataclasses.dataclass
+class KnockoutSpec:
+    """One knockout: which head outputs (and MLP outputs) are kept; the rest take the means.
+
+    ``source``: which shared stream the rows that are not recomputed come from (see the module
+    doc): ``"ablated"`` for specs that keep few heads (F(C), F(C\\K)), ``"clean"`` for specs that
+    ablate few (F(M\\K), head and MLP knockouts). Either is exact; it only decides the cost.
+    ``capture``: keep the residual stream at the recomputed rows, so later specs can resume from
+    this run.
+    """
+
+    head_keep: Bool[Tensor, "batch seq layer head"]
+    source: Source
+    mlp_keep: Bool[Tensor, "batch seq layer"] | None = None
+    capture: bool = False
+    tag: object = None
+
+
+@dataclasses.dataclass
+class KnockoutRun:
+    """The result of one spec: ``ld [N]`` (float64; LD mode) or ``logits`` (full mode), and -- when
+    captured -- the residual stream entering layers ``start .. n_layers - 1`` at ``rows``."""
+
+    spec: KnockoutSpec
+    start: int
+    base: "KnockoutRun | None"
+    ld: Tensor | None = None
+    logits: Tensor | None = None
+    rows: Tensor | None = None  # flat row indices (n * seq + p) of the captured residuals
+    row_index: Tensor | None = None  # [N * seq] -> index in ``rows`` or -1
+    resid: list[Tensor] | None = None  # resid[l - start]: [n_rows, d_model]
+
+    @property
+    def source(self) -> Source:
+        return self.spec.source
+
+    def nbytes(self) -> int:
+        return 0 if self.resid is None else sum(t.numel() * t.element_size() for t in self.resid)
+
+
+@dataclasses.dataclass
+class FlopCounter:
+    """Multiply-add FLOPs (2 per multiply-add) of the matmuls a pass ran, by kind."""
+
+    mlp: float = 0.0
+    qkv: float = 0.0
+    attn_out: float = 0.0
+    attention: float = 0.0
+    unembed: float = 0.0
+    evaluated: int = 0
+    passes: int = 0
+
+    @property
+    def total(self) -> float:
+        return self.mlp + self.qkv + self.attn_out + self.attention + self.unembed
+
+
+class _Stream:
+    """A full forward (clean, or every head mean-ablated) kept per layer: ``resid[l]`` (entering
+    layer ``l``; ``resid[n_layers]`` final) as ``[N * seq, d_model]`` and, on demand, the fused
+    ``q|k|v`` projections per layer."""
+
+    def __init__(self, net: NetWeights, resid: list[Tensor], qkv: list[Tensor | None], ld: Tensor | None,
+                 logits: Tensor | None):
+        self.net = net
+        self.resid = resid
+        self._qkv = qkv
+        self.ld = ld
+        self.logits = logits
+
+    def qkv(self, layer: int) -> Tensor:
+        if self._qkv[layer] is None:
+            net = self.net
+            self._qkv[layer] = net.linear(net.ln(self.resid[layer], net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
+        return self._qkv[layer]
+
+
+class KnockoutEngine:
+    """Knockouts on one batch of prompts (see the module doc).
+
+    ``toks [N, seq]``; ``end [N]``, ``io_ids``/``s_ids [N]`` for the LD at END (``end=None``: full
+    logits at every position instead). ``head_means [N, seq', L, H, d_head]`` with ``seq' >= seq``
+    (per-prompt means, e.g. template-wise p_ABC means); ``mlp_means [N, seq', L, d_model]`` when
+    MLP knockouts are asked for. ``memory_budget_mb`` bounds a pass's working set (chunks of specs).
+    """
+
+    def __init__(
+        self,
+        model_or_net,
+        toks: Int[Tensor, "batch seq"],
+        *,
+        end: Int[Tensor, "batch"] | None = None,
+        io_ids: Int[Tensor, "batch"] | None = None,
+        s_ids: Int[Tensor, "batch"] | None = None,
+        head_means: Float[Tensor, "batch seq layer head d_head"] | None = None,
+        mlp_means: Float[Tensor, "batch seq layer d_model"] | None = None,
+        memory_budget_mb: int = 1024,
+    ):
+        net = model_or_net if isinstance(model_or_net, NetWeights) else net_weights(model_or_net)
+        self.net = net
+        device = net.device
+        toks = torch.as_tensor(toks).to(device)
+        N = toks.shape[0]
+        self.ld_mode = end is not None
+        if self.ld_mode:
+            if io_ids is None or s_ids is None:
+                raise ValueError("The LD at END needs io_ids and s_ids as well as end.")
+            self.end = torch.as_tensor(end).to(device).long()
+            if self.end.shape != (N,):
+                raise ValueError(f"end must give one position per prompt ({N}); got {tuple(self.end.shape)}.")
+            if int(self.end.min()) < 0 or int(self.end.max()) >= toks.shape[1]:
+                raise ValueError(f"END positions must lie in [0, {toks.shape[1]}).")
+            self.io = torch.as_tensor(io_ids).to(device).long()
+            self.s = torch.as_tensor(s_ids).to(device).long()
+            self.seq = int(self.end.max()) + 1  # nothing after the last END is read
+            self.last = self.end
+        else:
+            self.seq = toks.shape[1]
+            self.last = torch.full((N,), self.seq - 1, dtype=torch.long, device=device)
+        if self.seq > net.W_pos.shape[0]:
+            raise ValueError(f"{self.seq} positions exceed the model's context of {net.W_pos.shape[0]}.")
+        self.toks = toks[:, : self.seq]
+        self.n = N
+        self.head_means = None if head_means is None else self._check_means(head_means, "head", 5)
+        self.mlp_means = None if mlp_means is None else self._check_means(mlp_means, "MLP", 4)
+        self.memory_budget_mb = int(memory_budget_mb)
+        positions = torch.arange(self.seq, device=device)
+        self.valid = positions[None, :] <= self.last[:, None]  # [N, seq] rows that can matter
+        self.flops = FlopCounter()
+        self._streams: dict[str, _Stream] = {}
+        self._mean_out: list[Tensor] | None = None
+        self._weight_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _check_means(self, means: Tensor, what: str, ndim: int) -> Tensor:
+        net = self.net
+        means = torch.as_tensor(means)
+        expected = (self.n, None, net.n_layers) + ((net.n_heads, net.d_head) if ndim == 5 else (net.d_model,))
+        if means.ndim != ndim or means.shape[0] != self.n or means.shape[1] < self.seq or any(
+            e is not None and s != e for s, e in zip(means.shape, expected)
+        ):
+            raise ValueError(
+                f"{what} means have shape {tuple(means.shape)}; expected per-prompt means "
+                f"[{self.n}, >= {self.seq}, {', '.join(str(e) for e in expected[2:])}] (compute_template_means("
+                "..., per_prompt=True) over a position-aligned reference batch)."
+            )
+        return means[:, : self.seq].to(device=net.device, dtype=net.W_E.dtype).contiguous()
+
+    def check_spec(self, spec: KnockoutSpec) -> None:
+        net = self.net
+        shape = (self.n, self.seq, net.n_layers, net.n_heads)
+        if tuple(spec.head_keep.shape) != shape:
+            raise ValueError(f"head_keep has shape {tuple(spec.head_keep.shape)}; expected {shape}.")
+        if spec.source not in ("clean", "ablated"):
+            raise ValueError(f"source must be 'clean' or 'ablated'; got {spec.source!r}.")
+        if bool((~spec.head_keep).any()) and self.head_means is None:
+            raise ValueError("This spec ablates heads: give the engine head_means.")
+        if spec.mlp_keep is not None:
+            if tuple(spec.mlp_keep.shape) != shape[:3]:
+                raise ValueError(f"mlp_keep has shape {tuple(spec.mlp_keep.shape)}; expected {shape[:3]}.")
+            if bool((~spec.mlp_keep).any()):
+                if self.mlp_means is None:
+                    raise ValueError("This spec ablates MLPs: give the engine mlp_means.")
+                if net.attn_only:
+                    raise ValueError("An attention-only model has no MLPs to ablate.")
+
+    # -- the shared streams -------------------------------------------------------------------
+
+    def mean_out(self, layer: int) -> Tensor:
+        """``[N * seq, d_model]``: the attention output when every head takes its mean."""
+        if self._mean_out is None:
+            net = self.net
+            if self.head_means is None:
+                raise ValueError("The all-ablated stream needs head_means.")
+            flat = self.head_means.reshape(self.n * self.seq, net.n_layers, net.hd)
+            self._mean_out = [torch.addmm(net.b_O[l], flat[:, l], net.W_O_flat[l]) for l in range(net.n_layers)]
+        return self._mean_out[layer]
+
+    def stream(self, source: Source) -> _Stream:
+        if source not in self._streams:
+            self._streams[source] = self._build_stream(source)
+        return self._streams[source]
+
+    def _build_stream(self, source: Source) -> _Stream:
+        net = self.net
+        n_pos = self.seq
+        resid = (net.W_E[self.toks] + net.W_pos[:n_pos]).reshape(self.n * n_pos, net.d_model)
+        resids, qkvs = [], []
+        for layer in range(net.n_layers):
+            resids.append(resid)
+            if source == "clean":
+                qkv = net.linear(net.ln(resid, net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
+                qkvs.append(qkv)
+                z, _ = net.attention(layer, *net.split_qkv(qkv.view(self.n, n_pos, 3 * net.hd)))
+                resid = net.add_attn_out_(layer, resid.clone(), z.reshape(self.n * n_pos, net.hd))
+            else:
+                qkvs.append(None)  # projected on demand (only kept heads read it)
+                resid = resid + self.mean_out(layer)
+            resid = net.add_mlp_(layer, resid)
+        resids.append(resid)
+        ld = logits = None
+        final = resid.view(self.n, n_pos, net.d_model)
+        if self.ld_mode:
+            io, s = net.answer_logits(final[torch.arange(self.n, device=final.device), self.end], self.io, self.s)
+            ld = (io - s).double()
+        else:
+            logits = net.logits(final)
+        return _Stream(net, resids, qkvs, ld, logits)
+
+    # -- rows and start layers ----------------------------------------------------------------
+
+    def changed_rows(self, spec: KnockoutSpec) -> Bool[Tensor, "batch seq"]:
+        """Rows whose value can differ from the spec's source stream (restricted to rows <= last)."""
+        if spec.source == "ablated":
+            rows = spec.head_keep.any(3).any(2)
+            if spec.mlp_keep is not None:
+                rows = rows | (~spec.mlp_keep).any(2)
+            return rows & self.valid
+        touched = (~spec.head_keep).any(3).any(2)
+        if spec.mlp_keep is not None:
+            touched = touched | (~spec.mlp_keep).any(2)
+        touched = touched & self.valid
+        return (touched.long().cummax(1).values > 0) & self.valid  # from the first changed position on
+
+    def _layer_diff(self, spec: KnockoutSpec, base: KnockoutRun | None) -> Bool[Tensor, "layer"]:
+        """Layers where the spec's masks differ from its base's (the source stream's when None)."""
+        valid = self.valid[:, :, None]
+        if base is None:
+            heads = spec.head_keep if spec.source == "ablated" else ~spec.head_keep
+            diff = (heads.any(3) & valid).any(1).any(0)
+            if spec.mlp_keep is not None:
+                diff = diff | ((~spec.mlp_keep) & valid).any(1).any(0)
+            return diff
+        diff = ((spec.head_keep != base.spec.head_keep).any(3) & valid).any(1).any(0)
+        mine = spec.mlp_keep
+        theirs = base.spec.mlp_keep
+        if mine is not None or theirs is not None:
+            ones = torch.ones(self.n, self.seq, self.net.n_layers, dtype=torch.bool, device=self.valid.device)
+            mine = ones if mine is None else mine
+            theirs = ones if theirs is None else theirs
+            diff = diff | ((mine != theirs) & valid).any(1).any(0)
+        return diff
+
+    def start_layer(self, spec: KnockoutSpec, base: KnockoutRun | None) -> int:
+        """The first layer where ``spec`` differs from ``base`` (``n_layers``: nowhere)."""
+        diff = self._layer_diff(spec, base)
+        nz = diff.nonzero()
+        return int(nz[0, 0]) if len(nz) else self.net.n_layers
+
+    def best_base(self, spec: KnockoutSpec, bases: Sequence[KnockoutRun]) -> tuple[KnockoutRun | None, int]:
+        """The stored run (captured, same source) the spec can resume from latest, or the source."""
+        best, start = None, self.start_layer(spec, None)
+        for base in bases:
+            if base.resid is None or base.source != spec.source or base.start >= self.net.n_layers:
+                continue
+            layer = self.start_layer(spec, base)
+            if layer > start:
+                best, start = base, layer
+        return best, start
+
+    def _rows_from(self, run: KnockoutRun | None, source: Source, layer: int, flat_rows: Tensor) -> Tensor:
+        """Residual stream entering ``layer`` of ``run`` (``None``: the source) at ``flat_rows``."""
+        out = self.stream(source).resid[layer].index_select(0, flat_rows)
+        while run is not None and layer < run.start:  # below its start a run equals its base
+            run = run.base
+        if run is not None:  # at and after its start: its captured rows, the source elsewhere
+            where = run.row_index[flat_rows]
+            hit = where >= 0
+            if bool(hit.any()):
+                out[hit] = run.resid[layer - run.start][where[hit]]
+        return out
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, specs: Sequence[KnockoutSpec], *, bases: Sequence[KnockoutRun] = ()) -> list[KnockoutRun]:
+        """Run every spec (batched, chunked to the memory budget); results in spec order.
+
+        Each spec resumes from the run in ``bases`` it agrees with longest (or from its source)."""
+        runs: list[KnockoutRun | None] = [None] * len(specs)
+        groups: dict[tuple, list[tuple[int, KnockoutRun | None, int, Tensor]]] = collections.defaultdict(list)
+        for index, spec in enumerate(specs):
+            self.check_spec(spec)
+            base, start = self.best_base(spec, bases)
+            rows = self.changed_rows(spec)
+            if start >= self.net.n_layers or not bool(rows.any()):
+                runs[index] = self._unchanged(spec, base, start)
+                continue
+            # specs recomputing the same rows run together (a union of different windows would
+            # recompute rows some of them do not need)
+            key = (spec.source, rows.cpu().numpy().tobytes())
+            groups[key].append((index, base, start, rows))
+        for (source, _), members in groups.items():
+            rows = members[0][3]
+            for chunk in self._chunks(members, rows, specs):
+                for (index, _, _, _), run in zip(chunk, self._run_chunk(source, rows, chunk, specs)):
+                    runs[index] = run
+        self.flops.evaluated += len(specs)
+        return runs  # type: ignore[return-value]
+
+    def _unchanged(self, spec: KnockoutSpec, base: KnockoutRun | None, start: int) -> KnockoutRun:
+        """A spec equal to its source (or base) wherever it matters."""
+        stream = self.stream(spec.source)
+        if base is not None:
+            ld, logits = base.ld, base.logits
+        else:
+            ld, logits = stream.ld, stream.logits
+        run = KnockoutRun(spec=spec, start=self.net.n_layers, base=base, ld=ld, logits=logits)
+        if spec.capture:
+            run.rows = torch.zeros(0, dtype=torch.long, device=self.valid.device)
+            run.row_index = torch.full((self.n * self.seq,), -1, dtype=torch.long, device=self.valid.device)
+            run.resid = []
+            run.start = self.net.n_layers
+            run.base = base
+        return run
+
+    def _chunks(self, members: list, rows: Tensor, specs: Sequence[KnockoutSpec]) -> list[list]:
+        net = self.net
+        capture = any(specs[m[0]].capture for m in members)
+        n_rows = int(rows.sum())
+        width = max(net.d_mlp, 3 * net.hd, net.d_model)
+        per_spec = 4 * (
+            n_rows * (3 * net.d_model + 3 * net.hd)  # residual, LN output, projections
+            + self.n * self.seq * 3 * net.hd * 2  # full-layout q/k/v and z
+            + self.n * net.n_heads * self.seq * self.seq  # attention scores
+            + (net.n_layers * n_rows * net.d_model if capture else 0)
+        )
+        fixed = 4 * min(n_rows, 1024) * width * 2
+        budget = max(self.memory_budget_mb * 2**20 - fixed, per_spec)
+        size = max(1, int(budget // per_spec))
+        # members sorted by start layer: a chunk's specs join close together
+        ordered = sorted(members, key=lambda m: m[2])
+        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+    def _weights(self, layer: int, heads: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``W_qkv``/``b_qkv`` columns and ``W_O`` rows of ``heads`` (cached)."""
+        net = self.net
+        key = (layer, tuple(heads.tolist()))
+        hit = self._weight_cache.get(key)
+        if hit is None:
+            dh, hd = net.d_head, net.hd
+            within = (heads[:, None] * dh + torch.arange(dh, device=heads.device)[None, :]).reshape(-1)
+            cols = torch.cat([within, within + hd, within + 2 * hd])
+            hit = (net.W_qkv[layer][:, cols].contiguous(), net.b_qkv[layer][cols].contiguous(),
+                   net.W_O_flat[layer][within].contiguous(), cols)
+            if len(self._weight_cache) > 512:
+                self._weight_cache.clear()
+            self._weight_cache[key] = hit
+        return hit
+
+    @torch.no_grad()
+    def _run_chunk(self, source: Source, rows_mask: Tensor, chunk: list, specs: Sequence[KnockoutSpec]) -> list[KnockoutRun]:
+        net = self.net
+        N, S, D, L, H, dh = self.n, self.seq, net.d_model, net.n_layers, net.n_heads, net.d_head
+        device = rows_mask.device
+        flops = self.flops
+        flops.passes += 1
+        n_idx, p_idx = rows_mask.nonzero(as_tuple=True)  # prompt-major
+        flat = n_idx * S + p_idx
+        r = len(flat)
+        row_index = torch.full((N * S,), -1, dtype=torch.long, device=device)
+        row_index[flat] = torch.arange(r, device=device)
+        stream = self.stream(source)
+        # END rows (LD mode): prompts whose END row is recomputed
+        if self.ld_mode:
+            end_flat = torch.arange(N, device=device) * S + self.end
+            end_pos = row_index[end_flat]
+            end_prompts = (end_pos >= 0).nonzero()[:, 0]
+            end_rows = end_pos[end_prompts]
+        members = [(specs[i], base, start) for i, base, start, _ in chunk]
+        captures: list[list[Tensor]] = [[] for _ in members]
+        head_keep = [spec.head_keep[n_idx, p_idx] for spec, _, _ in members]  # [r, L, H] each
+        mlp_keep = [None if spec.mlp_keep is None else spec.mlp_keep[n_idx, p_idx] for spec, _, _ in members]
+        order = sorted(range(len(members)), key=lambda j: members[j][2])
+        joined: list[int] = []
+        resid: Tensor | None = None
+        first = members[order[0]][2]
+        means_rows = None if self.head_means is None else self.head_means[n_idx, p_idx]  # [r, L, H, dh]
+        trimmed = False
+        for layer in range(first, L):
+            # join the specs starting here
+            new = [j for j in order if members[j][2] == layer]
+            if new:
+                parts = [self._rows_from(members[j][1], source, layer, flat)[None] for j in new]
+                if trimmed:
+                    parts = [p[:, end_rows] for p in parts]
+                resid = torch.cat(([resid] if resid is not None else []) + parts, 0)
+                joined += new
+            assert resid is not None
+            for slot, j in enumerate(joined):
+                if members[j][0].capture:
+                    captures[j].append(resid[slot].clone())
+            last_layer = self.ld_mode and layer == L - 1
+            keep = torch.stack([head_keep[j][:, layer] for j in joined])  # [k, r, H]
+            resid = self._attention(layer, resid, keep, stream, means_rows, flat, n_idx, p_idx,
+                                    end_prompts if last_layer else None, end_rows if last_layer else None)
+            if last_layer:
+                trimmed = True
+            # MLP
+            if not net.attn_only:
+                rows_here = end_rows if trimmed else slice(None)
+                ko = [mlp_keep[j] for j in joined]
+                if any(m is not None and not bool(m[rows_here, layer].all()) for m in ko):
+                    out = net.mlp(layer, resid)
+                    keep_m = torch.stack([torch.ones(r, dtype=torch.bool, device=device) if m is None else m[:, layer]
+                                          for m in ko])[:, rows_here]
+                    means_m = self.mlp_means[n_idx, p_idx, layer][rows_here]
+                    resid = resid + torch.where(keep_m[..., None], out, means_m[None])
+                else:
+                    resid = net.add_mlp_(layer, resid)
+                flops.mlp += 4.0 * resid.shape[0] * resid.shape[1] * D * net.d_mlp
+        # outputs, back in member order
+        inverse = {j: slot for slot, j in enumerate(joined)}
+        out_runs = []
+        for j, (spec, base, start) in enumerate(members):
+            final = resid[inverse[j]]
+            run = KnockoutRun(spec=spec, start=start, base=base)
+            if self.ld_mode:
+                io, s = net.answer_logits(final, self.io[end_prompts], self.s[end_prompts])
+                flops.unembed += 4.0 * len(end_prompts) * D
+                ld = stream.ld.clone()
+                ld[end_prompts] = (io - s).double()
+                run.ld = ld
+            else:
+                full = stream.resid[L].clone()
+                full[flat] = final
+                run.logits = net.logits(full.view(N, S, D))
+                flops.unembed += 2.0 * N * S * D * net.W_U.shape[1]
+            if spec.capture:
+                run.rows, run.row_index, run.resid = flat, row_index, captures[j]
+            out_runs.append(run)
+        return out_runs
+
+    def _attention(self, layer: int, resid: Tensor, keep: Tensor, stream: _Stream, means_rows: Tensor | None,
+                   flat: Tensor, n_idx: Tensor, p_idx: Tensor, end_prompts: Tensor | None,
+                   end_rows: Tensor | None) -> Tensor:
+        """``resid`` [k, r, D] -> ``resid_mid`` (at END rows only when ``end_rows`` is given)."""
+        net = self.net
+        N, S, D, H, dh = self.n, self.seq, net.d_model, net.n_heads, net.d_head
+        k, r = resid.shape[:2]
+        flops = self.flops
+        active = keep.any(1).any(0).nonzero()[:, 0]  # heads kept somewhere in this chunk
+        n_act = len(active)
+        if n_act == 0:
+            mid = resid + self.mean_out(layer)[flat][None]
+            return mid[:, end_rows] if end_rows is not None else mid
+        all_heads = n_act == H
+        if all_heads:
+            W_qkv, b_qkv, W_O = net.W_qkv[layer], net.b_qkv[layer], net.W_O_flat[layer]
+            cols = None
+        else:
+            W_qkv, b_qkv, W_O, cols = self._weights(layer, active)
+        w = n_act * dh
+        x = net.ln(resid, net.ln1[layer])
+        qkv = net.linear(x, W_qkv, b_qkv)  # [k, r, 3w]
+        flops.qkv += 2.0 * k * r * D * 3 * w
+        other = stream.qkv(layer)  # [N * S, 3 * H * dh]
+        other = other if cols is None else other[:, cols]
+        full = other.view(1, N * S, 3 * w).expand(k, -1, -1).clone()
+        full[:, flat] = qkv
+        full = full.view(k, N, S, 3, n_act, dh)
+        q, kk, v = full.unbind(3)  # [k, N, S, n_act, dh]
+        scale = net.attn_scales[layer]
+        if end_rows is None:
+            qh, kh, vh = (t.reshape(k * N, S, n_act, dh).transpose(1, 2) for t in (q, kk, v))
+            z = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+            z = z.transpose(1, 2).reshape(k, N * S, n_act, dh)[:, flat]  # [k, r, n_act, dh]
+            flops.attention += 4.0 * k * N * n_act * S * S * dh / 2
+            rows = slice(None)
+        else:
+            a = len(end_prompts)
+            qe = q[:, end_prompts, self.end[end_prompts]]  # [k, a, n_act, dh]
+            ke, ve = kk[:, end_prompts], v[:, end_prompts]  # [k, a, S, n_act, dh]
+            scores = torch.einsum("kahd,kashd->kahs", qe, ke) * scale
+            masked = torch.arange(S, device=scores.device)[None, :] > self.end[end_prompts][:, None]
+            pattern = scores.masked_fill(masked[None, :, None, :], float("-inf")).softmax(-1)
+            z = torch.einsum("kahs,kashd->kahd", pattern, ve)  # [k, a, n_act, dh]
+            flops.attention += 4.0 * k * a * n_act * S * dh
+            rows = end_rows
+            resid = resid[:, end_rows]
+        keep_act = keep[:, rows][..., active] if not all_heads else keep[:, rows]  # [k, r', n_act]
+        means_act = means_rows[rows][:, layer] if means_rows is not None else None  # [r', H, dh]
+        r_out = resid.shape[1]
+        if all_heads:
+            if means_act is not None:
+                z = torch.where(keep_act[..., None], z, means_act[None])
+            flops.attn_out += 2.0 * k * r_out * H * dh * D
+            return net.add_attn_out_(layer, resid.clone(), z.reshape(k, r_out, H * dh))
+        means_act = means_act[:, active]
+        delta = torch.where(keep_act[..., None], z - means_act[None], torch.zeros((), device=z.device))
+        base = self.mean_out(layer)[flat[rows]]
+        flops.attn_out += 2.0 * k * r_out * w * D
+        out = (resid + base[None]).reshape(-1, D)
+        out.addmm_(delta.reshape(-1, w), W_O)
+        return out.view(k, r_out, D)
