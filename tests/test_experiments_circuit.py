@@ -169,7 +169,7 @@ def test_evaluator_matches_reference_knockouts(model, datasets):
     ioi = datasets["ioi"]
     means = _reference_means(model, datasets)
     clean = ce.CleanRun.build(model, ioi, memory_budget_mb=64)
-    assert clean.ld.fast and clean.cache_prefix
+    assert clean.engine.ld_mode
     evaluator = clean.evaluator(means, TINY_CIRCUIT, ioi)
     metric = LogitDiff.from_dataset(ioi, per_prompt=True)
     positions = circuit_positions(TINY_CIRCUIT, ioi.word_idx)

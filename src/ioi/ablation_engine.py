@@ -181,9 +181,21 @@ class KnockoutEngine:
         positions = torch.arange(self.seq, device=device)
         self.valid = positions[None, :] <= self.last[:, None]  # [N, seq] rows that can matter
         self.flops = FlopCounter()
-        self._streams: dict[str, _Stream] = {}
+        # source -> holder {"stream": _Stream}; the clean holder is shared with with_means() copies
+        self._streams: dict[str, dict] = {"clean": {}, "ablated": {}}
         self._mean_out: list[Tensor] | None = None
         self._weight_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def with_means(self, head_means: Tensor | None = None, mlp_means: Tensor | None = None) -> "KnockoutEngine":
+        """The same prompts with other means: the clean stream is shared, the all-ablated one is not."""
+        other = object.__new__(KnockoutEngine)
+        other.__dict__.update(self.__dict__)
+        other.head_means = None if head_means is None else self._check_means(head_means, "head", 5)
+        other.mlp_means = None if mlp_means is None else self._check_means(mlp_means, "MLP", 4)
+        other._streams = {"clean": self._streams["clean"], "ablated": {}}  # clean holder shared
+        other._mean_out = None
+        other.flops = self.flops  # one counter for everything run on these prompts
+        return other
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -232,9 +244,10 @@ class KnockoutEngine:
         return self._mean_out[layer]
 
     def stream(self, source: Source) -> _Stream:
-        if source not in self._streams:
-            self._streams[source] = self._build_stream(source)
-        return self._streams[source]
+        holder = self._streams.setdefault(source, {})
+        if "stream" not in holder:
+            holder["stream"] = self._build_stream(source)
+        return holder["stream"]
 
     def _build_stream(self, source: Source) -> _Stream:
         net = self.net

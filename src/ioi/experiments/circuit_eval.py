@@ -36,15 +36,18 @@ Experiments:
   :func:`ioi.circuits.minimality_k_sets`, score(v) = |F(C\\(K∪{v})) - F(C\\K)|, also as a fraction
   of F(M).
 
-Speed: every evaluation reads only the LD at END, so the forward pass stops at the unembedding
-input (the two answer columns of ``W_U`` are applied by hand) and runs only up to the last END
-position. F(C\\K) and F(M\\K) resume from the cached residual stream of the F(C) and clean runs at
-the first layer K touches (layers below are identical). Both shortcuts are checked against a
-plain forward pass at start-up and switched off if they disagree.
+Speed: every evaluation runs on the batched plain-tensor knockout engine
+(:mod:`ioi.ablation_engine`; the hooked twin :mod:`ioi.ablation_reference` is tested equal to
+1e-4): each greedy iteration's candidates, the class and random sets, and minimality's sets are
+each one batched pass; only the LD at END is computed; F(C\\K) recomputes only the rows where a
+circuit head is kept (the others equal the all-ablated run) and only the kept heads' q/k/v;
+F(M\\K) recomputes only each prompt's window from the first ablated position to END; a set K ∪ {v}
+resumes from K's stored run at v's layer.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import weakref
@@ -55,7 +58,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ioi.ablation import Ablation, ablate_circuit, circuit_positions, compute_template_means
+from ioi.ablation import circuit_keep_mask, circuit_positions, compute_template_means
+from ioi.ablation_engine import KnockoutEngine, KnockoutSpec
 from ioi.circuits import (
     BACKUP_NAME_MOVER,
     NAIVE_CIRCUIT,
@@ -349,103 +353,118 @@ class EndLogitDiff:
         return bool(torch.allclose(fast, slow, atol=1e-3 * scale, rtol=0))
 
 
-def _ablation_hooks(ablation: Ablation) -> Callable[[slice], list]:
-    """``rows -> hooks`` of an :class:`Ablation` restricted to a chunk of prompts."""
-
-    def hooks(rows: slice) -> list:
-        if ablation.head_keep is None:
-            return []
-        part = Ablation(head_keep=ablation.head_keep[rows], head_means=ablation.head_means[rows])
-        return part.hooks()
-
-    return hooks
-
-
 class KnockoutEvaluator:
     """F(C), F(C\\K), F(M\\K), F(M) per prompt for one circuit (positions per head), one dataset and
     one set of means, with results cached by K.
 
     ``positions``: ``{(layer, head): per-prompt positions or None (= every position)}``, e.g.
-    :func:`ioi.ablation.circuit_positions`. ``clean``: an :class:`EndLogitDiff` (shared between
-    circuits of the same dataset so the clean run and its prefix are computed once).
+    :func:`ioi.ablation.circuit_positions`. ``clean``: the :class:`CleanRun` of the dataset (its
+    clean stream is shared by every evaluator on that dataset).
+
+    Runs on the batched plain-tensor engine (:class:`ioi.ablation_engine.KnockoutEngine`):
+    :meth:`prefetch` evaluates many sets K in one batched pass; :meth:`without` /
+    :meth:`model_without` return cached values (evaluating a missing K on its own). Each set
+    resumes from the stored run of a subset of it (e.g. K ∪ {v} from K at v's layer; F(C) and the
+    clean run for the first sets); the runs of the last few sets are kept for that
+    (``resume_memory_mb``).
     """
 
-    def __init__(self, clean: "CleanRun", means: torch.Tensor, positions: Mapping[Head, Any]):
+    def __init__(self, clean: "CleanRun", means: torch.Tensor, positions: Mapping[Head, Any],
+                 resume_memory_mb: int | None = None):
         self.clean = clean
-        self.ld = clean.ld
-        self.means = means[:, : self.ld.seq]
+        self.engine = clean.engine.with_means(head_means=means)
+        self.means = self.engine.head_means
         self.positions = {tuple(map(int, h)): p for h, p in positions.items()}
-        self._cache: dict[tuple[str, frozenset], torch.Tensor] = {}
-        circuit_ablation = ablate_circuit(self.means, self.positions, seq=self.ld.seq)
-        if clean.cache_prefix:
-            self.f_circuit, self._circuit_prefix = self.ld.run(_ablation_hooks(circuit_ablation),
-                                                               capture_prefix=True)
-        else:
-            self.f_circuit, self._circuit_prefix = self.ld.run(_ablation_hooks(circuit_ablation)), None
+        net = self.engine.net
+        self._shape = (self.engine.n, self.engine.seq, net.n_layers, net.n_heads)
+        self._keep_circuit = circuit_keep_mask(self.positions, *self._shape, device=net.device)
+        self._values: dict[tuple[str, frozenset], torch.Tensor] = {}
+        self._runs: "collections.OrderedDict[tuple[str, frozenset], Any]" = collections.OrderedDict()
+        budget = clean.memory_budget_mb if resume_memory_mb is None else resume_memory_mb
+        self._resume_bytes = int(budget) * 2**20 // 4
+        run = self.engine.evaluate([self._spec("C", frozenset())])[0]
+        self._pinned = {("C", frozenset()): run}
+        self.f_circuit = run.ld.cpu()
         self.f_model = clean.f_model
         self.n_forward = 1
 
-    @staticmethod
-    def _start(knockout: frozenset) -> int:
-        return min(layer for layer, _ in knockout)
+    def _spec(self, kind: str, knockout: frozenset) -> KnockoutSpec:
+        """F(C\\K) (K ablated at every position, the other circuit heads kept at theirs; source: the
+        all-ablated stream) or F(M\\K) (only K ablated, at its positions; source: the clean run)."""
+        if kind == "C":
+            keep = self._keep_circuit.clone()
+            for layer, head in knockout:
+                keep[:, :, layer, head] = False
+            return KnockoutSpec(head_keep=keep, source="ablated", capture=True)
+        missing = [h for h in knockout if h not in self.positions]
+        if missing:
+            raise ValueError(f"Heads {missing} are not in the circuit (no relevant position).")
+        keep = torch.ones(self._shape, dtype=torch.bool, device=self._keep_circuit.device)
+        ablated = circuit_keep_mask({h: self.positions[h] for h in knockout}, *self._shape,
+                                    device=self._keep_circuit.device)
+        return KnockoutSpec(head_keep=keep & ~ablated, source="clean", capture=True)
+
+    def _bases(self, kind: str, knockouts: Sequence[frozenset]) -> list:
+        """Stored runs that are a subset of some requested K (the ones worth resuming from)."""
+        stored = [(k, run) for (kd, k), run in list(self._pinned.items()) + list(self._runs.items()) if kd == kind]
+        return [run for k, run in stored if any(k <= t for t in knockouts)]
+
+    def prefetch(self, knockouts: Iterable[Iterable[Head]], kinds: Sequence[str] = ("C", "M")) -> None:
+        """Evaluate F(C\\K) and F(M\\K) for every K (not yet cached) in one batched pass each."""
+        sets = list(dict.fromkeys(frozenset(tuple(map(int, h)) for h in k) for k in knockouts))
+        sets = [k for k in sets if k]
+        for kind in kinds:
+            todo = [k for k in sets if (kind, k) not in self._values]
+            if not todo:
+                continue
+            specs = [self._spec(kind, k) for k in todo]
+            runs = self.engine.evaluate(specs, bases=self._bases(kind, todo))
+            for k, run in zip(todo, runs):
+                self._values[(kind, k)] = run.ld.cpu()
+                self._remember((kind, k), run)
+            self.n_forward += len(todo)
+
+    def _remember(self, key, run) -> None:
+        self._runs[key] = run
+        self._runs.move_to_end(key)
+        total = sum(r.nbytes() for r in self._runs.values())
+        while len(self._runs) > 1 and total > self._resume_bytes:
+            _, old = self._runs.popitem(last=False)
+            total -= old.nbytes()
 
     def without(self, knockout: Iterable[Head]) -> torch.Tensor:
         """F(C\\K) per prompt: K's heads leave the circuit (ablated at every position)."""
         k = frozenset(tuple(map(int, h)) for h in knockout)
         if not k:
             return self.f_circuit
-        key = ("C", k)
-        if key not in self._cache:
-            ablation = ablate_circuit(self.means, self.positions, knockout=sorted(k),
-                                      knockout_mode="all_positions", seq=self.ld.seq)
-            start = self._start(k) if self._circuit_prefix is not None else 0
-            self._cache[key] = self.ld.run(_ablation_hooks(ablation), start_layer=start,
-                                           prefix=self._circuit_prefix)
-            self.n_forward += 1
-        return self._cache[key]
+        self.prefetch([k], kinds=("C",))
+        return self._values[("C", k)]
 
     def model_without(self, knockout: Iterable[Head]) -> torch.Tensor:
         """F(M\\K) per prompt: only K's heads ablated, only at their relevant positions."""
         k = frozenset(tuple(map(int, h)) for h in knockout)
         if not k:
             return self.f_model
-        missing = [h for h in k if h not in self.positions]
-        if missing:
-            raise ValueError(f"Heads {missing} are not in the circuit (no relevant position).")
-        key = ("M", k)
-        if key not in self._cache:
-            ablation = ablate_circuit(self.means, self.positions, knockout=sorted(k),
-                                      knockout_mode="relevant_positions", seq=self.ld.seq)
-            start = self._start(k) if self.clean.prefix is not None else 0
-            self._cache[key] = self.ld.run(_ablation_hooks(ablation), start_layer=start,
-                                           prefix=self.clean.prefix)
-            self.n_forward += 1
-        return self._cache[key]
+        self.prefetch([k], kinds=("M",))
+        return self._values[("M", k)]
 
 
 @dataclasses.dataclass
 class CleanRun:
-    """The clean run of one dataset: F(M) per prompt and (if it fits) the residual stream entering
-    every block, shared by every :class:`KnockoutEvaluator` on that dataset."""
+    """The clean run of one dataset: F(M) per prompt and the knockout engine on its prompts (whose
+    clean stream every :class:`KnockoutEvaluator` on that dataset shares)."""
 
-    ld: EndLogitDiff
+    engine: KnockoutEngine
     f_model: torch.Tensor
-    prefix: list | None
-    cache_prefix: bool
+    memory_budget_mb: int
 
     @classmethod
     def build(cls, model, dataset, *, memory_budget_mb: int, resumable: bool = True) -> "CleanRun":
-        """``resumable``: cache the residual stream entering every block (clean run and each
-        circuit's F(C) run) when it fits in a quarter of the memory budget each."""
-        ld = EndLogitDiff(model, dataset, memory_budget_mb=memory_budget_mb)
-        cfg = model.cfg
-        prefix_mb = cfg.n_layers * len(dataset) * ld.seq * cfg.d_model * 4 / 2**20
-        cache_prefix = resumable and 2 * prefix_mb <= memory_budget_mb / 2  # clean + one circuit
-        if cache_prefix:
-            f_model, prefix = ld.run(None, capture_prefix=True)
-        else:
-            f_model, prefix = ld.run(None), None
-        return cls(ld=ld, f_model=f_model, prefix=prefix, cache_prefix=cache_prefix)
+        """``resumable`` is accepted for compatibility (runs are always resumable now)."""
+        engine = KnockoutEngine(model, dataset.toks, end=dataset.word_idx["END"], io_ids=dataset.io_token_ids,
+                                s_ids=dataset.s_token_ids, memory_budget_mb=memory_budget_mb)
+        f_model = engine.stream("clean").ld.cpu()
+        return cls(engine=engine, f_model=f_model, memory_budget_mb=int(memory_budget_mb))
 
     def evaluator(self, means, circuit: Circuit | Mapping[Head, Any], dataset) -> KnockoutEvaluator:
         positions = circuit_positions(circuit, dataset.word_idx) if isinstance(circuit, Circuit) else circuit
@@ -656,6 +675,7 @@ def _greedy(evaluator: KnockoutEvaluator, heads: list[Head], name: str, rng: np.
         if not pool:
             break
         picks = rng.choice(len(pool), size=min(candidates, len(pool)), replace=False)
+        evaluator.prefetch([k + (pool[int(p)],) for p in picks])  # every candidate in one batched pass
         best: _Point | None = None
         for pick in sorted(int(p) for p in picks):
             trial = k + (pool[pick],)
@@ -679,13 +699,18 @@ def _circuit_points(evaluator: KnockoutEvaluator, circuit: Circuit, name: str, c
                     rng: np.random.Generator, rule: str = "paper_code") -> list[_Point]:
     heads = [tuple(map(int, h)) for h in circuit.heads()]
     points = [_Point(name, "empty", "none", (), _np(evaluator.f_circuit), _np(evaluator.f_model))]
-    for cls, members in knockout_classes(circuit).items():
-        points.append(_Point(name, "class", cls, members, _np(evaluator.without(members)),
-                             _np(evaluator.model_without(members))))
+    classes = knockout_classes(circuit)
+    randoms: list[tuple[Head, ...]] = []
     for index in range(N_RANDOM_SETS):
         chosen: tuple[Head, ...] = ()
         while not chosen:  # uniform over the non-empty subsets of C
             chosen = tuple(h for h, keep in zip(heads, rng.random(len(heads)) < 0.5) if keep)
+        randoms.append(chosen)
+    evaluator.prefetch(list(classes.values()) + randoms)  # the class and random sets in one batched pass
+    for cls, members in classes.items():
+        points.append(_Point(name, "class", cls, members, _np(evaluator.without(members)),
+                             _np(evaluator.model_without(members))))
+    for index, chosen in enumerate(randoms):
         points.append(_Point(name, "random", f"random {index}", chosen, _np(evaluator.without(chosen)),
                              _np(evaluator.model_without(chosen))))
     iterations = min(GREEDY_ITERATIONS, len(heads))
@@ -844,6 +869,9 @@ def minimality(model, ctx: RunContext) -> ExperimentResult:
     k_sets = minimality_k_sets(circuit)
     paper = is_paper_circuit(circuit) and _is_gpt2_shaped(model)
     rows, score, fraction, score_cis = [], {}, {}, {}
+    sets = [tuple(sorted(k_sets.get(v, frozenset()))) for v in _paper_row_order(circuit)]
+    evaluator.prefetch(sets, kinds=("C",))  # every K, then every K ∪ {v} (resuming from K), batched
+    evaluator.prefetch([k + (v,) for k, v in zip(sets, _paper_row_order(circuit))], kinds=("C",))
     for v in _progress(ctx, _paper_row_order(circuit), desc="minimality"):
         k = tuple(sorted(k_sets.get(v, frozenset())))
         with_v = _np(evaluator.without(k + (v,)))

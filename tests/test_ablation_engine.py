@@ -1,0 +1,184 @@
+"""The batched knockout engine (ioi.ablation_engine, behind ioi.ablation and the circuit
+evaluator) against the hooked-bridge reference (ioi.ablation_reference), to 1e-4: several random
+shapes, BOS on and off, padded batches (templates of different lengths), batched passes with
+resumes (K ∪ {v} from K), memory chunking, MLP knockouts, full logits, the planted model; and
+bit-identical results between two runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ioi import ablation as fast
+from ioi import ablation_reference as ref
+from ioi.ablation_engine import KnockoutEngine, KnockoutSpec
+from ioi.experiments import circuit_eval as ce
+from ioi.metrics import LogitDiff
+from ioi_batches import make_batch, sharp_model
+
+ATOL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPES = ("random-L3-H4-D16", "random-L2-H3-D8")
+
+
+class _Batch:
+    """IOI-like prompts of three lengths (right-padded) as the evaluator reads a dataset."""
+
+    def __init__(self, n: int, bos: bool, seed: int = 0):
+        self.toks, self.abc, self.word_idx, self.io_token_ids, self.s_token_ids, self.groups = make_batch(
+            n, bos, seed, 12, 3)
+
+    def __len__(self) -> int:
+        return len(self.toks)
+
+
+def _circuit(L: int, H: int, wi) -> dict:
+    """Five heads kept at END, S2 and S1+1 (every class position), two at END in the last layer."""
+    return {(L - 1, 0): wi["END"], (L - 1, H - 1): wi["END"], (1, 1): wi["S2"], (0, 2): wi["S1+1"],
+            (0, 0): wi["END"]}
+
+
+def _reference(model, batch, means, circuit, k, mode):
+    metric = LogitDiff(batch.word_idx["END"], batch.io_token_ids, batch.s_token_ids, per_prompt=True)
+    return ref.evaluate_circuit(model, batch.toks, metric, means, circuit, knockout=sorted(k),
+                                knockout_mode=mode).double()
+
+
+@pytest.mark.parametrize("spec", SHAPES)
+@pytest.mark.parametrize("bos", [False, True])
+def test_batched_evaluator_with_resumes_matches_reference(spec, bos):
+    """F(C), F(C\\K), F(M\\K) from prefetch passes (each set resuming from a stored subset, as the
+    greedy search does) equal one hooked bridge pass each."""
+    model = sharp_model(spec)
+    batch = _Batch(7, bos)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    means = fast.compute_template_means(model, batch.abc, batch.groups)
+    circuit = _circuit(L, H, batch.word_idx)
+    heads = list(circuit)
+    clean = ce.CleanRun.build(model, batch, memory_budget_mb=64)
+    evaluator = clean.evaluator(means, circuit, batch)
+    torch.testing.assert_close(evaluator.f_circuit, _reference(model, batch, means, circuit, [], "all_positions"),
+                               atol=ATOL, rtol=0)
+    first = [frozenset({heads[0]}), frozenset({heads[2]}), frozenset({heads[3]})]
+    evaluator.prefetch(first)
+    second = [first[1] | {h} for h in heads if h not in first[1]] + [first[2] | {heads[0]}]
+    evaluator.prefetch(second)  # resumes from {heads[2]} / {heads[3]} at the new head's layer
+    assert evaluator.engine.flops.passes >= 4
+    for k in first + second:
+        torch.testing.assert_close(evaluator.without(k), _reference(model, batch, means, circuit, k, "all_positions"),
+                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(evaluator.model_without(k),
+                                   _reference(model, batch, means, circuit, k, "relevant_positions"),
+                                   atol=ATOL, rtol=0)
+
+
+def test_resume_skips_layers_and_chunking_changes_nothing():
+    """A K ∪ {v} set starts at v's layer from K's run; a tiny memory budget (one spec per chunk)
+    gives the same numbers as one pass."""
+    model = sharp_model("random-L3-H4-D16")
+    batch = _Batch(6, False)
+    means = fast.compute_template_means(model, batch.abc, batch.groups)
+    circuit = _circuit(3, 4, batch.word_idx)
+    ld = {"end": batch.word_idx["END"], "io_ids": batch.io_token_ids, "s_ids": batch.s_token_ids}
+    results = []
+    for budget in (64, 0):
+        engine = KnockoutEngine(model, batch.toks, head_means=means, memory_budget_mb=budget, **ld)
+        keep = fast.circuit_keep_mask(circuit, 6, engine.seq, 3, 4)
+        k_keep = keep.clone()
+        k_keep[:, :, 0, 2] = False
+        base = engine.evaluate([KnockoutSpec(k_keep, "ablated", capture=True)])[0]
+        specs = []
+        for head in ((2, 0), (1, 1), (0, 0)):
+            more = k_keep.clone()
+            more[:, :, head[0], head[1]] = False
+            specs.append(KnockoutSpec(more, "ablated"))
+        runs = engine.evaluate(specs, bases=[base])
+        # (0, 0) removed: nothing is kept below layer 1 any more, so the all-ablated source wins
+        assert [run.start for run in runs] == [2, 1, 1] and [run.base is base for run in runs] == [True, True, False]
+        results.append(torch.stack([run.ld for run in runs]))
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_head_mlp_knockouts_and_full_logits_match_reference(bos):
+    model = sharp_model("random-L3-H4-D16")
+    batch = _Batch(6, bos)
+    wi = batch.word_idx
+    means = fast.compute_template_means(model, batch.abc, batch.groups)
+    mlp_means = fast.compute_template_means(model, batch.abc, batch.groups, component="mlp_out")
+    metric = LogitDiff(wi["END"], batch.io_token_ids, batch.s_token_ids, per_prompt=True)
+    toks = batch.toks
+    heads = {(2, 0): wi["END"], (1, 2): [wi["S2"], wi["S1+1"]], (0, 1): None}
+    torch.testing.assert_close(fast.knockout_heads(model, toks, metric, means, heads),
+                               ref.knockout_heads(model, toks, metric, means, heads), atol=ATOL, rtol=0)
+    for layers, positions in (([0], None), ([2], wi["END"]), (range(1, 3), None)):
+        torch.testing.assert_close(fast.knockout_mlps(model, toks, metric, mlp_means, layers, positions),
+                                   ref.knockout_mlps(model, toks, metric, mlp_means, layers, positions),
+                                   atol=ATOL, rtol=0)
+    mean_metric = LogitDiff(wi["END"], batch.io_token_ids, batch.s_token_ids)
+    torch.testing.assert_close(fast.mlp_knockout_sweep(model, toks, mean_metric, mlp_means),
+                               ref.mlp_knockout_sweep(model, toks, mean_metric, mlp_means), atol=ATOL, rtol=0)
+    both = fast.head_knockout(means, heads).combine(fast.mlp_knockout(mlp_means, [1], wi["S2"]))
+    circuit = fast.ablate_circuit(means, _circuit(3, 4, wi))
+    for ablation in (both, circuit, None):  # full logits at every position (generic metrics)
+        torch.testing.assert_close(fast.run_with_ablation(model, toks, ablation),
+                                   ref.run_with_ablation(model, toks, ablation), atol=ATOL, rtol=0)
+
+
+def test_planted_model_matches_reference():
+    """The planted model (circuit known by construction): F(C), F(C\\K) and F(M\\K) of its circuit."""
+    from ioi.circuits import circuit_for_model
+    from ioi.data import IOIDataset
+    from ioi.models import load_model
+
+    model = load_model("planted-ioi", device="cpu")
+    circuit = circuit_for_model("planted-ioi")
+    ioi = IOIDataset(N=8, seed=1, tokenizer=model.tokenizer)
+    abc = ioi.abc_dataset()
+    means = fast.compute_template_means(model, abc.toks, ioi.groups)
+    positions = fast.circuit_positions(circuit, ioi.word_idx)
+    clean = ce.CleanRun.build(model, ioi, memory_budget_mb=256)
+    evaluator = clean.evaluator(means, circuit, ioi)
+    metric = LogitDiff.from_dataset(ioi, per_prompt=True)
+    heads = list(positions)
+    sets = [frozenset(heads[:1]), frozenset(heads[1:3]), frozenset(heads[::2])]
+    evaluator.prefetch(sets)
+    torch.testing.assert_close(evaluator.f_circuit,
+                               ref.evaluate_circuit(model, ioi.toks, metric, means, positions).double(),
+                               atol=ATOL, rtol=0)
+    for k in sets:
+        for mode, got in (("all_positions", evaluator.without(k)), ("relevant_positions", evaluator.model_without(k))):
+            want = ref.evaluate_circuit(model, ioi.toks, metric, means, positions, knockout=sorted(k),
+                                        knockout_mode=mode).double()
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_bit_identical_between_runs():
+    model = sharp_model("random-L2-H3-D8")
+    batch = _Batch(6, True)
+    means = fast.compute_template_means(model, batch.abc, batch.groups)
+    circuit = _circuit(2, 3, batch.word_idx)
+    sets = [frozenset({(1, 0)}), frozenset({(0, 2), (1, 1)}), frozenset({(1, 2), (1, 0)})]
+    values = []
+    for _ in range(2):
+        evaluator = ce.CleanRun.build(model, batch, memory_budget_mb=64).evaluator(means, circuit, batch)
+        evaluator.prefetch(sets[:1])
+        evaluator.prefetch(sets[1:])
+        values.append(torch.stack([evaluator.without(k) for k in sets] + [evaluator.model_without(k) for k in sets]))
+    assert torch.equal(values[0], values[1])
+
+
+def test_bad_input_is_named():
+    model = sharp_model("random-L2-H3-D8")
+    batch = _Batch(4, False)
+    means = fast.compute_template_means(model, batch.abc, batch.groups)
+    with pytest.raises(ValueError, match="per-prompt means"):
+        KnockoutEngine(model, batch.toks, end=batch.word_idx["END"], io_ids=batch.io_token_ids,
+                       s_ids=batch.s_token_ids, head_means=means[:2])
+    engine = KnockoutEngine(model, batch.toks, end=batch.word_idx["END"], io_ids=batch.io_token_ids,
+                            s_ids=batch.s_token_ids)
+    with pytest.raises(ValueError, match="head_means"):
+        engine.evaluate([KnockoutSpec(torch.zeros(4, engine.seq, 2, 3, dtype=torch.bool), "ablated")])
+    with pytest.raises(ValueError, match="END"):
+        KnockoutEngine(model, batch.toks, end=batch.word_idx["END"])
