@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ioi.ablation import Ablation, compute_template_means, head_knockout, mlp_knockout
+from ioi.ablation import Ablation, compute_template_means, evaluate_ablations, head_knockout, mlp_knockout
 from ioi.analysis._common import model_device
 from ioi.breakdown import breakdown_heads, group_labels
 from ioi.analysis.attention import pattern_hook_name
@@ -141,6 +141,14 @@ def logit_diffs(model, dataset, memory_budget_mb: int, ablation: Ablation | None
         at_end = end_logits(model, toks[rows], end[rows], fwd_hooks=hooks, memory_budget_mb=None)
         out.append(logit_diff_from_end_logits(at_end, io[rows], s[rows]).double())
     return torch.cat(out).numpy()
+
+
+def knockout_logit_diffs(model, dataset, memory_budget_mb: int, ablations: Sequence[Ablation]) -> np.ndarray:
+    """Per-prompt LD at END (``float64[k, N]``) under each ablation: the batched knockout engine
+    (:func:`ioi.ablation.evaluate_ablations`), many ablations per pass."""
+    metric = LogitDiff.from_dataset(dataset, per_prompt=True)
+    values = evaluate_ablations(model, dataset.toks, metric, ablations, memory_budget_mb=memory_budget_mb)
+    return torch.stack([v.detach().double().cpu() for v in values]).numpy()
 
 
 def _ld_metric(dataset) -> LogitDiff:
@@ -626,7 +634,7 @@ def backup_name_movers(model, ctx: RunContext, knocked_out: Sequence[Head] | Non
         step = batch_size_for(model, orig.shape[1], ctx.memory_budget_mb)
         means = compute_template_means(model, new, dataset.groups, component="z", batch_size=step)
         ablation = head_knockout(means, {h: end for h in knocked_out}, seq=orig.shape[1])
-    ld_ko = logit_diffs(model, dataset, ctx.memory_budget_mb, ablation) if ablation is not None else ld
+    ld_ko = knockout_logit_diffs(model, dataset, ctx.memory_budget_mb, [ablation])[0] if ablation is not None else ld
     if ld_ko.mean() == 0:
         raise ValueError("The knocked-out logit difference is 0: a % change relative to it is undefined.")
     frames, summary = [], {}
@@ -711,11 +719,10 @@ def fig19(model, ctx: RunContext) -> ExperimentResult:
     ld, clean = _clean(model, ctx)
     step = batch_size_for(model, S, ctx.memory_budget_mb)
     mlp_means = compute_template_means(model, new, dataset.groups, component="mlp_out", batch_size=step)
-    knocked = []
-    for layer in tqdm(range(L), desc="MLP knockouts", disable=not ctx.progress):
-        knocked.append(logit_diffs(model, dataset, ctx.memory_budget_mb, mlp_knockout(mlp_means, [layer], seq=S)))
-    knocked = np.stack(knocked)  # [L, N]
-    all_but_0 = logit_diffs(model, dataset, ctx.memory_budget_mb, mlp_knockout(mlp_means, range(1, L), seq=S))
+    ablations = [mlp_knockout(mlp_means, [layer], seq=S) for layer in range(L)]
+    ablations.append(mlp_knockout(mlp_means, range(1, L), seq=S))
+    values = knockout_logit_diffs(model, dataset, ctx.memory_budget_mb, ablations)  # one batched pass
+    knocked, all_but_0 = values[:L], values[L]  # [L, N], [N]
     metric = _ld_metric(dataset)
     pp = _percent_change(path_patch_to_logits(model, orig, new, metric, sender_positions=end, senders="mlps",
                                               progress=ctx.progress, memory_budget_mb=ctx.memory_budget_mb), ld)
