@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ioi.ablation_engine import KnockoutEngine, KnockoutSpec
 from ioi.forward import cache_activations
-from ioi.patching._fast_forward import net_weights
+from ioi.patching._fast_forward import UnsupportedModelError, net_weights
 from ioi.patching.path import DEFAULT_MEMORY_BUDGET_MB, Positions, positions_as_list
 
 __all__ = [
@@ -114,8 +114,16 @@ def compute_template_means(
         raise ValueError(f"component must be 'z' or 'mlp_out'; got {component!r}.")
     parts = []
     step = N if batch_size is None else max(1, int(batch_size))
+    try:  # the plain-tensor forward (exact; the hooked bridge pass for models it does not cover)
+        net = net_weights(model, model.W_U.device)
+    except UnsupportedModelError:
+        net = None
     for start in range(0, N, step):
-        cache = cache_activations(model, ref_toks[start : start + step], names)
+        chunk = ref_toks[start : start + step]
+        if net is not None:
+            parts.append(_activations(net, chunk, component))
+            continue
+        cache = cache_activations(model, chunk, names)
         parts.append(torch.stack([cache[n] for n in names], dim=2))
     acts = torch.cat(parts, dim=0)  # [N, S, L, ...]
     if groups is None:
@@ -125,6 +133,27 @@ def compute_template_means(
     if not per_prompt:
         return group_means
     return expand_group_means(group_means, groups, N)
+
+
+def _activations(net, toks: Tensor, component: str) -> Tensor:
+    """``[batch, seq, n_layers, ...]``: every head's ``z`` or every MLP's output, one forward."""
+    n, n_pos = toks.shape
+    resid = net.W_E[toks] + net.W_pos[:n_pos]
+    out = []
+    for layer in range(net.n_layers):
+        qkv = net.linear(net.ln(resid, net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
+        z, _ = net.attention(layer, *net.split_qkv(qkv))
+        if component == "z":
+            out.append(z)
+        resid = resid + net.attn_out_from_z(layer, z.reshape(n, n_pos, net.hd))
+        if not net.attn_only:
+            mlp_out = net.mlp(layer, resid)
+            if component == "mlp_out":
+                out.append(mlp_out)
+            resid = resid + mlp_out
+        elif component == "mlp_out":
+            raise ValueError("An attention-only model has no MLP outputs.")
+    return torch.stack(out, dim=2)
 
 
 def expand_group_means(group_means: Tensor, groups: Sequence[Tensor], n_prompts: int) -> Tensor:

@@ -101,12 +101,13 @@ class FlopCounter:
     attn_out: float = 0.0
     attention: float = 0.0
     unembed: float = 0.0
+    streams: float = 0.0  # the shared clean / all-ablated runs
     evaluated: int = 0
     passes: int = 0
 
     @property
     def total(self) -> float:
-        return self.mlp + self.qkv + self.attn_out + self.attention + self.unembed
+        return self.mlp + self.qkv + self.attn_out + self.attention + self.unembed + self.streams
 
 
 class _Stream:
@@ -115,16 +116,19 @@ class _Stream:
     ``q|k|v`` projections per layer."""
 
     def __init__(self, net: NetWeights, resid: list[Tensor], qkv: list[Tensor | None], ld: Tensor | None,
-                 logits: Tensor | None):
+                 logits: Tensor | None, flops: "FlopCounter"):
         self.net = net
+        self.flops = flops
         self.resid = resid
         self._qkv = qkv
         self.ld = ld
         self.logits = logits
+        self.kv_cache: dict[tuple, Tensor] = {}  # (layer, heads) -> keys and values of those heads
 
     def qkv(self, layer: int) -> Tensor:
         if self._qkv[layer] is None:
             net = self.net
+            self.flops.streams += 6.0 * self.resid[layer].shape[0] * net.d_model * net.hd
             self._qkv[layer] = net.linear(net.ln(self.resid[layer], net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
         return self._qkv[layer]
 
@@ -184,7 +188,7 @@ class KnockoutEngine:
         # source -> holder {"stream": _Stream}; the clean holder is shared with with_means() copies
         self._streams: dict[str, dict] = {"clean": {}, "ablated": {}}
         self._mean_out: list[Tensor] | None = None
-        self._weight_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._weight_cache: dict[tuple, tuple[Tensor, ...]] = {}
 
     def with_means(self, head_means: Tensor | None = None, mlp_means: Tensor | None = None) -> "KnockoutEngine":
         """The same prompts with other means: the clean stream is shared, the all-ablated one is not."""
@@ -266,6 +270,9 @@ class KnockoutEngine:
                 resid = resid + self.mean_out(layer)
             resid = net.add_mlp_(layer, resid)
         resids.append(resid)
+        rows = self.n * n_pos
+        per_layer = 4.0 * rows * net.d_model * net.d_mlp + 2.0 * rows * net.hd * net.d_model
+        self.flops.streams += net.n_layers * (per_layer + (6.0 * rows * net.d_model * net.hd if source == "clean" else 0))
         ld = logits = None
         final = resid.view(self.n, n_pos, net.d_model)
         if self.ld_mode:
@@ -273,7 +280,7 @@ class KnockoutEngine:
             ld = (io - s).double()
         else:
             logits = net.logits(final)
-        return _Stream(net, resids, qkvs, ld, logits)
+        return _Stream(net, resids, qkvs, ld, logits, self.flops)
 
     # -- rows and start layers ----------------------------------------------------------------
 
@@ -399,19 +406,18 @@ class KnockoutEngine:
         ordered = sorted(members, key=lambda m: m[2])
         return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
-    def _weights(self, layer: int, heads: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``W_qkv``/``b_qkv`` columns and ``W_O`` rows of ``heads`` (cached)."""
+    def _weights(self, layer: int, heads: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``W_q``, ``b_q``, ``W_k|v``, ``b_k|v`` columns and ``W_O`` rows of ``heads`` (cached)."""
         net = self.net
-        key = (layer, tuple(heads.tolist()))
+        key = ("w", layer, tuple(heads.tolist()))
         hit = self._weight_cache.get(key)
         if hit is None:
             dh, hd = net.d_head, net.hd
             within = (heads[:, None] * dh + torch.arange(dh, device=heads.device)[None, :]).reshape(-1)
-            cols = torch.cat([within, within + hd, within + 2 * hd])
-            hit = (net.W_qkv[layer][:, cols].contiguous(), net.b_qkv[layer][cols].contiguous(),
-                   net.W_O_flat[layer][within].contiguous(), cols)
-            if len(self._weight_cache) > 512:
-                self._weight_cache.clear()
+            q_cols, kv_cols = within, torch.cat([within + hd, within + 2 * hd])
+            hit = (net.W_qkv[layer][:, q_cols].contiguous(), net.b_qkv[layer][q_cols].contiguous(),
+                   net.W_qkv[layer][:, kv_cols].contiguous(), net.b_qkv[layer][kv_cols].contiguous(),
+                   net.W_O_flat[layer][within].contiguous())
             self._weight_cache[key] = hit
         return hit
 
@@ -442,7 +448,9 @@ class KnockoutEngine:
         joined: list[int] = []
         resid: Tensor | None = None
         first = members[order[0]][2]
-        means_rows = None if self.head_means is None else self.head_means[n_idx, p_idx]  # [r, L, H, dh]
+        # per layer, the means at the recomputed rows: [r, H, dh]
+        means_rows = None if self.head_means is None else self.head_means[n_idx, p_idx].unbind(1)
+        layout = self._layout(n_idx, p_idx, rows_mask)
         trimmed = False
         for layer in range(first, L):
             # join the specs starting here
@@ -459,7 +467,7 @@ class KnockoutEngine:
                     captures[j].append(resid[slot].clone())
             last_layer = self.ld_mode and layer == L - 1
             keep = torch.stack([head_keep[j][:, layer] for j in joined])  # [k, r, H]
-            resid = self._attention(layer, resid, keep, stream, means_rows, flat, n_idx, p_idx,
+            resid = self._attention(layer, resid, keep, stream, means_rows, flat, layout, n_idx,
                                     end_prompts if last_layer else None, end_rows if last_layer else None)
             if last_layer:
                 trimmed = True
@@ -498,10 +506,49 @@ class KnockoutEngine:
             out_runs.append(run)
         return out_runs
 
+    def _layout(self, n_idx: Tensor, p_idx: Tensor, rows_mask: Tensor) -> dict:
+        """Packed rows in a padded per-prompt layout ``[N, W]`` and the attention masks (additive
+        biases) of their queries: against the source rows (not recomputed, position <= the
+        query's) and against the recomputed rows of the same prompt (position <= the query's)."""
+        N, S = self.n, self.seq
+        device = n_idx.device
+        counts = rows_mask.sum(1)
+        W = int(counts.max())
+        offsets = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(n_idx), device=device) - offsets[n_idx]
+        pos = torch.full((N, W), -1, dtype=torch.long, device=device)
+        pos[n_idx, slot] = p_idx
+        valid = pos >= 0
+        positions = torch.arange(S, device=device)
+        inf = float("-inf")
+        dtype = self.net.W_E.dtype
+        src_ok = (positions[None, None, :] <= pos[:, :, None]) & ~rows_mask[:, None, :]  # [N, W, S]
+        win_ok = valid[:, None, :] & (pos[:, None, :] <= pos[:, :, None])  # [N, W, W]
+        src_end = (positions[None, :] <= self.last[:, None]) & ~rows_mask if self.ld_mode else None  # [N, S]
+        bias = lambda ok: torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, inf)  # noqa: E731
+        return {"W": W, "slot": slot, "src": bias(src_ok), "win": bias(win_ok),
+                "src_end": None if src_end is None else bias(src_end), "win_end": bias(valid)}
+
+    def _source_kv(self, stream: _Stream, layer: int, active: Tensor) -> Tensor:
+        """The source stream's keys and values of ``active`` heads, ``[N, S, 2, n_act, d_head]``."""
+        net = self.net
+        kv = stream.qkv(layer).view(self.n, self.seq, 3, net.n_heads, net.d_head)[:, :, 1:]
+        if len(active) == net.n_heads:
+            return kv
+        cache = stream.kv_cache
+        key = (layer, tuple(active.tolist()))
+        if key not in cache:
+            cache[key] = kv[:, :, :, active].contiguous()
+        return cache[key]
+
     def _attention(self, layer: int, resid: Tensor, keep: Tensor, stream: _Stream, means_rows: Tensor | None,
-                   flat: Tensor, n_idx: Tensor, p_idx: Tensor, end_prompts: Tensor | None,
+                   flat: Tensor, layout: dict, n_idx: Tensor, end_prompts: Tensor | None,
                    end_rows: Tensor | None) -> Tensor:
-        """``resid`` [k, r, D] -> ``resid_mid`` (at END rows only when ``end_rows`` is given)."""
+        """``resid`` [k, r, D] -> ``resid_mid`` (at END rows only when ``end_rows`` is given).
+
+        Only heads kept somewhere in the chunk are computed (the others output their means); their
+        queries attend to the source stream's keys at rows that are not recomputed (shared by the
+        chunk's specs) and to the recomputed keys of the same prompt."""
         net = self.net
         N, S, D, H, dh = self.n, self.seq, net.d_model, net.n_heads, net.d_head
         k, r = resid.shape[:2]
@@ -512,48 +559,51 @@ class KnockoutEngine:
             mid = resid + self.mean_out(layer)[flat][None]
             return mid[:, end_rows] if end_rows is not None else mid
         all_heads = n_act == H
-        if all_heads:
-            W_qkv, b_qkv, W_O = net.W_qkv[layer], net.b_qkv[layer], net.W_O_flat[layer]
-            cols = None
-        else:
-            W_qkv, b_qkv, W_O, cols = self._weights(layer, active)
+        W_q, b_q, W_kv, b_kv, W_O = self._weights(layer, active)
         w = n_act * dh
         x = net.ln(resid, net.ln1[layer])
-        qkv = net.linear(x, W_qkv, b_qkv)  # [k, r, 3w]
-        flops.qkv += 2.0 * k * r * D * 3 * w
-        other = stream.qkv(layer)  # [N * S, 3 * H * dh]
-        other = other if cols is None else other[:, cols]
-        full = other.view(1, N * S, 3 * w).expand(k, -1, -1).clone()
-        full[:, flat] = qkv
-        full = full.view(k, N, S, 3, n_act, dh)
-        q, kk, v = full.unbind(3)  # [k, N, S, n_act, dh]
+        xq = x if end_rows is None else x[:, end_rows]
+        q = net.linear(xq, W_q, b_q).view(k, -1, n_act, dh)  # [k, rq, n_act, dh]
+        kv = net.linear(x, W_kv, b_kv).view(k, r, 2, n_act, dh)
+        flops.qkv += 2.0 * D * w * (k * q.shape[1] + 2 * k * r)
+        src = self._source_kv(stream, layer, active)  # [N, S, 2, n_act, dh]
+        W, slot = layout["W"], layout["slot"]
+        win = kv.new_zeros(k, N, W, 2, n_act, dh)
+        win[:, n_idx, slot] = kv
         scale = net.attn_scales[layer]
         if end_rows is None:
-            qh, kh, vh = (t.reshape(k * N, S, n_act, dh).transpose(1, 2) for t in (q, kk, v))
-            z = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-            z = z.transpose(1, 2).reshape(k, N * S, n_act, dh)[:, flat]  # [k, r, n_act, dh]
-            flops.attention += 4.0 * k * N * n_act * S * S * dh / 2
+            qp = q.new_zeros(k, N, W, n_act, dh)
+            qp[:, n_idx, slot] = q
+            src_k, src_v, win_k, win_v = src[:, :, 0], src[:, :, 1], win[:, :, :, 0], win[:, :, :, 1]
+            bias_src, bias_win = layout["src"][None, :, None], layout["win"][None, :, None]  # [1, N, 1, W, *]
+        else:
+            qp = q.view(k, len(end_prompts), 1, n_act, dh)
+            src_k, src_v = src[end_prompts, :, 0], src[end_prompts, :, 1]
+            win_k, win_v = win[:, end_prompts, :, 0], win[:, end_prompts, :, 1]
+            bias_src = layout["src_end"][end_prompts][None, :, None, None, :]
+            bias_win = layout["win_end"][end_prompts][None, :, None, None, :]
+        s_src = torch.einsum("knwad,nsad->knaws", qp, src_k) * scale + bias_src
+        s_win = torch.einsum("knwad,knuad->knawu", qp, win_k) * scale + bias_win
+        n_src = s_src.shape[-1]
+        pattern = torch.cat([s_src, s_win], -1).softmax(-1)
+        z = (torch.einsum("knaws,nsad->knwad", pattern[..., :n_src], src_v)
+             + torch.einsum("knawu,knuad->knwad", pattern[..., n_src:], win_v))
+        flops.attention += 4.0 * k * qp.shape[1] * qp.shape[2] * n_act * (S + W) * dh
+        if end_rows is None:
+            z = z[:, n_idx, slot]  # [k, r, n_act, dh]
             rows = slice(None)
         else:
-            a = len(end_prompts)
-            qe = q[:, end_prompts, self.end[end_prompts]]  # [k, a, n_act, dh]
-            ke, ve = kk[:, end_prompts], v[:, end_prompts]  # [k, a, S, n_act, dh]
-            scores = torch.einsum("kahd,kashd->kahs", qe, ke) * scale
-            masked = torch.arange(S, device=scores.device)[None, :] > self.end[end_prompts][:, None]
-            pattern = scores.masked_fill(masked[None, :, None, :], float("-inf")).softmax(-1)
-            z = torch.einsum("kahs,kashd->kahd", pattern, ve)  # [k, a, n_act, dh]
-            flops.attention += 4.0 * k * a * n_act * S * dh
+            z = z[:, :, 0]  # [k, a, n_act, dh], END rows in end_rows order
             rows = end_rows
             resid = resid[:, end_rows]
-        keep_act = keep[:, rows][..., active] if not all_heads else keep[:, rows]  # [k, r', n_act]
-        means_act = means_rows[rows][:, layer] if means_rows is not None else None  # [r', H, dh]
+        keep_act = keep[:, rows] if all_heads else keep[:, rows][..., active]  # [k, r', n_act]
         r_out = resid.shape[1]
         if all_heads:
-            if means_act is not None:
-                z = torch.where(keep_act[..., None], z, means_act[None])
+            if means_rows is not None:
+                z = torch.where(keep_act[..., None], z, means_rows[layer][rows][None])
             flops.attn_out += 2.0 * k * r_out * H * dh * D
             return net.add_attn_out_(layer, resid.clone(), z.reshape(k, r_out, H * dh))
-        means_act = means_act[:, active]
+        means_act = means_rows[layer][rows][:, active]
         delta = torch.where(keep_act[..., None], z - means_act[None], torch.zeros((), device=z.device))
         base = self.mean_out(layer)[flat[rows]]
         flops.attn_out += 2.0 * k * r_out * w * D

@@ -1,0 +1,232 @@
+"""Completeness benchmark: the FLOP floor of its knockout evaluations against our wall time.
+
+Runs the ``completeness`` experiment (ioi.experiments.circuit_eval, paper Fig. 6: K = ∅, each
+class, the random sets and the greedy search, for the full and the naive circuit) on a
+GPT-2-small-shaped random model (GPT-2 small's cost; random weights, so these are timings, not
+GPT-2 results) at the paper's settings by default: N = 100, 10 greedy runs x 10 iterations x 10
+candidates (5 for the naive circuit).
+
+The floor counts the matmul FLOPs the evaluations really need, with every exact saving:
+
+* the shared runs: the means' run over p_ABC, the clean run and the all-ablated run (every head mean-ablated, MLPs intact),
+  each a forward over every prompt's positions up to END (the all-ablated one projects q/k/v only
+  for the circuit's heads);
+* F(C\\K): only rows where a head of C\\K is kept (a row where every head is ablated equals the
+  all-ablated run), from the first layer where C\\K differs from the run it resumes from; q only at
+  the kept (head, row) pairs, k/v of the kept heads at the recomputed rows, W_O at the kept pairs,
+  the MLP at the recomputed rows (END rows only in the last layer);
+* F(M\\K): each prompt's window from its first ablated position to END, from the first layer where
+  it differs from the run it resumes from (K ∪ {v} from K at v's layer); every head's q (END only in
+  the last layer), k and v at the window rows, W_O and the MLP at the window rows (END only last);
+* the issue's count ("issue floor") for comparison: F(C\\K) recomputing every row up to END.
+
+Attention scores, LayerNorms, GELU and the two unembedding columns are not counted (not matmul
+bound). The floor in seconds is the floor FLOPs at the machine's matmul throughput, measured on the
+MLP's own shape ([1024, d_model] x [d_model, d_mlp]) with the same threads, before and after the
+run (the best of both). ``ratio`` = our seconds / floor seconds (the issue's target: <= 1.5).
+
+    python benchmarks/knockouts.py                          # paper settings (the lead's full run)
+    python benchmarks/knockouts.py --n 20 --greedy-runs 1   # a small run
+    python benchmarks/knockouts.py --json benchmarks/measured/knockouts_cpu_2threads.json
+
+A CPU user who wants completeness in minutes sets fewer greedy runs (``--greedy-runs 2`` here,
+``GREEDY_RUNS`` in ioi.experiments.circuit_eval for the workflow): the cost is linear in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ioi import ablation_engine  # noqa: E402
+from ioi.circuits import PAPER_CIRCUIT  # noqa: E402
+from ioi.data import IOIDataset  # noqa: E402
+from ioi.experiments import circuit_eval as ce  # noqa: E402
+from ioi.experiments.core import RunContext  # noqa: E402
+from ioi.models import load_model  # noqa: E402
+from ioi.provenance import device_description, provenance, write_json  # noqa: E402
+
+
+def matmul_gflops(net, device: torch.device, repeats: int = 5) -> float:
+    """Median GFLOPS of the MLP's input projection on 1024 rows (fp32), as the engine runs it."""
+    x = torch.randn(1024, net.d_model, device=device)
+    W, b = net.W_in[0], net.b_in[0]
+    torch.addmm(b, x, W)
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.addmm(b, x, W)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(4 * 2.0 * 1024 * net.d_model * net.d_mlp / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+class Recorder:
+    """Records every spec the engine evaluates (with the layer and base it resumes from)."""
+
+    def __init__(self):
+        self.records: list[tuple] = []
+        self.engines: list = []
+        self._original = ablation_engine.KnockoutEngine.evaluate
+
+    def __enter__(self):
+        recorder = self
+
+        def evaluate(engine, specs, *, bases=()):
+            runs = recorder._original(engine, specs, bases=bases)
+            if not any(e is engine for e in recorder.engines):
+                recorder.engines.append(engine)
+            recorder.records += [(engine, spec, run.start) for spec, run in zip(specs, runs)]
+            return runs
+
+        ablation_engine.KnockoutEngine.evaluate = evaluate
+        return self
+
+    def __exit__(self, *exc):
+        ablation_engine.KnockoutEngine.evaluate = self._original
+
+
+def spec_floor(engine, spec, start: int, share_rows: bool = True) -> float:
+    """Matmul FLOPs one spec needs (module doc), from ``start`` to the last layer."""
+    net = engine.net
+    L, D, H, dh, d_mlp = net.n_layers, net.d_model, net.n_heads, net.d_head, net.d_mlp
+    if start >= L:
+        return 0.0
+    if spec.source == "ablated" and not share_rows:
+        rows = engine.valid.clone()
+    else:
+        rows = engine.changed_rows(spec)
+    n_rows = float(rows.sum())
+    at_end = rows[torch.arange(engine.n), engine.end]  # prompts whose END row is recomputed
+    n_end = float(at_end.sum())
+    flops = 0.0
+    for layer in range(start, L):
+        last = layer == L - 1
+        mlp_rows = n_end if last else n_rows
+        flops += 4.0 * mlp_rows * D * d_mlp
+        if spec.source == "ablated":
+            kept = spec.head_keep[:, :, layer] & rows[..., None]  # [N, S, H] kept (row, head) pairs
+            if last:
+                kept = kept & (torch.arange(engine.seq, device=engine.end.device)[None, :, None] == engine.end[:, None, None])
+            heads = int(spec.head_keep[:, :, layer].any(0).any(0).sum())
+            pairs = float(kept.sum())
+            flops += 2.0 * D * dh * (pairs + 2 * heads * n_rows) + 2.0 * dh * D * pairs
+        else:
+            q_rows = n_end if last else n_rows
+            flops += 2.0 * D * H * dh * (q_rows + 2 * n_rows) + 2.0 * H * dh * D * q_rows
+    return flops
+
+
+def stream_floor(engine, source: str, circuit_heads: int) -> float:
+    """A shared run over every prompt's rows up to END."""
+    net = engine.net
+    rows = float(engine.valid.sum())
+    L, D, hd = net.n_layers, net.d_model, net.hd
+    per_layer = 4.0 * rows * D * net.d_mlp + 2.0 * rows * hd * D  # MLP, W_O (or the means' W_O)
+    qkv = 2.0 * rows * D * 3 * hd * L if source == "clean" else 2.0 * rows * D * 3 * net.d_head * circuit_heads
+    return per_layer * L + qkv
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", default="random-gpt2-small")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--greedy-runs", type=int, default=10)
+    parser.add_argument("--greedy-iterations", type=int, default=10)
+    parser.add_argument("--candidates-full", type=int, default=10)
+    parser.add_argument("--candidates-naive", type=int, default=5)
+    parser.add_argument("--random-sets", type=int, default=ce.N_RANDOM_SETS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory-budget-mb", type=int, default=1024)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    device = torch.device(args.device)
+    model = load_model(args.spec, device=device, seed=0)
+    ioi = IOIDataset(N=args.n, seed=args.seed, tokenizer=model.tokenizer)
+    abc = ioi.abc_dataset()
+    circuit = PAPER_CIRCUIT
+    ctx = RunContext(datasets={"ioi": ioi, "abc": abc}, circuit=circuit, seed=args.seed, n=args.n,
+                     memory_budget_mb=args.memory_budget_mb, progress=False)
+    counts = {"N_RANDOM_SETS": args.random_sets, "GREEDY_RUNS": args.greedy_runs,
+              "GREEDY_ITERATIONS": args.greedy_iterations,
+              "GREEDY_CANDIDATES": {"full": args.candidates_full, "naive": args.candidates_naive}}
+    saved = {name: getattr(ce, name) for name in counts}
+    net = ablation_engine.net_weights(model, device)
+    gflops_before = matmul_gflops(net, device)
+    try:
+        for name, value in counts.items():
+            setattr(ce, name, value)
+        with Recorder() as recorder:
+            start = time.perf_counter()
+            result = ce.completeness(model, ctx)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+    finally:
+        for name, value in saved.items():
+            setattr(ce, name, value)
+    gflops_after = matmul_gflops(net, device)
+    gflops = max(gflops_before, gflops_after)
+    # floor: the shared runs once per dataset/means, plus every evaluated spec
+    n_heads_circuit = len(circuit.heads())
+    floor = issue_floor = 0.0
+    first = recorder.engines[0]
+    for _ in range(2):  # the clean run and the means' run over p_ABC (a forward pass each)
+        floor += stream_floor(first, "clean", n_heads_circuit)
+        issue_floor += stream_floor(first, "clean", n_heads_circuit)
+    for engine in recorder.engines:
+        if engine.head_means is not None:
+            floor += stream_floor(engine, "ablated", n_heads_circuit)
+            issue_floor += stream_floor(engine, "ablated", n_heads_circuit)
+    for engine, spec, start_layer in recorder.records:
+        floor += spec_floor(engine, spec, start_layer)
+        issue_floor += spec_floor(engine, spec, start_layer, share_rows=False)
+    ours = sum(e.flops.total for e in {id(e.flops): e for e in recorder.engines}.values())
+    floor_s = floor / (gflops * 1e9)
+    row = {
+        "spec": args.spec, "n": args.n, "counts": counts, "evaluated_sets": len(recorder.records),
+        "forward_passes_summary": result.summary["counts"]["forward_passes"],
+        "floor_flops": floor, "issue_floor_flops": issue_floor, "our_counted_flops": ours,
+        "matmul_gflops": gflops, "matmul_gflops_before": gflops_before, "matmul_gflops_after": gflops_after,
+        "floor_seconds": floor_s, "issue_floor_seconds": issue_floor / (gflops * 1e9),
+        "seconds": seconds, "ratio": seconds / floor_s if floor_s else None,
+        "threads": torch.get_num_threads(), "device": device_description(device),
+    }
+    print(_table(row))
+    if args.json:
+        write_json(Path(args.json), {"rows": [row], "provenance": provenance(model=model, datasets=[ioi, abc])})
+    return row
+
+
+def _table(row: dict) -> str:
+    header = (f"{'floor TFLOP':>11} {'issue floor TFLOP':>17} {'ours TFLOP':>10} {'GFLOPS':>7} "
+              f"{'floor s':>8} {'our s':>8} {'ratio':>6}")
+    line = (f"{row['floor_flops'] / 1e12:>11.3f} {row['issue_floor_flops'] / 1e12:>17.3f} "
+            f"{row['our_counted_flops'] / 1e12:>10.3f} {row['matmul_gflops']:>7.1f} {row['floor_seconds']:>8.1f} "
+            f"{row['seconds']:>8.1f} {row['ratio']:>5.2f}x")
+    c = row["counts"]
+    note = (f"completeness, {row['spec']}, N={row['n']}, {c['GREEDY_RUNS']} greedy runs x "
+            f"{c['GREEDY_ITERATIONS']} iterations x {c['GREEDY_CANDIDATES']} candidates, "
+            f"{c['N_RANDOM_SETS']} random sets; {row['evaluated_sets']} knockout evaluations; "
+            f"{row['threads']} threads, {row['device']}")
+    return "\n".join([note, header, "-" * len(header), line])
+
+
+if __name__ == "__main__":
+    main()
