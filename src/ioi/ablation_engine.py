@@ -523,22 +523,23 @@ class KnockoutEngine:
         inf = float("-inf")
         dtype = self.net.W_E.dtype
         src_ok = (positions[None, None, :] <= pos[:, :, None]) & ~rows_mask[:, None, :]  # [N, W, S]
+        src_ok = src_ok | ~valid[:, :, None]  # padding slots (never read) attend somewhere: no NaN
         win_ok = valid[:, None, :] & (pos[:, None, :] <= pos[:, :, None])  # [N, W, W]
         src_end = (positions[None, :] <= self.last[:, None]) & ~rows_mask if self.ld_mode else None  # [N, S]
         bias = lambda ok: torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, inf)  # noqa: E731
-        return {"W": W, "slot": slot, "src": bias(src_ok), "win": bias(win_ok),
+        pad_n, pad_w = (~valid).nonzero(as_tuple=True)
+        return {"W": W, "slot": slot, "pad_n": pad_n, "pad_w": pad_w, "src": bias(src_ok), "win": bias(win_ok),
                 "src_end": None if src_end is None else bias(src_end), "win_end": bias(valid)}
 
-    def _source_kv(self, stream: _Stream, layer: int, active: Tensor) -> Tensor:
-        """The source stream's keys and values of ``active`` heads, ``[N, S, 2, n_act, d_head]``."""
+    def _source_kv(self, stream: _Stream, layer: int, active: Tensor) -> tuple[Tensor, Tensor]:
+        """The source stream's keys ``[N, n_act, d_head, S]`` and values ``[N, n_act, S, d_head]`` of
+        the ``active`` heads (cached per layer and head set)."""
         net = self.net
-        kv = stream.qkv(layer).view(self.n, self.seq, 3, net.n_heads, net.d_head)[:, :, 1:]
-        if len(active) == net.n_heads:
-            return kv
         cache = stream.kv_cache
         key = (layer, tuple(active.tolist()))
         if key not in cache:
-            cache[key] = kv[:, :, :, active].contiguous()
+            kv = stream.qkv(layer).view(self.n, self.seq, 3, net.n_heads, net.d_head)[:, :, 1:, active]
+            cache[key] = (kv[:, :, 0].permute(0, 2, 3, 1).contiguous(), kv[:, :, 1].permute(0, 2, 1, 3).contiguous())
         return cache[key]
 
     def _attention(self, layer: int, resid: Tensor, keep: Tensor, stream: _Stream, means_rows: Tensor | None,
@@ -566,43 +567,52 @@ class KnockoutEngine:
         q = net.linear(xq, W_q, b_q).view(k, -1, n_act, dh)  # [k, rq, n_act, dh]
         kv = net.linear(x, W_kv, b_kv).view(k, r, 2, n_act, dh)
         flops.qkv += 2.0 * D * w * (k * q.shape[1] + 2 * k * r)
-        src = self._source_kv(stream, layer, active)  # [N, S, 2, n_act, dh]
+        src_kT, src_v = self._source_kv(stream, layer, active)  # [N, a, dh, S], [N, a, S, dh]
         W, slot = layout["W"], layout["slot"]
-        win = kv.new_zeros(k, N, W, 2, n_act, dh)
-        win[:, n_idx, slot] = kv
+        # the recomputed keys/values in a padded [N, a, k, W, dh] layout (batched matmuls per prompt
+        # and head, no permuted copies of the shared source keys)
+        win = kv.new_empty(2, N, n_act, k, W, dh)
+        win[:, n_idx, :, :, slot] = kv.permute(1, 2, 3, 0, 4)
+        if layout["pad_n"].numel():  # padding slots: zeros (masked out, but must be finite)
+            win[:, layout["pad_n"], :, :, layout["pad_w"]] = 0.0
+        win_k, win_v = win[0], win[1]
         scale = net.attn_scales[layer]
         if end_rows is None:
-            qp = q.new_zeros(k, N, W, n_act, dh)
-            qp[:, n_idx, slot] = q
-            src_k, src_v, win_k, win_v = src[:, :, 0], src[:, :, 1], win[:, :, :, 0], win[:, :, :, 1]
-            bias_src, bias_win = layout["src"][None, :, None], layout["win"][None, :, None]  # [1, N, 1, W, *]
+            qp = q.new_zeros(N, n_act, k, W, dh) if layout["pad_n"].numel() else q.new_empty(N, n_act, k, W, dh)
+            qp[n_idx, :, :, slot] = q.permute(1, 2, 0, 3)
+            s_src = (qp.view(N, n_act, k * W, dh) @ src_kT).view(N, n_act, k, W, S) * scale + layout["src"][:, None, None]
+            s_win = (qp @ win_k.transpose(-1, -2)) * scale + layout["win"][:, None, None]
         else:
-            qp = q.view(k, len(end_prompts), 1, n_act, dh)
-            src_k, src_v = src[end_prompts, :, 0], src[end_prompts, :, 1]
-            win_k, win_v = win[:, end_prompts, :, 0], win[:, end_prompts, :, 1]
-            bias_src = layout["src_end"][end_prompts][None, :, None, None, :]
-            bias_win = layout["win_end"][end_prompts][None, :, None, None, :]
-        s_src = torch.einsum("knwad,nsad->knaws", qp, src_k) * scale + bias_src
-        s_win = torch.einsum("knwad,knuad->knawu", qp, win_k) * scale + bias_win
-        n_src = s_src.shape[-1]
-        pattern = torch.cat([s_src, s_win], -1).softmax(-1)
-        z = (torch.einsum("knaws,nsad->knwad", pattern[..., :n_src], src_v)
-             + torch.einsum("knawu,knuad->knwad", pattern[..., n_src:], win_v))
-        flops.attention += 4.0 * k * qp.shape[1] * qp.shape[2] * n_act * (S + W) * dh
+            e = end_prompts
+            qp = q.permute(1, 2, 0, 3)  # [a_e, n_act, k, dh]
+            s_src = (qp @ src_kT[e]) * scale + layout["src_end"][e][:, None, None, :]  # [a_e, n_act, k, S]
+            win_k, win_v = win_k[e], win_v[e]
+            s_win = (qp[..., None, :] @ win_k.transpose(-1, -2))[..., 0, :] * scale + layout["win_end"][e][:, None, None, :]
+        top = torch.maximum(s_src.amax(-1, keepdim=True), s_win.amax(-1, keepdim=True))
+        e_src = (s_src - top).exp_()
+        e_win = (s_win - top).exp_()
+        denom = e_src.sum(-1, keepdim=True) + e_win.sum(-1, keepdim=True)
         if end_rows is None:
-            z = z[:, n_idx, slot]  # [k, r, n_act, dh]
+            z = (e_src.view(N, n_act, k * W, S) @ src_v).view(N, n_act, k, W, dh) + e_win @ win_v
+            z = (z / denom)[n_idx, :, :, slot].permute(2, 0, 1, 3)  # [k, r, n_act, dh]
             rows = slice(None)
+            flops.attention += 4.0 * N * n_act * k * W * (S + W) * dh
         else:
-            z = z[:, :, 0]  # [k, a, n_act, dh], END rows in end_rows order
+            z = (e_src @ src_v[end_prompts]) + (e_win[..., None, :] @ win_v)[..., 0, :]
+            z = (z / denom).permute(2, 0, 1, 3)  # [k, a_e, n_act, dh], END rows in end_rows order
             rows = end_rows
             resid = resid[:, end_rows]
+            flops.attention += 4.0 * len(end_prompts) * n_act * k * (S + W) * dh
         keep_act = keep[:, rows] if all_heads else keep[:, rows][..., active]  # [k, r', n_act]
         r_out = resid.shape[1]
         if all_heads:
-            if means_rows is not None:
-                z = torch.where(keep_act[..., None], z, means_rows[layer][rows][None])
+            z = z.contiguous()
+            ablated = ~keep_act
+            if means_rows is not None and bool(ablated.any()):  # few (row, head) pairs: index them
+                z[ablated] = means_rows[layer][rows].expand(k, -1, -1, -1)[ablated]
             flops.attn_out += 2.0 * k * r_out * H * dh * D
-            return net.add_attn_out_(layer, resid.clone(), z.reshape(k, r_out, H * dh))
+            out = torch.addmm(resid.reshape(-1, D), z.view(-1, H * dh), W_O).add_(net.b_O[layer])
+            return out.view(k, r_out, D)
         means_act = means_rows[layer][rows][:, active]
         delta = torch.where(keep_act[..., None], z - means_act[None], torch.zeros((), device=z.device))
         base = self.mean_out(layer)[flat[rows]]
