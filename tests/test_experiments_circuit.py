@@ -237,6 +237,9 @@ class _FakeEvaluator:
     def model_without(self, k):
         return torch.zeros(1, dtype=torch.float64)
 
+    def prefetch(self, knockouts, kinds=("C", "M")):
+        """The real evaluator batches these sets; here every value is a table lookup."""
+
 
 A, B, C = (0, 0), (0, 1), (1, 0)
 
