@@ -112,7 +112,7 @@ def spec_floor(engine, spec, start: int, share_rows: bool = True) -> float:
     else:
         rows = engine.changed_rows(spec)
     n_rows = float(rows.sum())
-    at_end = rows[torch.arange(engine.n), engine.end]  # prompts whose END row is recomputed
+    at_end = rows[torch.arange(engine.n, device=rows.device), engine.end]  # prompts whose END row is recomputed
     n_end = float(at_end.sum())
     flops = 0.0
     for layer in range(start, L):
