@@ -494,3 +494,12 @@ def test_snakemake_dry_run_lists_the_figures(tmp_path):
     listed = run.stdout + run.stderr
     for name in OUR_EXPERIMENTS:
         assert f"results/random-tiny/{name}/summary.json" in listed, name
+
+
+def test_greedy_runs_come_from_the_config_else_the_papers_ten():
+    """config greedy_runs -> RunContext.greedy_runs -> the search's run count (None: the paper's 10)."""
+    from ioi.experiments import circuit_eval as ce
+    from ioi.experiments.core import RunContext
+
+    assert ce.greedy_runs(RunContext(datasets={}, circuit=None)) == ce.GREEDY_RUNS == 10
+    assert ce.greedy_runs(RunContext(datasets={}, circuit=None, greedy_runs=2)) == 2

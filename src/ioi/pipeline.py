@@ -119,6 +119,7 @@ def run_experiment_job(
     device: str,
     dataset_settings: dict[str, Any],
     memory_budget_mb: int,
+    greedy_runs: int | None = None,
     threads: int | None = None,
     selfcheck_path: str | None = None,
     model=None,
@@ -147,6 +148,7 @@ def run_experiment_job(
         dataset_settings=dataset_settings,
         memory_budget_mb=memory_budget_mb,
         model_label=model_label,
+        **({} if greedy_runs is None else {"greedy_runs": int(greedy_runs)}),
     )
     extra_meta = {"selfcheck": selfcheck_summary(selfcheck_path)} if selfcheck_path else None
     run_and_write(resolve(spec.runner), model, context, out_dir, experiment_name=name,

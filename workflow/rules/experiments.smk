@@ -63,6 +63,7 @@ rule experiment:
         device=config["device"],
         dataset_settings=config["dataset"],
         memory_budget_mb=config["memory_budget_mb"],
+        greedy_runs=config["greedy_runs"],
         model_server=config["model_server"],
     script:
         "../scripts/run_experiment.py"

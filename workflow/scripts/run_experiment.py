@@ -23,6 +23,7 @@ dispatch(
     device=snakemake.params.device,
     dataset_settings=dict(snakemake.params.dataset_settings),
     memory_budget_mb=snakemake.params.memory_budget_mb,
+    greedy_runs=snakemake.params.greedy_runs,
     threads=snakemake.threads,
     selfcheck_path=snakemake.input.selfcheck,
 )

@@ -44,6 +44,7 @@ class RunContext:
     memory_budget_mb: int = 2048
     progress: bool = True
     model_label: str = ""
+    greedy_runs: int | None = None  # completeness's greedy runs (config greedy_runs; None: the paper's 10)
 
     def circuit_for(self, model) -> Circuit:
         """The circuit, after checking each of its heads exists in ``model``."""
