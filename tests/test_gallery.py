@@ -30,8 +30,10 @@ def test_paper_order_follows_the_paper():
         < position("fig4b_path_patching_nm_queries") < position("fig5b_path_patching_sinh_values") \
         < position("fig15_backup_name_movers") < position("faithfulness") < position("fig6_completeness") \
         < position("fig7_minimality") < position("fig12b_path_patching_sinh_keys")
+    paper = [s.name for s in FIGURES.values() if s.category in ("Section 2", "Section 3", "Section 4", "Appendix")]
+    assert sorted(order[:len(paper)]) == sorted(paper)  # the paper's figures first
     seed = [s.name for s in FIGURES.values() if s.category == "Seed notebook"]
-    assert order[-len(seed):] == seed  # the seed notebook's analyses last, in the notebook's order
+    assert order[len(paper):len(paper) + len(seed)] == seed  # then the seed notebook's, in its order
 
 
 def test_gallery_picks_up_a_figure_added_later(tmp_path):
