@@ -19,10 +19,7 @@ install() {
         return 0
     fi
     [ "$(id -u)" = 0 ] || { echo "installing slurm-wlm and munge needs root (apt-get)" >&2; exit 1; }
-    # apt lists once per machine (shared with .ci/run's other packages)
-    if [ ! -e /var/lib/apt/lists/lock ] || [ -z "$(ls /var/lib/apt/lists/ 2>/dev/null | grep -v lock)" ]; then
-        apt-get update -qq
-    fi
+    apt-get update -qq   # only reached when something is missing (.ci/run installs it up front)
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
 }
 
