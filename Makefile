@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: setup test test-fast figures demo report check-model benchmark gpu-check clean-results
+.PHONY: setup test test-fast figures demo report report-test slurm-test check-model benchmark gpu-check clean-results
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (found %s); set PYTHON=/path/to/python3.11" % sys.version.split()[0]'
@@ -33,8 +33,17 @@ figures: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/snakemake --cores $(CORES) --configfile config/offline.yaml
 
+## The HTML report (one self-contained file) of the configured model's results.
 report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html
+
+## The report of the CI demo opened in headless Chromium (screenshot: results/planted-ioi-ci/browser/).
+report-test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_report_browser.py
+
+## The CI demo through profiles/slurm on a one-node SLURM cluster started on this machine (root).
+slurm-test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_slurm.py
 
 check-model: $(STAMP)
 	$(BIN)/python -m ioi check-model --configfile config/config.yaml

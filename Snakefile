@@ -14,6 +14,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/experiments.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/gallery.smk"
 
 
 report: "workflow/report/workflow.rst"

@@ -33,6 +33,7 @@ from ioi.ablation_engine import KnockoutEngine, KnockoutSpec
 from ioi.forward import cache_activations
 from ioi.patching._fast_forward import UnsupportedModelError, net_weights
 from ioi.patching.path import DEFAULT_MEMORY_BUDGET_MB, Positions, positions_as_list
+from ioi.validation import check_tokens
 
 __all__ = [
     "Ablation",
@@ -103,7 +104,7 @@ def compute_template_means(
             must then partition the prompts); ``False`` -> first axis ``n_groups``.
         batch_size: run the reference batch in slices of this many prompts (memory).
     """
-    ref_toks = torch.as_tensor(ref_toks).to(model.W_U.device)
+    ref_toks = check_tokens(model, ref_toks, "ref_toks")
     N, S = ref_toks.shape
     L = model.cfg.n_layers
     if component == "z":
@@ -479,7 +480,7 @@ def evaluate_ablations(
     from ioi.patching._fast_forward import UnsupportedModelError
 
     device = model.W_U.device
-    toks = torch.as_tensor(toks).to(device)
+    toks = check_tokens(model, toks, "toks").to(device)
     N, S = toks.shape
     for ablation in ablations:
         if ablation is not None:

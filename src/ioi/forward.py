@@ -20,6 +20,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ioi.validation import check_tokens
+
 UNEMBED_INPUT = "unembed.hook_in"
 
 
@@ -35,6 +37,7 @@ def final_residual(
 
     The forward pass is cut at ``unembed.hook_in``, so no logits are computed.
     """
+    toks = check_tokens(model, toks, "toks")
     captured: dict[str, Tensor] = {}
 
     def capture(x, hook):
@@ -60,6 +63,7 @@ def cache_activations(
     ``blocks.0.hook_resid_post`` runs one block), and never unembeds. ``run_with_cache`` on the
     bridge always computes the full logits (``stop_at_layer`` is not honoured by it).
     """
+    toks = check_tokens(model, toks, "toks")
     wanted = set(names)
     store: dict[str, Tensor] = {}
 
@@ -115,7 +119,7 @@ def end_logits(
     as given (one chunk, full length), since they may hold per-prompt tensors.
     """
     device = model.W_U.device
-    toks = torch.as_tensor(toks)
+    toks = check_tokens(model, toks, "toks")
     end_idx = torch.as_tensor(end_idx).long()
     if end_idx.shape != toks.shape[:1]:
         raise ValueError(f"end_idx must have one entry per prompt: {tuple(end_idx.shape)} vs {tuple(toks.shape)}.")

@@ -3,8 +3,21 @@
 Everything returns a TransformerLens 4 :class:`TransformerBridge` in compatibility mode, processed
 like the seed notebook (``fold_ln``, ``center_writing_weights``, ``center_unembed``; each optional).
 ``fold_value_biases`` defaults to **False**, as in the paper's own code (Easy-Transformer): per-head
-outputs then keep their ``b_V @ W_O`` term, which the copy score needs. Patching, ablation, logit
-differences and probabilities do not depend on any of these settings (up to float error).
+outputs then keep their ``b_V @ W_O`` term, which the copy score needs. Logits, logit differences,
+probabilities, mean ablation, path patching and activation patching of whole activations
+(residual streams, head outputs ``z``, queries, keys, values, and whole attention patterns) do not
+depend on any of these settings (up to float error): LayerNorm folding and centring are exact
+rewrites, and value-bias folding moves ``sum_j pattern[i, j] * b_V = b_V`` into ``b_O``, which
+holds whenever every pattern row sums to 1.
+
+One exception, as in TransformerLens: **single-entry pattern patching**
+(``get_act_patch_attn_head_pattern_dest_src_pos``, which replaces one ``pattern[dest, src]`` of one
+head) leaves that row summing to ``1 + (clean - corrupted)``, not 1. With
+``fold_value_biases=False`` the head's output then carries ``(row sum) * b_V @ W_O``; with value
+biases folded, ``b_V @ W_O`` sits in ``b_O`` with weight exactly 1. Its results therefore differ
+between the two settings (by ``(clean - corrupted) * b_V @ W_O`` at the destination); ours match
+TransformerLens's for the same processing. Per-head attributions (direct logit attribution of a
+head, the copy score) also depend on it, by that head's ``b_V @ W_O`` term.
 
 Specs accepted by :func:`load_model`:
 

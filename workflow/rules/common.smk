@@ -69,12 +69,16 @@ def dataset_path(kind, n):
     return f"{DATASETS}/{kind}_n{n}_seed{config['seed']}.parquet"
 
 
-LIBRARY_SOURCES = sorted(str(p) for p in Path("src/ioi").rglob("*.py") if "plots" not in p.parts)
+# What experiments import: the package minus its plotting code and the gallery writer (so a change
+# there redraws figures or rewrites the gallery without re-running every experiment).
+LIBRARY_SOURCES = sorted(str(p) for p in Path("src/ioi").rglob("*.py")
+                         if "plots" not in p.parts and p.name != "gallery.py")
 PLOT_SOURCES = sorted(str(p) for p in Path("src/ioi/plots").glob("*.py")) + ["src/ioi/registry.py"]
 
 
 def all_targets():
-    """Every figure (PNG + PDF) and every experiment's results for the configured model."""
+    """Every figure (PNG + PDF), every experiment's results, the comparison table and the figure
+    gallery (figures/{model}/README.md) for the configured model."""
     figures = [f"{FIGURES}/{name}.{ext}" for name in FIGURE_SPECS for ext in ("png", "pdf")]
     results = [f"{RESULTS}/{name}/summary.json" for name in EXPERIMENTS]
-    return figures + results + [f"{RESULTS}/paper_comparison.md"]
+    return figures + results + [f"{RESULTS}/paper_comparison.md", f"{FIGURES}/README.md"]

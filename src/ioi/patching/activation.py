@@ -67,6 +67,7 @@ from ioi.patching._fast_forward import (
     net_weights,
     unsupported_reason,
 )
+from ioi.validation import check_tokens
 
 __all__ = [
     "get_act_patch_resid_pre",
@@ -650,6 +651,9 @@ def _make(tl_name: str, build, shape_doc: str, what: str):
     ) -> Tensor:
         if "metric" in options and patching_metric is None:  # TL's *_every helpers call it ``metric``
             patching_metric = options.pop("metric")
+        corrupted_tokens = check_tokens(model, corrupted_tokens, "corrupted_tokens")
+        if options.get("clean_tokens") is not None:
+            options["clean_tokens"] = check_tokens(model, options["clean_tokens"], "clean_tokens")
         return _run(tl_name, model, corrupted_tokens, clean_cache, patching_metric, build, options)
 
     fn.__name__ = fn.__qualname__ = tl_name

@@ -56,6 +56,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ioi.patching._fast_forward import _ACTIVATIONS, NetWeights, net_weights, patch_row_tiles
+from ioi.validation import check_tokens
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_MB",
@@ -489,9 +490,8 @@ def _orig_logits(net: _Net, oc: _Cache) -> Tensor:
 
 
 def _check_inputs(model, orig_toks: Tensor, new_toks: Tensor, knockout) -> tuple[Tensor, Tensor]:
-    device = model.W_U.device
-    orig_toks = torch.as_tensor(orig_toks).to(device)
-    new_toks = torch.as_tensor(new_toks).to(device)
+    orig_toks = check_tokens(model, orig_toks, "orig_toks")
+    new_toks = check_tokens(model, new_toks, "new_toks")
     if orig_toks.ndim != 2 or orig_toks.shape != new_toks.shape:
         raise ValueError(
             "orig_toks and new_toks must be [batch, seq] token tensors of the same shape "
