@@ -241,3 +241,22 @@ def plot_figure_job(*, name: str, data_csv: str, summary_json: str, meta_json: s
     else:
         fig = resolve(spec.plotter)(frame, summary, meta)
     save_figure(fig, png, pdf)
+
+
+def write_page_job(*, name: str, data_csv: str, summary_json: str, meta_json: str, html: str) -> None:
+    """Write registered interactive page ``name`` (self-contained HTML) atomically."""
+    import json
+
+    import pandas as pd
+
+    from ioi.provenance import atomic_path
+    from ioi.registry import PAGES, resolve
+
+    spec = PAGES[name]
+    frame = pd.read_csv(data_csv)
+    summary = json.loads(Path(summary_json).read_text())
+    meta = json.loads(Path(meta_json).read_text())
+    text = resolve(spec.writer)(frame, summary, meta)
+    with atomic_path(html) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    print(f"{name}: wrote {html} ({len(text) / 1e6:.1f} MB)")

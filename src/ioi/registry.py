@@ -37,8 +37,20 @@ class FigureSpec:
     extra_experiments: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class PageSpec:
+    """An interactive page: ``writer`` ``(frame, summary, meta) -> str`` (self-contained HTML)
+    saved as ``figures/{model}/{name}.html`` beside the static figures."""
+
+    name: str
+    experiment: str
+    writer: str  # "module:function"
+    caption: str
+
+
 EXPERIMENTS: dict[str, ExperimentSpec] = {}
 FIGURES: dict[str, FigureSpec] = {}
+PAGES: dict[str, PageSpec] = {}
 
 
 def experiment(name: str, runner: str, n_key: str, **kwargs) -> ExperimentSpec:
@@ -51,6 +63,12 @@ def figure(name: str, experiment_name: str, plotter: str, caption: str, category
            extra_experiments: tuple[str, ...] = ()) -> FigureSpec:
     spec = FigureSpec(name, experiment_name, plotter, caption, category, tuple(extra_experiments))
     FIGURES[name] = spec
+    return spec
+
+
+def page(name: str, experiment_name: str, writer: str, caption: str) -> PageSpec:
+    spec = PageSpec(name, experiment_name, writer, caption)
+    PAGES[name] = spec
     return spec
 
 
@@ -439,3 +457,13 @@ figure("breakdown_by_template", "baseline", "ioi.plots.breakdown:breakdowns",
        "all prompts. A single faithfulness number hides a wide spread across templates. Path-patching "
        "top heads per template are in paper_comparison.md's secondary table.", "Section 4",
        extra_experiments=BREAKDOWN_EXPERIMENTS)
+
+# --- Interactive pages (figures/{model}/{page}.html, self-contained: no network needed) ---------
+experiment("class_attention_patterns", "ioi.experiments.interactive:class_attention_patterns", "patching",
+           datasets=("ioi",), section="seed notebook (attention analysis, circuitsvis)",
+           description="Attention patterns of every circuit head (template mean and one prompt)",
+           mem_mb=4000, runtime_min=15)
+page("attention_patterns_interactive", "class_attention_patterns", "ioi.plots.interactive:attention_patterns_html",
+     "Interactive attention patterns (circuitsvis AttentionHeads, its JavaScript inlined) of every head of the "
+     "circuit, named with its class: the mean over the prompts of the most frequent template and one "
+     "prompt with its own tokens.")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from ioi.registry import EXPERIMENTS, FIGURES as FIGURE_SPECS
+from ioi.registry import EXPERIMENTS, FIGURES as FIGURE_SPECS, PAGES as PAGE_SPECS
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -77,8 +77,9 @@ PLOT_SOURCES = sorted(str(p) for p in Path("src/ioi/plots").glob("*.py")) + ["sr
 
 
 def all_targets():
-    """Every figure (PNG + PDF), every experiment's results, the comparison table and the figure
-    gallery (figures/{model}/README.md) for the configured model."""
+    """Every figure (PNG + PDF), every interactive page (HTML), every experiment's results, the
+    comparison table and the figure gallery (figures/{model}/README.md) for the configured model."""
     figures = [f"{FIGURES}/{name}.{ext}" for name in FIGURE_SPECS for ext in ("png", "pdf")]
+    pages = [f"{FIGURES}/{name}.html" for name in PAGE_SPECS]
     results = [f"{RESULTS}/{name}/summary.json" for name in EXPERIMENTS]
-    return figures + results + [f"{RESULTS}/paper_comparison.md", f"{FIGURES}/README.md"]
+    return figures + pages + results + [f"{RESULTS}/paper_comparison.md", f"{FIGURES}/README.md"]

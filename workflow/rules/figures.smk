@@ -40,3 +40,28 @@ rule figure:
         caption=lambda wildcards: rst_text(FIGURE_SPECS[wildcards.figure].caption),
     script:
         "../scripts/plot_figure.py"
+
+
+# One job per registered interactive page (ioi.registry.PAGES): experiment files -> HTML.
+
+
+def page_inputs(wildcards):
+    base = f"{RESULTS}/{PAGE_SPECS[wildcards.page].experiment}"
+    return {"data": f"{base}/data.csv", "summary": f"{base}/summary.json", "meta": f"{base}/meta.json",
+            "lib": PLOT_SOURCES}
+
+
+rule page:
+    input:
+        unpack(page_inputs),
+    output:
+        html=FIGURES + "/{page}.html",
+    log:
+        "logs/" + MODEL + "/pages/{page}.log",
+    wildcard_constraints:
+        page="|".join(PAGE_SPECS) if PAGE_SPECS else "NO_PAGES",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/write_page.py"

@@ -99,6 +99,7 @@ def run_and_write(
         dataset_settings=context.dataset_settings,
         seconds=round(timer.seconds, 3),
         max_rss_mb=peak_rss_mb(),
+        model_label=context.model_label or None,  # the run's model name (figure titles use it)
         extra={**(extra_meta or {}), **result.meta},
     )
     write_csv(out_dir / "data.csv", result.data)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
 
 from ioi.plots.attribution import grid_from_dict, outline_legend, outlines
-from ioi.plots.common import CLASS_COLOURS, head_heatmap, model_title, outline_label, paper_panel
+from ioi.plots.common import head_heatmap, model_suptitle, outline_heads, outline_label, paper_panel
 
 CBAR = "normalised LD (1 = clean, 0 = corrupted)"
 COMPONENT_TITLES = {
@@ -52,7 +51,7 @@ def act_patch_resid_pre(frame, summary, meta):
     fig, (ax, ax_text) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
     _layer_pos_panel(ax, summary["resid_pre"], summary["positions"], "resid_pre activation patching")
     paper_panel(ax_text, SEED_RESID_TEXT, heading="What the seed notebook shows (GPT-2 small)")
-    fig.suptitle(model_title("Activation patching of the residual stream (layer x position)", meta), y=1.03)
+    model_suptitle(fig, "Activation patching of the residual stream (layer x position)", meta)
     return fig
 
 
@@ -62,7 +61,7 @@ def act_patch_block(frame, summary, meta):
         _layer_pos_panel(ax, summary[component], summary["positions"], COMPONENT_TITLES[component])
     paper_panel(axes[-1], SEED_BLOCK_TEXT, heading="What the seed notebook shows (GPT-2 small)")
     fig.subplots_adjust(wspace=0.55)
-    fig.suptitle(model_title("Activation patching per block (resid_pre / attn_out / mlp_out)", meta), y=1.04)
+    model_suptitle(fig, "Activation patching per block (resid_pre / attn_out / mlp_out)", meta)
     return fig
 
 
@@ -80,7 +79,7 @@ def act_patch_head_out(frame, summary, meta):
     fig, (ax, ax_text) = plt.subplots(1, 2, figsize=(9.5, 4.6), gridspec_kw={"width_ratios": [1.3, 1]})
     _head_panels([ax], summary, ["output"], meta)
     paper_panel(ax_text, SEED_HEAD_TEXT, heading="What the seed notebook shows (GPT-2 small)")
-    fig.suptitle(model_title("Activation patching of each head's output (all positions)", meta), y=1.03)
+    model_suptitle(fig, "Activation patching of each head's output (all positions)", meta)
     return fig
 
 
@@ -90,8 +89,8 @@ def act_patch_head_every(frame, summary, meta):
     _head_panels(axes[:5], summary, components, meta)
     fig.subplots_adjust(wspace=0.45)
     paper_panel(axes[-1], SEED_HEAD_TEXT, heading="What the seed notebook shows (GPT-2 small)")
-    fig.suptitle(model_title("Activation patching per head: output, query, key, value, pattern "
-                             "(all positions)", meta), y=1.05)
+    model_suptitle(fig, "Activation patching per head: output, query, key, value, pattern "
+                             "(all positions)", meta)
     return fig
 
 
@@ -109,9 +108,7 @@ def act_patch_head_by_pos(frame, summary, meta):
             ax = axes[i, j]
             grid = grid_from_dict(summary[component][position], n_layers, n_heads)
             image = ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
-            for (layer, head), cls in outlined.items():
-                ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=1.2,
-                                       edgecolor=CLASS_COLOURS.get(cls, "black")))
+            outline_heads(ax, outlined, n_layers, n_heads, lw=1.2)
             ax.set_title(f"{COMPONENT_TITLES[component]} @ {position}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks(range(0, n_layers, max(1, n_layers // 6)))
@@ -120,6 +117,6 @@ def act_patch_head_by_pos(frame, summary, meta):
             if i == len(components) - 1:
                 ax.set_xlabel("Head")
     fig.colorbar(image, ax=axes, fraction=0.02, pad=0.01).set_label(CBAR)
-    fig.suptitle(model_title("Activation patching per head, per named position "
-                             "(output / query / key / value / pattern)", meta), y=1.0)
+    model_suptitle(fig, "Activation patching per head, per named position "
+                             "(output / query / key / value / pattern)", meta)
     return fig

@@ -8,7 +8,7 @@ circuit's heads by class, token labels) is in the summary written by
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -18,9 +18,11 @@ from ioi.circuits import CLASS_ORDER
 from ioi.plots.common import (
     CLASS_COLOURS,
     head_heatmap,
-    model_title,
+    model_suptitle,
+    num,
     outline_label,
     paper_panel,
+    sci,
 )
 
 Head = tuple[int, int]
@@ -73,8 +75,11 @@ def grid_from_dict(values: Mapping[str, float | None], n_layers: int, n_heads: i
     return grid
 
 
-def head_list_text(keys: Sequence[str], values: Mapping[str, float | None], fmt: str = "{:+.2f}") -> str:
-    return ", ".join(f"{k} ({fmt.format(values[k])})" for k in keys if values.get(k) is not None)
+def head_list_text(keys: Sequence[str], values: Mapping[str, float | None],
+                   fmt: str | Callable[[float], str] = "{:+.2f}") -> str:
+    """``"9.9 (+1.23), ..."``; ``fmt`` a format string or a function (e.g. ``common.num``)."""
+    show = fmt if callable(fmt) else fmt.format
+    return ", ".join(f"{k} ({show(values[k])})" for k in keys if values.get(k) is not None)
 
 
 def outline_legend(ax, classes: Iterable[str], title: str, *, offset: float = -0.13) -> None:
@@ -120,6 +125,9 @@ SEED_LOGIT_LENS_TEXT = (
 )
 
 
+PAPER_LD = 3.56  # §2: mean logit difference of GPT-2 small on p_IOI
+
+
 def logit_lens(frame, summary, meta):
     """LD read off the accumulated residual stream at END, per component, with the model's LD."""
     labels = summary["labels"]
@@ -134,6 +142,7 @@ def logit_lens(frame, summary, meta):
     ax.plot(x, own, "s--", color="#999999", ms=2.5, lw=1, label="final LN with each component's own scale")
     model_ld = summary["model_logit_diff_mean"]
     ax.axhline(model_ld, color="#c44e52", ls="--", lw=1.2, label=f"model's LD at END = {model_ld:.3f}")
+    ax.axhline(PAPER_LD, color="black", ls=":", lw=1.2, label=f"paper's LD (GPT-2 small) = {PAPER_LD}")
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=90, fontsize=7)
@@ -143,8 +152,7 @@ def logit_lens(frame, summary, meta):
     ax.grid(axis="y", alpha=0.3)
     ours = f"Ours: final component {mean[-1]:.3f} = model LD {model_ld:.3f}."
     paper_panel(ax_text, SEED_LOGIT_LENS_TEXT + "\n\n" + ours, heading=SEED_HEADING)
-    fig.suptitle(model_title("Logit lens: logit difference from the accumulated residual stream",
-                             meta), y=1.02)
+    model_suptitle(fig, "Logit lens: logit difference from the accumulated residual stream", meta)
     return fig
 
 
@@ -198,9 +206,9 @@ def dla_layer(frame, summary, meta):
     ax.grid(axis="y", alpha=0.3)
     total, ld = float(np.nansum(mean)), summary["logit_diff_mean"]
     ours = (f"Ours: components sum to {total:.3f}; model LD {ld:.3f} "
-            f"(max per-prompt error {summary['dla_layer_sum_minus_logit_diff_max_abs']:.1e}).")
+            f"(max per-prompt error {sci(summary['dla_layer_sum_minus_logit_diff_max_abs'])}).")
     paper_panel(ax_text, SEED_DLA_LAYER_TEXT + "\n\n" + ours, heading="What the seed reports (GPT-2 small)")
-    fig.suptitle(model_title("Direct logit attribution per layer at END", meta), y=1.02)
+    model_suptitle(fig, "Direct logit attribution per layer at END", meta)
     return fig
 
 
@@ -223,7 +231,7 @@ def dla_head(frame, summary, meta):
             + "; top negative " + head_list_text(summary["top_negative_heads"][:3], values) + ".")
     paper_panel(ax_text, PAPER_DLA_HEAD_TEXT + "\n\n" + ours,
                 heading=SEED_HEADING)
-    fig.suptitle(model_title("Direct logit attribution per head", meta), y=1.03)
+    model_suptitle(fig, "Direct logit attribution per head", meta)
     return fig
 
 
@@ -276,7 +284,7 @@ def attn_patterns(frame, summary, meta):
         ax.add_patch(Rectangle((-0.5, end - 0.5), size, 1, fill=False, lw=1.2, edgecolor=ROLE_COLOUR))
         cls = info.get("class", "other")
         colour = CLASS_COLOURS.get(cls, "black")
-        ax.set_title(f"{info['head']} ({cls}), DLA {info['dla']:+.3g}\nEND→IO {info['end_to_io']:.2f}, "
+        ax.set_title(f"{info['head']} ({cls}), DLA {num(info['dla'], signed=True)}\nEND→IO {info['end_to_io']:.2f}, "
                      f"END→S1 {info['end_to_s1']:.2f}, END→S2 {info['end_to_s2']:.2f}",
                      fontsize=7.5, color=colour if cls != "other" else "black")
         ax.set_xlabel("key position (attended to)", fontsize=7)
@@ -294,5 +302,5 @@ def attn_patterns(frame, summary, meta):
             "the END query row. Titles are coloured by the circuit class of the head ("
             + outline_label(meta) + ").")
     paper_panel(ax_text, SEED_PATTERN_TEXT + "\n\n" + ours, heading=SEED_HEADING)
-    fig.suptitle(model_title("Attention patterns of the top positive / negative DLA heads", meta))
+    model_suptitle(fig, "Attention patterns of the top positive / negative DLA heads", meta)
     return fig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from ioi.plots.common import model_title, paper_panel
+from ioi.plots.common import model_suptitle, model_title, paper_panel
 
 PAPER_BASELINE_TEXT = (
     "Mean logit difference 3.56 over 100,000 p_IOI prompts (3.55 in the Fig. 8/9 tables); "
@@ -45,5 +45,5 @@ def baseline_logit_diff(frame, summary, meta):
     ours = (f"Ours: LD {summary['logit_diff_mean']:.2f}, IO>S {100 * summary['io_over_s_rate']:.1f}%, "
             f"IO prob {summary['io_prob_mean']:.2f}; p_ABC LD {summary['abc_logit_diff_mean']:.2f}.")
     paper_panel(ax_text, PAPER_BASELINE_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Model performance on p_IOI (paper §2)", meta), y=1.04)
+    model_suptitle(fig, "Model performance on p_IOI (paper §2)", meta)
     return fig

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
-from ioi.plots.common import CLASS_COLOURS, model_title, paper_panel
+from ioi.plots.common import CLASS_COLOURS, model_suptitle, model_title, num, paper_panel
 
 KIND_STYLE = {
     "empty": dict(marker="*", s=170, color="black", label="K = ∅ (x = F(C), y = F(M))", zorder=5),
@@ -40,6 +40,35 @@ SHORT_CLASS = {
     "name mover": "NM (+backup)", "negative name mover": "negative", "s-inhibition": "S-inh",
     "induction": "induction", "duplicate token": "duplicate", "previous token": "previous",
     "backup name mover": "backup",
+}
+
+
+# Copies of ioi.experiments.circuit_eval's paper constants, so plotting imports no torch
+# (tests/test_figures.py checks they agree). GPT-2 small, paper circuit; drawn on every model's
+# figure, always labelled as the paper's.
+PAPER_F_M_TEXT, PAPER_GAP_TEXT, PAPER_RATIO_TEXT = 3.56, 0.46, 0.87
+PAPER_FIG6_POINTS: dict[str, dict[str, tuple[float, float]]] = {
+    "full": {"none": (2.838, 3.302), "name mover": (0.930, 1.529), "negative name mover": (4.267, 5.620),
+             "s-inhibition": (0.227, 0.297), "induction": (1.035, 1.571), "duplicate token": (0.724, 1.515),
+             "previous token": (1.517, 2.900)},
+    "naive": {"none": (2.862, 3.302), "name mover": (0.577, 3.329), "s-inhibition": (-0.992, 0.297),
+              "induction": (0.551, 2.217), "duplicate token": (0.235, 2.555), "previous token": (1.184, 2.900)},
+}
+PAPER_FIG6_TEXT = {"greedy_max_text": 3.09, "greedy_max_released_full": 3.466,
+                   "greedy_max_released_naive": 3.034, "random_mean_released_full": 0.45,
+                   "random_mean_released_naive": 0.47}
+PAPER_FIG20: dict[str, tuple[float, float, float]] = {
+    "9.9": (2.26, 2.62, 10.1), "10.0": (1.91, 2.26, 9.8), "9.6": (2.11, 1.91, 5.6),
+    "10.7": (4.07, 3.13, 26.4), "11.10": (4.07, 3.27, 22.5),
+    "8.10": (0.24, 1.01, 21.6), "7.9": (0.24, 0.92, 19.1), "8.6": (0.24, 0.86, 17.4),
+    "7.3": (0.24, 0.43, 5.3),
+    "5.5": (0.97, 2.12, 32.3), "5.9": (3.33, 4.07, 20.8), "6.9": (0.97, 1.46, 13.8),
+    "5.8": (3.83, 4.07, 6.7),
+    "0.1": (0.60, 1.90, 36.5), "0.10": (0.60, 1.66, 29.8), "3.0": (0.60, 1.05, 12.6),
+    "4.11": (1.31, 2.28, 27.2), "2.2": (1.31, 1.75, 12.4),
+    "11.2": (0.95, 1.37, 11.8), "10.6": (1.65, 1.88, 6.5), "10.10": (1.88, 2.11, 6.5),
+    "10.2": (1.49, 1.65, 4.5), "9.7": (0.81, 0.95, 3.9), "10.1": (1.37, 1.49, 3.4),
+    "11.9": (0.41, 0.45, 1.1), "9.0": (0.41, 0.45, 1.1),
 }
 
 
@@ -88,11 +117,16 @@ def faithfulness(frame, summary, meta):
                        marker="D", facecolors="none", edgecolors="black", s=45, zorder=5,
                        label="paper (GPT-2, released data)")
         ax_bar.legend(fontsize=7, loc="lower right")
+    paper_f_c = PAPER_F_M_TEXT - PAPER_GAP_TEXT
+    for index, value in ((0, PAPER_F_M_TEXT), (1, paper_f_c)):
+        ax_bar.plot([index - 0.4, index + 0.4], [value, value], color="black", lw=2,
+                    label="paper text (GPT-2): F(M) 3.56, F(C) 3.10" if index == 0 else None)
+    ax_bar.legend(fontsize=7, loc="lower right")
     ax_bar.axhline(0, color="black", lw=0.6)
     ax_bar.set_xticks(range(3))
     ax_bar.set_xticklabels(labels, fontsize=8)
     ax_bar.set_ylabel("mean logit difference (95% bootstrap CI)")
-    ax_bar.set_title(f"F(C)/F(M) = {summary['faithfulness_ratio']:.3f}, "
+    ax_bar.set_title(f"F(C)/F(M) = {summary['faithfulness_ratio']:.3f} (paper {PAPER_RATIO_TEXT}), "
                      f"naive {summary['faithfulness_ratio_naive']:.3f}", fontsize=9)
 
     templates = sorted(summary.get("by_template", {}))
@@ -128,7 +162,7 @@ def faithfulness(frame, summary, meta):
         + (f": std {std:.3f}." if std is not None else ".")
     )
     paper_panel(ax_text, PAPER_FAITHFULNESS_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Faithfulness: circuit vs model logit difference (paper §4.1, §4.3)", meta), y=1.03)
+    model_suptitle(fig, "Faithfulness: circuit vs model logit difference (paper §4.1, §4.3)", meta)
     return fig
 
 
@@ -198,14 +232,18 @@ def _completeness_panel(ax, frame, summary, name: str, paper_points, limits, ful
     ax.set_ylabel("y = F(M \\ K)  (K knocked out of the model)")
     greedy_max = summary.get(f"greedy_max_incompleteness_{name}")
     random_mean = summary.get(f"random_mean_incompleteness_{name}")
+    paper_greedy = (f"{PAPER_FIG6_TEXT['greedy_max_text']} text, " if name == "full" else "") + \
+        f"{PAPER_FIG6_TEXT[f'greedy_max_released_{name}']} released"
     ax.set_title(f"({'a' if name == 'full' else 'b'}) {name} circuit: greedy max |x−y| = "
-                 f"{greedy_max:.3g}, random mean {random_mean:.3g}", fontsize=9)
+                 f"{num(greedy_max)} (paper {paper_greedy}),\nrandom mean {num(random_mean)} (paper "
+                 f"{PAPER_FIG6_TEXT[f'random_mean_released_{name}']})", fontsize=9)
     ax.grid(alpha=0.25)
 
 
 def fig6_completeness(frame, summary, meta):
     """Fig. 6a/6b: (F(C\\K), F(M\\K)) for the full and the naive circuit, with y = x."""
-    paper = summary.get("paper_points") if _paper_ok(summary, meta) else None
+    paper = summary.get("paper_points") or {k: {c: list(v) for c, v in pts.items()}
+                                            for k, pts in PAPER_FIG6_POINTS.items()}
     ours = list(frame["x"]) + list(frame["y"])
     limits, full_limits = _padded(ours), None
     if paper:
@@ -238,14 +276,14 @@ def fig6_completeness(frame, summary, meta):
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=7, frameon=False)
     counts = summary.get("counts", {})
     top = summary.get("greedy_sets", {}).get("full", [])[:2]
-    top_text = "; ".join(f"{{{', '.join(s['heads'])}}} {s['incompleteness']:.3g}" for s in top)
+    top_text = "; ".join(f"{{{', '.join(s['heads'])}}} {num(s['incompleteness'])}" for s in top)
     ours = (
-        f"Ours: F(M) {summary['F_M']:.3g}; class incompleteness (full) 'name mover' "
-        f"{summary['class_incompleteness_full'].get('name mover', float('nan')):.3g}, (naive) "
-        f"{summary['class_incompleteness_naive'].get('name mover', float('nan')):.3g}; random mean "
-        f"{summary['random_mean_incompleteness_full']:.3g} / {summary['random_mean_incompleteness_naive']:.3g}; "
-        f"greedy max {summary['greedy_max_incompleteness_full']:.3g} / "
-        f"{summary['greedy_max_incompleteness_naive']:.3g}.\nTop greedy sets (full): {top_text}.\n"
+        f"Ours: F(M) {num(summary['F_M'])}; class incompleteness (full) 'name mover' "
+        f"{num(summary['class_incompleteness_full'].get('name mover', float('nan')))}, (naive) "
+        f"{num(summary['class_incompleteness_naive'].get('name mover', float('nan')))}; random mean "
+        f"{num(summary['random_mean_incompleteness_full'])} / {num(summary['random_mean_incompleteness_naive'])}; "
+        f"greedy max {num(summary['greedy_max_incompleteness_full'])} / "
+        f"{num(summary['greedy_max_incompleteness_naive'])}.\nTop greedy sets (full): {top_text}.\n"
         f"Counts: {counts.get('random_sets')} random K per circuit; greedy {counts.get('greedy_runs')} runs × "
         f"≤{counts.get('greedy_iterations_max')} steps × {counts.get('greedy_candidates', {}).get('full')} "
         f"(full) / {counts.get('greedy_candidates', {}).get('naive')} (naive) candidates (paper: 10 runs); "
@@ -254,12 +292,11 @@ def fig6_completeness(frame, summary, meta):
     )
     if summary.get("fig22_max_incompleteness_full") is not None:
         ours += (f"\nPaper's Fig. 22 sets evaluated as given (no search): max |x−y| = "
-                 f"{summary['fig22_max_incompleteness_full']:.3g} (paper: up to 3.09).")
+                 f"{num(summary['fig22_max_incompleteness_full'])} (paper: up to 3.09).")
     if paper:
-        ours += "\nHollow markers: " + summary.get("paper_points_source", "paper's released data") + "."
+        ours += "\nHollow markers: " + summary.get("paper_points_source", "the paper's released data (GPT-2 small, paper circuit, one N=100 run)") + "."
     paper_panel(ax_text, PAPER_COMPLETENESS_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Completeness (paper Fig. 6): x = F(C\\K), y = F(M\\K), incompleteness |x − y|",
-                             meta))
+    model_suptitle(fig, "Completeness (paper Fig. 6): x = F(C\\K), y = F(M\\K), incompleteness |x − y|", meta)
     return fig
 
 
@@ -303,12 +340,12 @@ def fig7_minimality(frame, summary, meta):
     extra = ax.get_legend_handles_labels()[0]
     ax.legend(handles=class_handles + extra, fontsize=7, ncol=2, loc="upper right")
     smallest = summary.get("min_score_head")
-    ours = (f"Ours: F(M) {f_m:.3g}, F(C) {summary['F_C']:.3g}; smallest score {smallest} "
-            f"({100 * summary['min_score_fraction']:.2g}% of F(M)). K(v) as in Fig. 20 for the paper "
+    ours = (f"Ours: F(M) {num(f_m)}, F(C) {num(summary['F_C'])}; smallest score {smallest} "
+            f"({num(100 * summary['min_score_fraction'], 2)}% of F(M)). K(v) as in Fig. 20 for the paper "
             "circuit (ioi.circuits.minimality_k_sets), else the other heads of v's class (name movers: "
             "the ones listed before v).")
     paper_panel(ax_text, PAPER_MINIMALITY_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Minimality (paper Fig. 7): |F(C\\(K∪{v})) − F(C\\K)| / F(M)", meta), y=1.03)
+    model_suptitle(fig, "Minimality (paper Fig. 7): |F(C\\(K∪{v})) − F(C\\K)| / F(M)", meta)
     return fig
 
 
@@ -327,6 +364,31 @@ def _abbreviate(heads: str, limit: int = 5) -> str:
     return "{" + ", ".join(parts[:limit]) + f", … +{len(parts) - limit}" + "}"
 
 
+def _paper_fig20_table(ax) -> None:
+    """The paper's Fig. 20 (GPT-2 small, the paper circuit; % = score / 3.56), as a table."""
+    from ioi.circuits import PAPER_CIRCUIT
+
+    ax.axis("off")
+    cells = []
+    for key, (without_k_v, without_k, pct) in PAPER_FIG20.items():
+        head = tuple(int(v) for v in key.split("."))
+        cells.append([key, PAPER_CIRCUIT.class_of(head) or "", f"{without_k_v:.2f}", f"{without_k:.2f}",
+                      f"{abs(without_k_v - without_k):.2f}", f"{pct:.1f}%"])
+    columns = ["v", "class", "F(C\\(K∪{v}))", "F(C\\K)", "score", "% of 3.56"]
+    table = ax.table(cellText=cells, colLabels=columns, loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7.5)
+    table.auto_set_column_width(range(len(columns)))
+    for (r, c), cell in table.get_celld().items():
+        cell.set_facecolor("#e8e8e8" if r == 0 else "#f4f4f4")
+        if r == 0:
+            cell.set_height(cell.get_height() * 2.0)
+            cell.set_text_props(fontweight="bold")
+        elif c == 1:
+            cell.get_text().set_color(CLASS_COLOURS.get(cells[r - 1][1], "black"))
+    ax.set_title("The paper's Fig. 20 (GPT-2 small, its 26-head circuit, one N=100 run)", fontsize=9)
+
+
 def fig20_minimality_table(frame, summary, meta):
     """Fig. 20 as a table: v, class, K∪{v}, F(C\\(K∪{v})), F(C\\K), score, and the paper's F values."""
     rows = _rows_in_order(frame, summary)
@@ -338,8 +400,8 @@ def fig20_minimality_table(frame, summary, meta):
     cells = []
     for r in rows.itertuples():
         row = [r.v, rows.loc[r.Index, "class"], _abbreviate(str(r.K_union_v)),
-               f"{r.F_C_without_K_and_v:.3g}", f"{r.F_C_without_K:.3g}", f"{r.score:.3g}",
-               f"{100 * r.score_fraction:.2g}%"]
+               f"{num(r.F_C_without_K_and_v)}", f"{num(r.F_C_without_K)}", f"{num(r.score)}",
+               f"{num(100 * r.score_fraction, 2)}%"]
         if paper:
             k_text = rows.loc[r.Index, "paper_K_text"]
             if isinstance(k_text, str) and k_text:
@@ -348,7 +410,12 @@ def fig20_minimality_table(frame, summary, meta):
                     f"{r.paper_percent_of_F_M:.1f}%"]
         cells.append(row)
     height = 0.3 * len(cells) + 1.2 + 0.1 * sum("\n" in c[2] for c in cells)
-    fig, ax = plt.subplots(figsize=(14 if paper else 11, height))
+    if paper:
+        fig, ax = plt.subplots(figsize=(14, height))
+    else:  # other heads than the paper's: the paper's Fig. 20 as a second table beside ours
+        height = max(height, 0.3 * len(PAPER_FIG20) + 1.2)
+        fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=(17, height), gridspec_kw={"width_ratios": [1.5, 1]})
+        _paper_fig20_table(ax_paper)
     ax.axis("off")
     table = ax.table(cellText=cells, colLabels=columns, loc="center", cellLoc="center")
     table.auto_set_font_size(False)
@@ -367,7 +434,8 @@ def fig20_minimality_table(frame, summary, meta):
             cell.set_facecolor("#f4f4f4")
     note = (f"Ours: F(M) = {summary['F_M']:.3f}, F(C) = {summary['F_C']:.3f}. "
             "Grey columns: the paper's Fig. 20 (GPT-2 small, one N=100 run; % = score / 3.56)."
-            if paper else f"Ours: F(M) = {summary['F_M']:.3f}, F(C) = {summary['F_C']:.3f}.")
+            if paper else f"Ours: F(M) = {summary['F_M']:.3f}, F(C) = {summary['F_C']:.3f}. Right: the "
+            "paper's Fig. 20 for its own circuit (other heads than ours: compare the pattern, not rows).")
     ax.set_title(model_title("Minimality sets and scores (paper Fig. 20)", meta) + "\n"
                  + textwrap.fill(note, 140), fontsize=9)
     return fig

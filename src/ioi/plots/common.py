@@ -1,13 +1,22 @@
 """Shared plotting pieces: head-class colours, layer x head heatmaps with outlined heads, a text
-panel with what the paper reports, titles that name the model, atomic PNG + PDF saving.
+panel with what the paper reports, titles that name the model, numbers in fixed format, atomic
+PNG + PDF saving.
+
+Rules every figure follows (tests/test_figures.py checks them on every registered figure): no two
+text elements overlap (:func:`model_suptitle` sits above the tallest axes title), numbers are
+written with :func:`num` (fixed notation, never ``1.4e+02``) or, for a numerical error,
+:func:`sci` (``1.2×10⁻⁷``), every layer x head heatmap outlines the circuit's heads
+(:func:`outline_heads`), and titles name the model, never a machine path (:func:`model_label`).
 
 Colour scales follow the paper's plots (plotly "RdBu" centred at 0: negative red, positive blue).
 """
 
 from __future__ import annotations
 
+import math
+import re
 import textwrap
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -16,11 +25,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 
 from ioi.circuits import CLASS_ORDER, Circuit  # noqa: E402
 from ioi.provenance import atomic_path  # noqa: E402
 
 Head = tuple[int, int]
+OUTLINE_GID = "circuit-head-outline"  # gid of the outline patches (tests find them by it)
 
 CLASS_COLOURS: dict[str, str] = {
     "name mover": "#1b9e77",
@@ -41,19 +52,103 @@ plt.rcParams.update(
         "axes.titlesize": 10,
         "axes.spines.top": False,
         "axes.spines.right": False,
+        # An axis offset reads x10^-7, not 1e-7.
+        "axes.formatter.use_mathtext": True,
     }
 )
 
 
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "~", "./", "../")) or "/" in spec or "\\" in spec
+
+
+def model_label(meta: Mapping) -> str:
+    """How figures name the model of ``meta``: never a machine path. A local checkpoint is named
+    by the run's model name (config ``model_name``, recorded as ``meta["model_label"]``) or else
+    its folder's name; the planted and random models say they are not GPT-2."""
+    model = meta.get("model", {})
+    spec = str(model.get("spec", "unknown model"))
+    if spec == "planted-ioi":
+        return "planted-circuit model (not GPT-2)"
+    if spec.startswith("random-"):
+        return f"{spec} (random weights, not GPT-2)"
+    if _looks_like_path(spec):
+        folder = PurePath(spec.rstrip("/\\")).name
+        name = str(meta.get("model_label") or "")
+        # No model_name: the workflow's folder slug (ioi.models.model_slug) names the folder.
+        if not name or name == "local-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", folder):
+            name = folder
+        if _looks_like_path(name):
+            name = PurePath(name.rstrip("/\\")).name
+        return f"{name} (local checkpoint)"
+    return spec
+
+
 def model_title(title: str, meta: Mapping) -> str:
     """``title`` followed by the model it came from (never GPT-2 unless it was GPT-2)."""
-    model = meta.get("model", {})
-    spec = model.get("spec", "unknown model")
-    label = {"planted-ioi": "planted-circuit model (not GPT-2)"}.get(spec, spec)
-    if str(spec).startswith("random-"):
-        label = f"{spec} (random weights, not GPT-2)"
     n = meta.get("N")
-    return f"{title}\n{label}" + (f", N={n}" if n else "")
+    return f"{title}\n{model_label(meta)}" + (f", N={n}" if n else "")
+
+
+class _SuptitleAboveAxes(Text):
+    """A suptitle that, each time it is drawn, moves just above the highest axes element (titles
+    of any number of lines, legends placed above axes), so it never overlaps them. A figure with
+    constrained layout keeps the engine's placement (decided once: ``savefig(bbox_inches="tight")``
+    swaps the engine for a placeholder before its final draw)."""
+
+    reposition = True
+
+    def draw(self, renderer):
+        fig = self.figure
+        if self.reposition and fig is not None:
+            tops = [ax.get_tightbbox(renderer).y1 for ax in fig.axes if ax.get_visible()]
+            if tops:
+                pad = 6 * fig.dpi / 72
+                y = fig.transFigure.inverted().transform((0, max(tops) + pad))[1]
+                self.set_y(max(y, 0.98))
+                self.set_verticalalignment("bottom")
+        super().draw(renderer)
+
+
+def model_suptitle(fig, title: str, meta: Mapping, **kwargs):
+    """The figure's title naming the model (:func:`model_title`), kept above every axes."""
+    text = fig.suptitle(model_title(title, meta), **kwargs)
+    text.__class__ = _SuptitleAboveAxes
+    engine = fig.get_layout_engine()
+    text.reposition = not (engine is not None and "Constrained" in type(engine).__name__)
+    return text
+
+
+def num(value, sig: int = 3, *, signed: bool = False, max_decimals: int = 4) -> str:
+    """``value`` in fixed notation with about ``sig`` significant digits, never e-notation:
+    140, 3.56, 0.0696; a value that rounds to zero at ``max_decimals`` decimals prints ``0``."""
+    if value is None:
+        return "n/a"
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(value)))
+    decimals = min(max(sig - 1 - magnitude, 0), max_decimals)
+    if round(value, decimals) == 0:
+        return "0"
+    return f"{value:{'+' if signed else ''}.{decimals}f}"
+
+
+_SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
+
+
+def sci(value, digits: int = 2) -> str:
+    """A numerical error or tolerance: ``0``, fixed notation from 1e-4 up, else ``1.2×10⁻⁷``."""
+    if value is None:
+        return "n/a"
+    value = float(value)
+    if value == 0 or not math.isfinite(value) or 1e-4 <= abs(value) < 1e5:
+        return num(value, digits)
+    exponent = math.floor(math.log10(abs(value)))
+    mantissa = value / 10**exponent
+    return f"{mantissa:.{max(digits - 1, 0)}f}×10{str(exponent).translate(_SUPERSCRIPT)}"
 
 
 def head_heatmap(
@@ -81,17 +176,25 @@ def head_heatmap(
     ax.set_xticks(range(n_heads))
     ax.set_yticks(range(n_layers))
     ax.set_facecolor("#dddddd")  # NaN cells (sender cannot reach the receiver)
-    for (layer, head), cls in (outlined or {}).items():
-        if layer < n_layers and head < n_heads:
-            ax.add_patch(
-                Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=2.0,
-                          edgecolor=CLASS_COLOURS.get(cls, "black"))
-            )
+    outline_heads(ax, outlined or {}, n_layers, n_heads)
     if annotate_top and finite.size:
         order = np.argsort(-np.abs(np.nan_to_num(values)).ravel())[:annotate_top]
         for flat in order:
             layer, head = divmod(int(flat), n_heads)
             ax.text(head, layer, f"{layer}.{head}", ha="center", va="center", fontsize=6)
+
+
+def outline_heads(ax, outlined: Mapping[Head, str], n_layers: int, n_heads: int, *,
+                  lw: float = 2.0) -> None:
+    """Box each head of ``outlined`` (``(layer, head) -> class``: the paper's named heads for
+    GPT-2, the planted heads for the planted model) on a layer x head image in its class colour.
+    Every layer x head heatmap calls this (directly or through :func:`head_heatmap`)."""
+    for (layer, head), cls in outlined.items():
+        if layer < n_layers and head < n_heads:
+            ax.add_patch(
+                Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=lw,
+                          edgecolor=CLASS_COLOURS.get(cls, "black"), gid=OUTLINE_GID)
+            )
 
 
 def class_legend(ax, classes: Sequence[str], title: str) -> None:

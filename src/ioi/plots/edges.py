@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
-from ioi.plots.common import CLASS_COLOURS, model_title, paper_panel
+from ioi.plots.common import CLASS_COLOURS, model_suptitle, num, paper_panel
 
 METHOD_STYLE = {
     "eap": dict(color="#1f77b4", label="EAP"),
@@ -53,7 +53,7 @@ def edges_roc(frame, summary, meta):
     if "truth" not in frame.columns:
         ax.axis("off")
         paper_panel(ax_text, NO_TRUTH_TEXT, heading="ROC not defined")
-        fig.suptitle(model_title("Edge rankings against the true circuit", meta), y=1.02)
+        model_suptitle(fig, "Edge rankings against the true circuit", meta)
         return fig
     labels = frame["truth"].to_numpy().astype(bool)
     for name in ("eap", "eap_ig"):
@@ -88,7 +88,7 @@ def edges_roc(frame, summary, meta):
         f"N = {summary['n_prompts']}). Precision at the true size: "
         + ", ".join(f"{METHOD_STYLE[k]['label'].split(' ')[0]} {v:.2f}" for k, v in prec.items())
         + ". ACDC: exact edge patching, tau = "
-        f"{summary['tau']:.3g} (1% of the clean LD); found {summary['acdc_n_edges']} edges, "
+        f"{num(summary['tau'])} (1% of the clean LD); found {summary['acdc_n_edges']} edges, "
         f"recall {summary.get('acdc_recall', float('nan')):.2f}, precision "
         f"{summary.get('acdc_precision', float('nan')):.2f}; missed: "
         f"{', '.join(summary.get('acdc_missed', [])) or 'none'}; extra: "
@@ -98,7 +98,7 @@ def edges_roc(frame, summary, meta):
         text += (f"\nPer-position graph ({summary.get('n_edges_positions')} edges): AUC EAP "
                  f"{pos['eap']:.3f}, EAP-IG {pos['eap_ig']:.3f}.")
     paper_panel(ax_text, text, heading="Scoring against the planted circuit")
-    fig.suptitle(model_title("Edge-level circuit discovery: ROC against the planted edges", meta), y=1.03)
+    model_suptitle(fig, "Edge-level circuit discovery: ROC against the planted edges", meta)
     return fig
 
 
@@ -138,7 +138,7 @@ def edges_faithfulness(frame, summary, meta):
         "these areas for IOI on GPT-2 small; no number is compared here."
     )
     paper_panel(ax_text, text, heading="Faithfulness curve")
-    fig.suptitle(model_title("Faithfulness of edge rankings and found circuits", meta), y=1.03)
+    model_suptitle(fig, "Faithfulness of edge rankings and found circuits", meta)
     return fig
 
 
@@ -211,7 +211,7 @@ def draw_edge_circuit(edges: list[str], summary: Mapping, meta: Mapping, title: 
                        label="not in the hand-found circuit")]
     paper_panel(ax_text, note, heading="What is drawn")
     ax_text.legend(handles=handles, fontsize=6.5, loc="lower left", ncol=2, frameon=False)
-    fig.suptitle(model_title(title, meta), y=1.02)
+    model_suptitle(fig, title, meta)
     return fig
 
 
@@ -239,7 +239,7 @@ def _graph_note(name: str, summary: Mapping) -> str:
 def edges_graph_acdc(frame, summary, meta):
     """The ACDC circuit (exact patching) drawn like the paper's Fig. 2."""
     return draw_edge_circuit(summary["circuits"]["acdc"]["edges"], summary, meta,
-                             f"ACDC circuit (exact edge patching, tau = {summary['tau']:.3g})",
+                             f"ACDC circuit (exact edge patching, tau = {num(summary['tau'])})",
                              note=_graph_note("acdc", summary))
 
 

@@ -8,6 +8,8 @@ paper's reference numbers are in the summaries written by :mod:`ioi.experiments.
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
@@ -25,7 +27,7 @@ from ioi.plots.attribution import (
 from ioi.plots.common import (
     CLASS_COLOURS,
     head_heatmap,
-    model_title,
+    model_suptitle,
     outline_label,
     paper_panel,
 )
@@ -99,7 +101,7 @@ def attention_summary(frame, summary, meta):
             ax.annotate(f"paper {value:.2f}", (centre, value), xytext=(0, 4), textcoords="offset points",
                         ha="center", fontsize=7)
     ax.set_xticks(x)
-    ax.set_xticklabels(classes, rotation=20, ha="right")
+    ax.set_xticklabels([textwrap.fill(c, 9) for c in classes])
     ax.set_ylabel("mean attention probability")
     ax.set_xlabel("circuit class (mean over its heads per prompt; 95% bootstrap CI over prompts)")
     ax.set_ylim(0, 1.22)  # room for the legend above the bars
@@ -128,7 +130,7 @@ def attention_summary(frame, summary, meta):
             f"{fmt('s_inhibition_attention_s2_mean')} (95% CI); all heads END→IO "
             f"{summary['all_heads_attention_io_mean']:.3f}.")
     paper_panel(fig.add_subplot(grid[2]), PAPER_ATTENTION_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Attention between the IOI positions by circuit class", meta), y=1.03)
+    model_suptitle(fig, "Attention between the IOI positions by circuit class", meta)
     return fig
 
 
@@ -150,6 +152,9 @@ PAPER_FIG16_TEXT = (
 )
 
 
+PAPER_RHO = 0.81  # Fig. 3c: correlation of attention and projection, N = 500
+
+
 def _scatter_panel(ax, rows, key: str, summary, *, small: bool = False) -> None:
     for kind in ("IO", "S"):
         part = rows[rows["name_kind"] == kind]
@@ -163,7 +168,8 @@ def _scatter_panel(ax, rows, key: str, summary, *, small: bool = False) -> None:
     def r(value):
         return "n/a" if value is None else f"{value:.2f}"
 
-    title = f"{key} ({cls}): ρ = {r(rho)}" + ("" if small else f"  (IO only {r(rho_io)}, S only {r(rho_s)})")
+    title = f"{key} ({cls}): ρ = {r(rho)}" + ("" if small else f"  (IO only {r(rho_io)}, S only {r(rho_s)})"
+                                                               f"\npaper (GPT-2, 9.9): ρ > {PAPER_RHO}")
     ax.set_title(title, fontsize=7.5 if small else 9)
     ax.set_xlabel("attention probability from END", fontsize=7 if small else 9)
     ax.set_ylabel("⟨head output, W_U[name]⟩ (raw)", fontsize=7 if small else 9)
@@ -201,7 +207,7 @@ def fig3c(frame, summary, meta):
             f"{plotted} (the paper's claim) and the others: {rhos}; smallest "
             f"{'n/a' if minimum is None else f'{minimum:.3f}'}.")
     paper_panel(fig.add_subplot(grid[:, 2]), PAPER_FIG3C_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Fig. 3c: name movers copy what they attend to", meta), y=1.02)
+    model_suptitle(fig, "Fig. 3c: name movers copy what they attend to", meta)
     return fig
 
 
@@ -225,7 +231,7 @@ def fig16(frame, summary, meta):
     title = (f"Fig. 16: attention vs. projection of backup name movers {shown}" if not substituted else
              "Fig. 16 substitute: NO backup name movers in this circuit, showing its negative name "
              f"movers {shown}")
-    fig.suptitle(model_title(title, meta), y=1.02)
+    model_suptitle(fig, title, meta)
     return fig
 
 
@@ -305,7 +311,7 @@ def copy_scores(frame, summary, meta):
             f"{pct(summary['copy_score_mean_all_heads'])} / {pct(summary['negative_copy_score_mean_all_heads'])}. "
             f"Value biases unfolded (b_V added as the paper code): {summary.get('value_biases_unfolded')}.")
     paper_panel(fig.add_subplot(grid[1, 1]), PAPER_COPY_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Copy scores (paper §3.1; paper code's check_copy_circuit)", meta), y=0.99)
+    model_suptitle(fig, "Copy scores (paper §3.1; paper code's check_copy_circuit)", meta)
     return fig
 
 
@@ -350,7 +356,7 @@ def fig18_head_scores(frame, summary, meta):
     ours = (f"Ours: {summary['n_sequences']} sequences of {summary['seq_len']} random tokens (ids "
             f"{summary['vocab_range'][0]}–{summary['vocab_range'][1] - 1}), repeated once, no BOS.")
     paper_panel(fig.add_subplot(grid[3]), PAPER_FIG18_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Fig. 18: head scores on repeated random tokens", meta), y=1.05)
+    model_suptitle(fig, "Fig. 18: head scores on repeated random tokens", meta)
     return fig
 
 
@@ -385,6 +391,6 @@ def fig17_next_token(frame, summary, meta):
     ours = "Ours: rank by |contribution| of the circuit's induction heads: " + (
         ", ".join(f"{k} #{ranks[k]}" for k in induction if k in ranks) or "n/a") + "."
     paper_panel(ax_text, PAPER_FIG17_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Fig. 17: contribution of each head to next-token prediction on repeated "
-                             "random tokens", meta), y=1.03)
+    model_suptitle(fig, "Fig. 17: contribution of each head to next-token prediction on repeated "
+                             "random tokens", meta)
     return fig

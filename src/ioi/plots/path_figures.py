@@ -26,7 +26,7 @@ from ioi.plots.attribution import (
     outlines,
     parse_head,
 )
-from ioi.plots.common import CLASS_COLOURS, head_heatmap, model_title, outline_label, paper_panel
+from ioi.plots.common import CLASS_COLOURS, head_heatmap, model_suptitle, num, outline_label, paper_panel, sci
 
 PCT = "% change in logit difference"
 RECEIVER_STYLE = dict(fill=False, lw=1.2, ls=(0, (2, 1.5)), edgecolor="black")
@@ -84,15 +84,19 @@ def _effect_heatmap(ax, summary: Mapping, key: str, classes: Sequence[str], meta
     return grid
 
 
+def _signed_pct(value: float) -> str:
+    return num(value, signed=True) + "%"
+
+
 def _ours_heads(summary: Mapping, key: str, n: int = 4) -> str:
     values = summary[key]
     neg = summary.get(f"{key}_top_negative", [])[:n]
     pos = summary.get(f"{key}_top_positive", [])[:n]
     pos = [h for h in pos if (values.get(h) or 0) > 0]
     neg = [h for h in neg if (values.get(h) or 0) < 0]
-    return (f"Ours (clean LD {_num(summary.get('clean_logit_diff')):.3g}): most negative "
-            f"{head_list_text(neg, values, '{:+.3g}%') or 'none'}; most positive "
-            f"{head_list_text(pos, values, '{:+.3g}%') or 'none'}.")
+    return (f"Ours (clean LD {num(_num(summary.get('clean_logit_diff')))}): most negative "
+            f"{head_list_text(neg, values, _signed_pct) or 'none'}; most positive "
+            f"{head_list_text(pos, values, _signed_pct) or 'none'}.")
 
 
 def _class_note(summary: Mapping, classes: Sequence[str]) -> str:
@@ -116,7 +120,7 @@ def _heads_to_receivers(summary, meta, *, title: str, paper: str, classes: Seque
     if summary.get("receiver_note"):
         ours += f" ({summary['receiver_note']})"
     paper_panel(ax_text, paper + "\n\n" + ours)
-    fig.suptitle(model_title(title, meta), y=1.03)
+    model_suptitle(fig, title, meta)
     return fig
 
 
@@ -142,13 +146,13 @@ def fig3b(frame, summary, meta):
     _effect_heatmap(axes[0], summary, "effect", classes, meta,
                     title="sender patched at END only (paper code)")
     diff = summary.get("all_positions_max_abs_difference")
-    note = "" if diff is None else f"\nmax |difference| from END-only: {diff:.1e} (heads frozen: only\nthe sender's END output reaches the END logits)"
+    note = "" if diff is None else f"\nmax |difference| from END-only: {sci(diff)} (heads frozen: only\nthe sender's END output reaches the END logits)"
     _effect_heatmap(axes[1], summary, "effect_all_positions", classes, meta, annotate=4,
                     legend=False, title="variant: sender patched at every position (seed notebook)" + note)
     axes[1].title.set_fontsize(7)
     ours = _ours_heads(summary, "effect")
     paper_panel(axes[2], PAPER_FIG3B + "\n\n" + ours)
-    fig.suptitle(model_title("Fig. 3b: path patching each head → logits", meta), y=1.03)
+    model_suptitle(fig, "Fig. 3b: path patching each head → logits", meta)
     return fig
 
 
@@ -285,14 +289,14 @@ def fig4c(frame, summary, meta):
     changes = "; ".join(
         f"END→{k} {summary[f'attention_{k.lower()}_before']:.3f} → "
         f"{summary[f'attention_{k.lower()}_after']:.3f} "
-        f"(Δ {summary[f'attention_{k.lower()}_after'] - summary[f'attention_{k.lower()}_before']:+.2g})"
+        f"(Δ {num(summary[f'attention_{k.lower()}_after'] - summary[f'attention_{k.lower()}_before'], 2, signed=True)})"
         for k in ("IO", "S1", "S2"))
-    ours = (f"Ours: {changes}. LD {summary['logit_diff_before']:.3g} → "
-            f"{summary['logit_diff_after']:.3g} ({summary['percent_change']:+.3g}%). Heads: "
+    ours = (f"Ours: {changes}. LD {num(summary['logit_diff_before'])} → "
+            f"{num(summary['logit_diff_after'])} ({num(summary['percent_change'], signed=True)}%). Heads: "
             f"{outline_label(meta)}.")
     paper_panel(ax_text, PAPER_FIG4C + "\n\n" + ours)
-    fig.suptitle(model_title("Fig. 4c: name mover attention before / after patching S-inhibition "
-                             "→ name mover queries", meta), y=1.03)
+    model_suptitle(fig, "Fig. 4c: name mover attention before / after patching S-inhibition "
+                             "→ name mover queries", meta)
     return fig
 
 
@@ -324,9 +328,11 @@ def fig15(frame, summary, meta):
     ax_before, ax_after = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     knocked = summary.get("knocked_out", [])
     backups = summary.get("backup_candidates", [])
+    after_title = ("after knocking out " + (", ".join(knocked) or "nothing")
+                   + f"\nLD ratio after / before {num(summary['knockout_logit_diff_ratio'])} "
+                   f"(paper {PAPER_KNOCKOUT_RATIO})")
     for ax, key, title in ((ax_before, "effect_before", "before the knockout (= Fig. 3b)"),
-                           (ax_after, "effect_after", "after knocking out " + (", ".join(knocked) or
-                                                                               "nothing"))):
+                           (ax_after, "effect_after", after_title)):
         _effect_heatmap(ax, summary, key, classes, meta, legend=ax is ax_before, title=title)
         for k in knocked:
             layer, head = parse_head(k)
@@ -372,14 +378,14 @@ def fig15(frame, summary, meta):
 
     ax_text = fig.add_subplot(grid[0, 2])
     ratio, (lo, hi) = summary["knockout_logit_diff_ratio"], summary["knockout_logit_diff_ratio_ci"]
-    ours = (f"Ours: LD {summary['clean_logit_diff']:.3g} → {summary['knockout_logit_diff']:.3g} after "
+    ours = (f"Ours: LD {num(summary['clean_logit_diff'])} → {num(summary['knockout_logit_diff'])} after "
             f"the knockout, ratio {ratio:.3f} (95% CI {_num(lo):.3f}–{_num(hi):.3f}). Backup candidates "
             f"(most negative effect after, excluding S-inhibition, name mover and negative name mover "
             f"heads): {', '.join(backups) or 'none'}. Effects after the knockout are relative to the "
             f"knocked-out LD. Outlines: {outline_label(meta)}.")
     paper_panel(ax_text, PAPER_FIG15 + "\n\n" + ours)
-    fig.suptitle(model_title("Fig. 15: path patching heads → logits before / after knocking out the "
-                             "name movers", meta), y=0.995)
+    model_suptitle(fig, "Fig. 15: path patching heads → logits before / after knocking out the "
+                             "name movers", meta)
     return fig
 
 
@@ -393,6 +399,10 @@ PAPER_FIG19 = (
     "the logit difference'; knocking out all MLPs except the first gives logit difference −1.1. "
     "Right: path patching each MLP → logits (direct effect)."
 )
+
+
+PAPER_ALL_BUT_MLP0 = -1.1  # App. J: LD with every MLP but MLP0 knocked out
+PAPER_KNOCKOUT_RATIO = 0.95  # §3.4: "only 5% drop" after knocking out the name movers
 
 
 def _err(mean: np.ndarray, cis) -> np.ndarray:
@@ -415,7 +425,9 @@ def fig19(frame, summary, meta):
     colours[-1] = "#8172b2"
     ax_ko.bar(x, values, color=colours, yerr=_err(values, cis), error_kw=dict(lw=0.8, capsize=2))
     clean = _num(summary["clean_logit_diff"])
-    ax_ko.axhline(clean, color="black", ls="--", lw=1.1, label=f"clean LD {clean:.3g}")
+    ax_ko.axhline(clean, color="black", ls="--", lw=1.1, label=f"clean LD {num(clean)}")
+    ax_ko.plot([n_layers - 0.4, n_layers + 0.4], [PAPER_ALL_BUT_MLP0] * 2, color="black", lw=2.2,
+               label=f"paper (GPT-2): all but MLP0 → {PAPER_ALL_BUT_MLP0}")
     ax_ko.axhline(0, color="black", lw=0.6)
     ax_ko.set_xticks(x)
     ax_ko.set_xticklabels([str(l) for l in range(n_layers)] + ["all but 0"], fontsize=7)
@@ -436,8 +448,8 @@ def fig19(frame, summary, meta):
     ax_pp.grid(axis="y", alpha=0.3)
     ax_pp.set_title("path patching MLP → logits (direct effect)", fontsize=8)
 
-    ours = (f"Ours: clean LD {clean:.3g}; MLP0 knocked out → {summary['mlp0_knockout_logit_diff']:.3g}; "
-            f"all MLPs but MLP0 knocked out → {all_but:.3g}.")
+    ours = (f"Ours: clean LD {num(clean)}; MLP0 knocked out → {num(summary['mlp0_knockout_logit_diff'])}; "
+            f"all MLPs but MLP0 knocked out → {num(all_but)}.")
     paper_panel(ax_text, PAPER_FIG19 + "\n\n" + ours)
-    fig.suptitle(model_title("Fig. 19: MLP knockouts and path patching MLPs → logits", meta), y=1.03)
+    model_suptitle(fig, "Fig. 19: MLP knockouts and path patching MLPs → logits", meta)
     return fig

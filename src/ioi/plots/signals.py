@@ -11,7 +11,7 @@ import textwrap
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ioi.plots.common import model_title, paper_panel
+from ioi.plots.common import model_suptitle, num, paper_panel
 
 # Copies of ioi.experiments.signals' constants, so plotting imports no torch (a test checks they agree).
 TOKEN_ROWS = ((1, "Original S token signal"), (0, "Random S token signal"), (-1, "S↔IO inverted token signal"))
@@ -52,7 +52,7 @@ PAPER_ADV_TEXT = (
 
 def _num(value: float, scale: float, digits: int = 2) -> str:
     """``digits`` decimals at the paper's scale; 3 significant digits for tiny values (random models)."""
-    return f"{value:.{digits}f}" if abs(scale) >= 10 ** (1 - digits) else f"{value:.3g}"
+    return f"{value:.{digits}f}" if abs(scale) >= 10 ** (1 - digits) else f"{num(value)}"
 
 
 def _fmt_ci(value, ci, digits: int = 2, scale: float | None = None) -> str:
@@ -89,18 +89,19 @@ def fig9_signals_table(frame, summary, meta):
     ax.set_yticks(range(len(TOKEN_ROWS)))
     ax.set_yticklabels([label for _, label in TOKEN_ROWS])
     ax.set_title("LD after patching the S-inhibition heads' END outputs\n"
-                 f"(heads {', '.join(summary.get('patched_heads', []))}); ours with 95% bootstrap CI",
+                 f"(heads {', '.join(summary.get('patched_heads', []))}); ours with 95% bootstrap CI\n"
+                 f"fit: ours LD ≈ {num(summary['fit_position_coefficient'])} S_pos "
+                 f"{num(summary['fit_token_coefficient'], signed=True)} S_tok; paper 2.31 S_pos + 0.99 S_tok",
                  fontsize=9)
     ours = (
-        f"Ours: clean LD {summary['clean_logit_diff_mean']:.3g} (= the original/original cell). Fit "
-        f"LD ≈ {summary['fit_position_coefficient']:.3g} S_pos {summary['fit_token_coefficient']:+.3g} S_tok, "
+        f"Ours: clean LD {num(summary['clean_logit_diff_mean'])} (= the original/original cell). Fit "
+        f"LD ≈ {num(summary['fit_position_coefficient'])} S_pos {num(summary['fit_token_coefficient'], signed=True)} S_tok, "
         f"mean error {100 * summary['fit_mean_relative_error']:.1f}% of the baseline "
         "(paper: 2.31, 0.99, 7%). Random-token datasets: string flips 'ABB->CDD, BAB->DCD' / "
         "'ABB->DCD, BAB->CDD'; inverted token: S↔IO swapped; inverted position: IO↔S1 swapped."
     )
     paper_panel(ax_text, PAPER_SIGNALS_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("Token vs position signals (paper App. A, Fig. 9): ours vs paper values", meta),
-                 y=1.03)
+    model_suptitle(fig, "Token vs position signals (paper App. A, Fig. 9): ours vs paper values", meta)
     return fig
 
 
@@ -138,8 +139,8 @@ def fig10_nm_attention(frame, summary, meta):
     heads = ", ".join(summary.get("name_mover_heads", []))
     paper_panel(axes[2], PAPER_NM_TEXT + f"\n\nOurs: name movers {heads}; S-inhibition heads "
                 f"{', '.join(summary.get('patched_heads', []))} patched at END.")
-    fig.suptitle(model_title("Name mover attention before / after patching the S-inhibition heads "
-                             "(paper Fig. 10)", meta), y=1.03)
+    model_suptitle(fig, "Name mover attention before / after patching the S-inhibition heads "
+                             "(paper Fig. 10)", meta)
     return fig
 
 
@@ -208,5 +209,5 @@ def fig8_adversarial_table(frame, summary, meta):
                                  "Grey columns: the paper's Fig. 8 values (GPT-2 small), beside the "
                                  "rows they are compared with.", 165),
                  va="top", fontsize=8, transform=ax_text.transAxes)
-    fig.suptitle(model_title("Adversarial examples (paper Fig. 8): ours vs paper values", meta))
+    model_suptitle(fig, "Adversarial examples (paper Fig. 8): ours vs paper values", meta)
     return fig
