@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ioi.breakdown import numeric_breakdowns
-from ioi.plots.common import model_title
+from ioi.plots.common import model_suptitle, num
 
 MAX_PANELS = 24
 N_COLUMNS = 4
@@ -46,7 +46,7 @@ def _panel(ax, title: str, bd: Mapping) -> None:
     spread = bd.get("spread") or {}
     note = ""
     if spread.get("min") is not None:
-        note = f"\ntemplates {spread['min']:.3g} – {spread['max']:.3g}"
+        note = f"\ntemplates {num(spread['min'])} – {num(spread['max'])}"
     ax.set_title(title + note, fontsize=7.5)
     ax.tick_params(axis="y", labelsize=6.5)
 
@@ -67,7 +67,7 @@ def breakdowns(frame, summary, meta, extra: Mapping[str, Mapping] | None = None)
         _panel(ax, title, bd)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(model_title("Headline numbers per template and per order (green ABBA, purple BABA; "
-                             "95% CIs; dashed: all prompts)", meta), y=1.0)
+    model_suptitle(fig, "Headline numbers per template and per order (green ABBA, purple BABA; "
+                             "95% CIs; dashed: all prompts)", meta)
     fig.tight_layout()
     return fig

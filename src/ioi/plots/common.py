@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from ioi.circuits import CLASS_ORDER, Circuit  # noqa: E402
 from ioi.provenance import atomic_path  # noqa: E402
@@ -151,6 +152,14 @@ def sci(value, digits: int = 2) -> str:
     return f"{mantissa:.{max(digits - 1, 0)}f}×10{str(exponent).translate(_SUPERSCRIPT)}"
 
 
+def _display_exponent(bound: float) -> int:
+    """The power of ten to factor out of a colour scale reaching ``bound`` (0 when fixed ticks read
+    well): otherwise matplotlib writes it as an offset text above the colorbar, into the title."""
+    if not bound or not math.isfinite(bound) or 1e-3 <= abs(bound) < 1e5:
+        return 0
+    return math.floor(math.log10(abs(bound)))
+
+
 def head_heatmap(
     ax,
     values: np.ndarray,
@@ -169,6 +178,11 @@ def head_heatmap(
     kwargs = dict(vmin=-bound, vmax=bound) if symmetric else {}
     image = ax.imshow(values, cmap=cmap, aspect="auto", **kwargs)
     colorbar = ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    exponent = _display_exponent(bound)
+    if exponent:  # tiny (numerical-noise) or huge values: the power of ten goes into the label
+        colorbar.formatter = FuncFormatter(lambda v, _pos: num(v / 10**exponent, 2))
+        colorbar.update_ticks()
+        cbar_label += f" (×10{str(exponent).translate(_SUPERSCRIPT)})"
     colorbar.set_label(cbar_label)
     n_layers, n_heads = values.shape
     ax.set_xlabel("Head")

@@ -229,7 +229,7 @@ PAPER_SINH_QUERIES = (
 
 def _null_note(summary) -> str:
     value, head = summary.get("max_abs_effect"), summary.get("max_abs_effect_head")
-    return "" if value is None else f"Largest |effect| of any sender: {value:.3g}% ({head})."
+    return "" if value is None else f"Largest |effect| of any sender: {num(value)}% ({head})."
 
 
 def induction_queries(frame, summary, meta):

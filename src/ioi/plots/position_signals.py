@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ioi.plots.common import model_title, paper_panel
+from ioi.plots.common import model_suptitle, num, paper_panel
 
 CELL_LABELS = {
     "orig_tok_inv_pos": "S token,\ninverted position",
@@ -51,22 +51,22 @@ def position_signal(frame, summary, meta):
         cis = [summary["cells"][c][f"{key}_ci"] for c in cells]
         ax.bar(x + offset, [np.nan if v is None else v for v in values], width, yerr=_err(values, cis),
                label=label, color=colour, capsize=3)
-    for i, cell in enumerate(cells):
-        ratio = summary["cells"][cell]["ratio"]
-        text = "ratio n/a" if ratio is None else f"ratio {ratio:.2f}"
-        ax.annotate(text, (i, 0), xytext=(0, -28), textcoords="offset points", ha="center", fontsize=7)
+    ratios = [summary["cells"][c]["ratio"] for c in cells]
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_xticks(x, [CELL_LABELS[c] for c in cells], fontsize=7)
+    # The ratio of drops sits in each dataset's tick label (an annotation below the bars would
+    # run into the tick labels).
+    ax.set_xticks(x, [f"{CELL_LABELS[c]}\nratio {'n/a' if r is None else f'{r:.2f}'}"
+                      for c, r in zip(cells, ratios)], fontsize=7)
     ax.set_ylabel("drop in logit difference (clean − patched)")
     ax.legend(fontsize=7, loc="upper left")
-    ours = (f"Ours: clean LD {summary['clean_logit_diff']:.3g}; smallest ratio over the altered-position "
+    ours = (f"Ours: clean LD {num(summary['clean_logit_diff'])}; smallest ratio over the altered-position "
             f"datasets {summary['altered_position_ratio_min'] if summary['altered_position_ratio_min'] is None else round(summary['altered_position_ratio_min'], 3)}; "
             f"same position, random token: "
             f"{summary['same_position_ratio'] if summary['same_position_ratio'] is None else round(summary['same_position_ratio'], 3)}. "
             f"Early heads: {', '.join(summary['early_heads'])}; S-inhibition: {', '.join(summary['sinh_heads'])}.")
     paper_panel(ax_text, PAPER_POSITION_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("§3.3: locating the position signal (ratio = early-head drop / "
-                             "S-inhibition drop)", meta), y=1.04)
+    model_suptitle(fig, "§3.3: locating the position signal (ratio = early-head drop / "
+                             "S-inhibition drop)", meta)
     return fig
 
 
@@ -86,11 +86,10 @@ def pointer_arithmetic(frame, summary, meta):
         ax.legend(fontsize=7)
     ax.set_xticks(range(3), [label for _, label in keys], fontsize=7)
     ax.set_ylabel("logit difference")
-    ours = (f"Ours: {summary['logit_diff_before']:.3g} before, {summary['logit_diff_after']:.3g} after "
-            f"(difference {summary['difference']:+.3g}); positions shifted by "
+    ours = (f"Ours: {num(summary['logit_diff_before'])} before, {num(summary['logit_diff_after'])} after "
+            f"(difference {num(summary['difference'], signed=True)}); positions shifted by "
             f"{summary['position_shift_min']}–{summary['position_shift_max']} tokens, S1–S2 distance "
             f"{'kept' if summary['s1_s2_distance_kept'] else 'NOT kept'}.")
     paper_panel(ax_text, PAPER_POINTER_TEXT + "\n\n" + ours)
-    fig.suptitle(model_title("App. A: pointer arithmetic (S-inhibition outputs from longer prefixes)", meta),
-                 y=1.04)
+    model_suptitle(fig, "App. A: pointer arithmetic (S-inhibition outputs from longer prefixes)", meta)
     return fig
