@@ -137,17 +137,27 @@ def test_number_formats_and_model_names():
     assert model_label({"model": {"spec": "planted-ioi"}}) == "planted-circuit model (not GPT-2)"
 
 
-def test_plot_copies_of_paper_constants_agree_with_the_experiments():
-    """Plot modules keep torch-free copies of the paper's numbers they draw."""
-    from ioi.experiments import circuit_eval as experiments
-    from ioi.plots import circuit_eval as plots
+def test_paper_constants_have_one_copy_read_by_experiments_and_plots():
+    """The paper's numbers live in ioi.paper_values only: experiments and plots read the same
+    objects, and that module imports no torch (figure jobs stay torch-free)."""
+    import subprocess
+    import sys
 
-    assert plots.PAPER_FIG20 == experiments.PAPER_FIG20
-    assert plots.PAPER_FIG6_POINTS == {k: dict(v) for k, v in experiments.PAPER_COMPLETENESS_POINTS.items()}
-    assert plots.PAPER_FIG6_TEXT == experiments.PAPER_COMPLETENESS_TEXT
-    assert (plots.PAPER_RATIO_TEXT, plots.PAPER_GAP_TEXT, plots.PAPER_F_M_TEXT) == (
-        experiments.PAPER_FAITHFULNESS["faithfulness_ratio"], experiments.PAPER_FAITHFULNESS["faithfulness_gap"],
-        experiments.PAPER_FAITHFULNESS["F_M_text"])
+    from ioi import paper_values
+    from ioi.experiments import circuit_eval as experiments
+    from ioi.experiments import signals as signal_experiments
+    from ioi.plots import circuit_eval as plots
+    from ioi.plots import signals as signal_plots
+
+    assert plots.PAPER_FIG20 is experiments.PAPER_FIG20 is paper_values.PAPER_FIG20
+    assert plots.PAPER_FIG6_POINTS is experiments.PAPER_COMPLETENESS_POINTS
+    assert plots.PAPER_FIG6_TEXT is experiments.PAPER_COMPLETENESS_TEXT
+    assert (plots.PAPER_RATIO_TEXT, plots.PAPER_GAP_TEXT, plots.PAPER_F_M_TEXT) == (0.87, 0.46, 3.56)
+    assert signal_plots.PAPER_FIG9 is signal_experiments.PAPER_FIG9
+    assert signal_plots.PAPER_FIG8["extra_io"] == (1.23, 0.36, 0.234)
+    assert signal_experiments.PAPER_FIG8["extra_io"]["logit_diff_mean"] == 1.23
+    code = "import sys, ioi.paper_values, ioi.plots.circuit_eval, ioi.plots.signals; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_figure_and_page_code_imports_no_torch():

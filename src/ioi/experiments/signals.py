@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ioi.paper_values import PAPER_FIG8, PAPER_FIG9  # noqa: F401  (re-exported)
 from ioi.analysis.attention import pattern_hook_name
 from ioi.breakdown import breakdown_mean, group_labels
 from ioi.circuits import NAME_MOVER, S_INHIBITION
@@ -75,11 +76,6 @@ TOKEN_LABELS = {1: "original S token", 0: "random token", -1: "S<->IO inverted t
 POSITION_LABELS = {1: "original position", -1: "inverted position"}
 NM_ATTENTION_CELLS = ("rand_tok_orig_pos", "inv_tok_inv_pos")  # Fig. 10 left / right
 
-PAPER_FIG9 = {
-    "orig_tok_orig_pos": 3.55, "orig_tok_inv_pos": -0.99,
-    "rand_tok_orig_pos": 2.45, "rand_tok_inv_pos": -1.96,
-    "inv_tok_orig_pos": 1.77, "inv_tok_inv_pos": -3.16,
-}
 PAPER_FIT = {"fit_position_coefficient": 2.31, "fit_token_coefficient": 0.99, "fit_mean_relative_error": 0.07}
 PAPER_SIGNALS_SOURCE = "Paper App. A, Fig. 9 (verbatim in ioi_paper.md §4.6); GPT-2 small"
 
@@ -289,11 +285,6 @@ ADVERSARIAL_SENTENCES = (
     " [A] enjoyed being with a friend.",
     " [A] was an enthusiast person.",
 )
-PAPER_FIG8 = {
-    "clean": {"logit_diff_mean": 3.55, "io_prob_mean": 0.49, "s_over_io_rate": 0.007},
-    "extra_s": {"logit_diff_mean": 3.64, "io_prob_mean": 0.59, "s_over_io_rate": 0.004},
-    "extra_io": {"logit_diff_mean": 1.23, "io_prob_mean": 0.36, "s_over_io_rate": 0.234},
-}
 PAPER_FIG8_SOURCE = "Paper Fig. 8 (verbatim in ioi_paper.md §4.9); GPT-2 small, N = 500 in the paper code"
 VARIANTS = ("clean", "extra_io", "extra_s", "extra_io_double", "extra_s_double")
 # The variant the paper code's final cell ran (DOUBLE_ADX_TEMPLATE), compared with Fig. 8.

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
+from ioi.paper_values import PAPER_COMPLETENESS_POINTS, PAPER_COMPLETENESS_TEXT, PAPER_FAITHFULNESS, PAPER_FIG20
 from ioi.plots.common import CLASS_COLOURS, model_suptitle, model_title, num, paper_panel
 
 KIND_STYLE = {
@@ -43,33 +44,13 @@ SHORT_CLASS = {
 }
 
 
-# Copies of ioi.experiments.circuit_eval's paper constants, so plotting imports no torch
-# (tests/test_figures.py checks they agree). GPT-2 small, paper circuit; drawn on every model's
+# The paper's numbers (GPT-2 small, paper circuit; ioi.paper_values): drawn on every model's
 # figure, always labelled as the paper's.
-PAPER_F_M_TEXT, PAPER_GAP_TEXT, PAPER_RATIO_TEXT = 3.56, 0.46, 0.87
-PAPER_FIG6_POINTS: dict[str, dict[str, tuple[float, float]]] = {
-    "full": {"none": (2.838, 3.302), "name mover": (0.930, 1.529), "negative name mover": (4.267, 5.620),
-             "s-inhibition": (0.227, 0.297), "induction": (1.035, 1.571), "duplicate token": (0.724, 1.515),
-             "previous token": (1.517, 2.900)},
-    "naive": {"none": (2.862, 3.302), "name mover": (0.577, 3.329), "s-inhibition": (-0.992, 0.297),
-              "induction": (0.551, 2.217), "duplicate token": (0.235, 2.555), "previous token": (1.184, 2.900)},
-}
-PAPER_FIG6_TEXT = {"greedy_max_text": 3.09, "greedy_max_released_full": 3.466,
-                   "greedy_max_released_naive": 3.034, "random_mean_released_full": 0.45,
-                   "random_mean_released_naive": 0.47}
-PAPER_FIG20: dict[str, tuple[float, float, float]] = {
-    "9.9": (2.26, 2.62, 10.1), "10.0": (1.91, 2.26, 9.8), "9.6": (2.11, 1.91, 5.6),
-    "10.7": (4.07, 3.13, 26.4), "11.10": (4.07, 3.27, 22.5),
-    "8.10": (0.24, 1.01, 21.6), "7.9": (0.24, 0.92, 19.1), "8.6": (0.24, 0.86, 17.4),
-    "7.3": (0.24, 0.43, 5.3),
-    "5.5": (0.97, 2.12, 32.3), "5.9": (3.33, 4.07, 20.8), "6.9": (0.97, 1.46, 13.8),
-    "5.8": (3.83, 4.07, 6.7),
-    "0.1": (0.60, 1.90, 36.5), "0.10": (0.60, 1.66, 29.8), "3.0": (0.60, 1.05, 12.6),
-    "4.11": (1.31, 2.28, 27.2), "2.2": (1.31, 1.75, 12.4),
-    "11.2": (0.95, 1.37, 11.8), "10.6": (1.65, 1.88, 6.5), "10.10": (1.88, 2.11, 6.5),
-    "10.2": (1.49, 1.65, 4.5), "9.7": (0.81, 0.95, 3.9), "10.1": (1.37, 1.49, 3.4),
-    "11.9": (0.41, 0.45, 1.1), "9.0": (0.41, 0.45, 1.1),
-}
+PAPER_F_M_TEXT = PAPER_FAITHFULNESS["F_M_text"]
+PAPER_GAP_TEXT = PAPER_FAITHFULNESS["faithfulness_gap"]
+PAPER_RATIO_TEXT = PAPER_FAITHFULNESS["faithfulness_ratio"]
+PAPER_FIG6_POINTS = PAPER_COMPLETENESS_POINTS
+PAPER_FIG6_TEXT = PAPER_COMPLETENESS_TEXT
 
 
 def _paper_ok(summary: Mapping, meta: Mapping) -> bool:

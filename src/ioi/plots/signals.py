@@ -11,22 +11,16 @@ import textwrap
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ioi.paper_values import PAPER_FIG8 as PAPER_FIG8_ROWS
+from ioi.paper_values import PAPER_FIG9
 from ioi.plots.common import model_suptitle, num, paper_panel
 
-# Copies of ioi.experiments.signals' constants, so plotting imports no torch (a test checks they agree).
 TOKEN_ROWS = ((1, "Original S token signal"), (0, "Random S token signal"), (-1, "S↔IO inverted token signal"))
 POSITION_COLUMNS = ((1, "Original positional signal"), (-1, "Inverted position signal"))
 CELL_OF = {(1, 1): "orig_tok_orig_pos", (1, -1): "orig_tok_inv_pos", (0, 1): "rand_tok_orig_pos",
            (0, -1): "rand_tok_inv_pos", (-1, 1): "inv_tok_orig_pos", (-1, -1): "inv_tok_inv_pos"}
-PAPER_FIG9 = {
-    "orig_tok_orig_pos": 3.55, "orig_tok_inv_pos": -0.99, "rand_tok_orig_pos": 2.45,
-    "rand_tok_inv_pos": -1.96, "inv_tok_orig_pos": 1.77, "inv_tok_inv_pos": -3.16,
-}
-PAPER_FIG8 = {
-    "clean": (3.55, 0.49, 0.007),
-    "extra_s": (3.64, 0.59, 0.004),
-    "extra_io": (1.23, 0.36, 0.234),
-}
+# (LD, IO probability, S>IO rate) per Fig. 8 row
+PAPER_FIG8 = {row: (v["logit_diff_mean"], v["io_prob_mean"], v["s_over_io_rate"]) for row, v in PAPER_FIG8_ROWS.items()}
 
 PAPER_SIGNALS_TEXT = (
     "Paper App. A, Fig. 9 (GPT-2 small): activation patching the outputs of the S-inhibition heads "
