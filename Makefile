@@ -43,7 +43,7 @@ report-test: $(STAMP)
 
 ## The CI demo through profiles/slurm on a one-node SLURM cluster started on this machine (root).
 slurm-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_slurm.py
+	IOI_SLURM_TEST=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_slurm.py
 
 check-model: $(STAMP)
 	$(BIN)/python -m ioi check-model --configfile config/config.yaml
