@@ -101,3 +101,63 @@ def test_figures_render(run, tmp_path, name):
     fig = resolve(FIGURES[name].plotter)(frame, summary, meta)
     save_figure(fig, tmp_path / f"{name}.png", tmp_path / f"{name}.pdf")
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------------
+# config acdc: ACDC skipped on a CPU for GPT-2-sized graphs (hours), and everything downstream
+# ------------------------------------------------------------------------------------------------
+
+
+def test_acdc_decision_runs_on_gpu_or_small_graphs_and_says_why_not():
+    from ioi.experiments.edges import ACDC_AUTO_CPU_MAX_EDGES, acdc_decision
+
+    assert acdc_decision("auto", 479, "cpu")[0] and acdc_decision(None, ACDC_AUTO_CPU_MAX_EDGES, "cpu")[0]
+    assert acdc_decision("auto", 32491, "cuda:0")[0]
+    run_it, why = acdc_decision("auto", 32491, "cpu")
+    assert not run_it and "32,491" in why and "acdc: true" in why
+    assert acdc_decision(True, 32491, "cpu")[0] and acdc_decision("true", 32491, "cpu")[0]
+    assert not acdc_decision(False, 479, "cpu")[0] and not acdc_decision("false", 479, "cuda")[0]
+    with pytest.raises(ValueError, match="auto, true or false"):
+        acdc_decision("yes", 10, "cpu")
+
+
+@pytest.fixture(scope="module")
+def planted_without_acdc(tmp_path_factory):
+    from ioi.circuits import circuit_for_model
+
+    model = load_model("planted-ioi", device="cpu", seed=0)
+    ioi = IOIDataset("mixed", N=4, seed=0)
+    abc = ioi.abc_dataset(seed=0)
+    ctx = RunContext(datasets={"ioi": ioi, "abc": abc}, circuit=circuit_for_model("planted-ioi"), n=4,
+                     progress=False, acdc=False)
+    out = tmp_path_factory.mktemp("edges-no-acdc") / "edge_circuits"
+    run_and_write(edge_circuits, model, ctx, out, experiment_name="edge_circuits")
+    return (out, pd.read_csv(out / "data.csv"), json.loads((out / "summary.json").read_text()),
+            json.loads((out / "meta.json").read_text()))
+
+
+def test_skipped_acdc_leaves_no_number_and_its_claims_say_why(planted_without_acdc):
+    out, frame, summary, meta = planted_without_acdc
+    assert "acdc" not in summary["circuits"] and "acdc_n_edges" not in summary
+    assert "acdc" not in summary["auc"] and summary["auc"]["eap_ig"] > 0  # the rankings still scored
+    assert summary["acdc_status"].startswith("ACDC not run: config acdc: false")
+    assert frame["acdc"].isna().all()
+    claims = [c for c in load_reference("paper_reference.yaml")["claims"]
+              if c["source"]["experiment"] == "edge_circuits" and c["source"]["key"].startswith("acdc")]
+    assert claims
+    for claim in claims:
+        outcome = evaluate_claim(claim, out.parent)
+        assert outcome.status == NOT_RUN and "config acdc: false" in outcome.reason
+
+
+@pytest.mark.parametrize("name", ["edges_roc", "edges_faithfulness", "edges_graph_acdc"])
+def test_figures_render_without_acdc(planted_without_acdc, tmp_path, name):
+    import matplotlib.pyplot as plt
+
+    out, frame, summary, meta = planted_without_acdc
+    fig = resolve(FIGURES[name].plotter)(frame, summary, meta)
+    texts = " ".join(t.get_text() for t in fig.findobj(plt.Text))
+    assert "ACDC circuit (" not in texts  # no ACDC point or circuit drawn from missing data
+    if name != "edges_faithfulness":
+        assert "ACDC not run" in texts
+    save_figure(fig, tmp_path / f"{name}.png", tmp_path / f"{name}.pdf")

@@ -61,7 +61,13 @@ def load_summary(results_dir: Path, experiment: str) -> dict:
 
 
 def lookup(summary: Mapping, key: str, experiment: str = "") -> Any:
-    """``"a.b"`` -> ``summary["a"]["b"]``; the last part may itself contain dots (head names)."""
+    """``"a.b"`` -> ``summary["a"]["b"]``; the last part may itself contain dots (head names).
+
+    A key the experiment deliberately did not compute is listed in its summary's ``not_run``
+    mapping (key -> why): the claim is NOT RUN with that reason."""
+    skipped = summary.get("not_run") if isinstance(summary, Mapping) else None
+    if isinstance(skipped, Mapping) and key in skipped:
+        raise MissingResult(f"{experiment}/summary.json: {skipped[key]}")
     node: Any = summary
     parts = key.split(".")
     index = 0

@@ -120,6 +120,7 @@ def run_experiment_job(
     dataset_settings: dict[str, Any],
     memory_budget_mb: int,
     greedy_runs: int | None = None,
+    acdc: str | bool | None = None,
     threads: int | None = None,
     selfcheck_path: str | None = None,
     model=None,
@@ -149,6 +150,7 @@ def run_experiment_job(
         memory_budget_mb=memory_budget_mb,
         model_label=model_label,
         **({} if greedy_runs is None else {"greedy_runs": int(greedy_runs)}),
+        acdc=acdc,
     )
     extra_meta = {"selfcheck": selfcheck_summary(selfcheck_path)} if selfcheck_path else None
     run_and_write(resolve(spec.runner), model, context, out_dir, experiment_name=name,

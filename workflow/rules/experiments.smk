@@ -64,6 +64,7 @@ rule experiment:
         dataset_settings=config["dataset"],
         memory_budget_mb=config["memory_budget_mb"],
         greedy_runs=config["greedy_runs"],
+        acdc=config["acdc"],
         model_server=config["model_server"],
     script:
         "../scripts/run_experiment.py"

@@ -24,6 +24,7 @@ dispatch(
     dataset_settings=dict(snakemake.params.dataset_settings),
     memory_budget_mb=snakemake.params.memory_budget_mb,
     greedy_runs=snakemake.params.greedy_runs,
+    acdc=snakemake.params.acdc,
     threads=snakemake.threads,
     selfcheck_path=snakemake.input.selfcheck,
 )

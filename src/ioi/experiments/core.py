@@ -45,6 +45,7 @@ class RunContext:
     progress: bool = True
     model_label: str = ""
     greedy_runs: int | None = None  # completeness's greedy runs (config greedy_runs; None: the paper's 10)
+    acdc: str | bool | None = None  # edge_circuits' ACDC: config acdc (auto | true | false; None: auto)
 
     def circuit_for(self, model) -> Circuit:
         """The circuit, after checking each of its heads exists in ``model``."""

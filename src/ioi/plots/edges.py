@@ -60,10 +60,12 @@ def edges_roc(frame, summary, meta):
         curve = roc_curve(frame[name].to_numpy(), labels)
         ax.plot(curve.fpr, curve.tpr, lw=1.6, drawstyle="default",
                 **{**METHOD_STYLE[name], "label": _method_label(name, summary)})
-    found = frame["acdc"].to_numpy().astype(bool)
-    tpr, fpr = (found & labels).sum() / labels.sum(), (found & ~labels).sum() / (~labels).sum()
-    ax.scatter([fpr], [tpr], s=60, zorder=5, marker="*", color="black",
-               label=f"ACDC circuit ({int(found.sum())} edges; AUC {summary.get('auc', {}).get('acdc', float('nan')):.3f})")
+    ran_acdc = "acdc_n_edges" in summary
+    if ran_acdc:
+        found = frame["acdc"].to_numpy() == 1
+        tpr, fpr = (found & labels).sum() / labels.sum(), (found & ~labels).sum() / (~labels).sum()
+        ax.scatter([fpr], [tpr], s=60, zorder=5, marker="*", color="black",
+                   label=f"ACDC circuit ({int(found.sum())} edges; AUC {summary['auc']['acdc']:.3f})")
     ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
     ax.set_xlabel("false positive rate (non-planted edges ranked above)")
     ax.set_ylabel("true positive rate (planted edges recovered)")
@@ -74,7 +76,8 @@ def edges_roc(frame, summary, meta):
     for name in ("eap", "eap_ig"):
         curve = roc_curve(frame[name].to_numpy(), labels)
         inset.plot(curve.fpr, curve.tpr, lw=1.2, color=METHOD_STYLE[name]["color"])
-    inset.scatter([fpr], [tpr], s=30, marker="*", color="black")
+    if ran_acdc:
+        inset.scatter([fpr], [tpr], s=30, marker="*", color="black")
     inset.set_xlim(0, 0.05)
     inset.set_ylim(0.5, 1.01)
     inset.set_title("FPR <= 0.05", fontsize=7)
@@ -87,12 +90,7 @@ def edges_roc(frame, summary, meta):
         f"(EAP; EAP-IG with {summary['eap_ig_steps']} steps; p_ABC into p_IOI, metric = mean LD, "
         f"N = {summary['n_prompts']}). Precision at the true size: "
         + ", ".join(f"{METHOD_STYLE[k]['label'].split(' ')[0]} {v:.2f}" for k, v in prec.items())
-        + ". ACDC: exact edge patching, tau = "
-        f"{num(summary['tau'])} (1% of the clean LD); found {summary['acdc_n_edges']} edges, "
-        f"recall {summary.get('acdc_recall', float('nan')):.2f}, precision "
-        f"{summary.get('acdc_precision', float('nan')):.2f}; missed: "
-        f"{', '.join(summary.get('acdc_missed', [])) or 'none'}; extra: "
-        f"{', '.join(summary.get('acdc_extra', [])) or 'none'}."
+        + ". " + (_acdc_text(summary) if ran_acdc else summary["acdc_status"] + ".")
     )
     if pos:
         text += (f"\nPer-position graph ({summary.get('n_edges_positions')} edges): AUC EAP "
@@ -100,6 +98,13 @@ def edges_roc(frame, summary, meta):
     paper_panel(ax_text, text, heading="Scoring against the planted circuit")
     model_suptitle(fig, "Edge-level circuit discovery: ROC against the planted edges", meta)
     return fig
+
+
+def _acdc_text(summary: Mapping) -> str:
+    return (f"ACDC: exact edge patching, tau = {num(summary['tau'])} (1% of the clean LD); found "
+            f"{summary['acdc_n_edges']} edges, recall {summary['acdc_recall']:.2f}, precision "
+            f"{summary['acdc_precision']:.2f}; missed: {', '.join(summary['acdc_missed']) or 'none'}; "
+            f"extra: {', '.join(summary['acdc_extra']) or 'none'}.")
 
 
 def edges_faithfulness(frame, summary, meta):
@@ -237,7 +242,14 @@ def _graph_note(name: str, summary: Mapping) -> str:
 
 
 def edges_graph_acdc(frame, summary, meta):
-    """The ACDC circuit (exact patching) drawn like the paper's Fig. 2."""
+    """The ACDC circuit (exact patching) drawn like the paper's Fig. 2; where ACDC was not run
+    (config ``acdc``), the figure says why instead of drawing an empty circuit."""
+    if "acdc" not in summary["circuits"]:
+        fig, ax = plt.subplots(figsize=(8, 3))
+        ax.axis("off")
+        paper_panel(ax, summary["acdc_status"] + ".", heading="ACDC not run")
+        model_suptitle(fig, "ACDC circuit: not run", meta)
+        return fig
     return draw_edge_circuit(summary["circuits"]["acdc"]["edges"], summary, meta,
                              f"ACDC circuit (exact edge patching, tau = {num(summary['tau'])})",
                              note=_graph_note("acdc", summary))
