@@ -145,6 +145,11 @@ def mean_ci(values, seed: int) -> list[float | None]:
     return ci_list(bootstrap_ci(np.asarray(values, dtype=float), n_resamples=N_BOOTSTRAP, seed=seed))
 
 
+def mean_and_ci(key: str, values, seed: int) -> dict[str, Any]:
+    """``{key: mean over prompts, key + "_ci": its 95% percentile bootstrap CI}``, JSON-safe."""
+    return {key: finite(np.asarray(values, dtype=float).mean()), f"{key}_ci": mean_ci(values, seed)}
+
+
 def abs_mean_diff_ci(a, b, seed: int) -> list[float | None]:
     """95% paired-bootstrap CI of ``|mean(a) - mean(b)|`` (prompts resampled jointly)."""
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
@@ -459,8 +464,7 @@ def _faithfulness_values(f_m: np.ndarray, f_c: np.ndarray, seed: int, suffix: st
         f"faithfulness_gap{suffix}": finite(gap),
         f"faithfulness_gap{suffix}_ci": abs_mean_diff_ci(f_m, f_c, seed),
         f"faithfulness_ratio_per_prompt_mean{suffix}": finite(per_prompt.mean()) if per_prompt.size else None,
-        f"F_C{suffix}": finite(f_c.mean()),
-        f"F_C{suffix}_ci": mean_ci(f_c, seed),
+        **mean_and_ci(f"F_C{suffix}", f_c, seed),
     }
 
 

@@ -44,7 +44,7 @@ import torch
 from ioi.breakdown import breakdown_mean, breakdown_ratio, group_labels
 from ioi.circuits import DUPLICATE_TOKEN, INDUCTION, S_INHIBITION
 from ioi.experiments.attribution import circuit_summary, finite, head_key
-from ioi.experiments.circuit_eval import EndLogitDiff, mean_ci
+from ioi.experiments.circuit_eval import EndLogitDiff, mean_and_ci
 from ioi.experiments.core import ExperimentResult, RunContext
 from ioi.experiments.signals import SIGNAL_CELLS, _z_cache, signal_datasets
 from ioi.stats import bootstrap_ratio_ci
@@ -163,14 +163,10 @@ def position_signal(model, ctx: RunContext) -> ExperimentResult:
         _, s_tok, s_pos = SIGNAL_CELLS[cell]
         summary_cells[cell] = {
             "token_signal": s_tok, "position_signal": s_pos,
-            "logit_diff_sinh_patched": finite(ld_sinh.mean()),
-            "logit_diff_sinh_patched_ci": mean_ci(ld_sinh, ctx.seed),
-            "logit_diff_early_patched": finite(ld_early.mean()),
-            "logit_diff_early_patched_ci": mean_ci(ld_early, ctx.seed),
-            "drop_sinh": finite(drop_sinh.mean()),
-            "drop_sinh_ci": mean_ci(drop_sinh, ctx.seed),
-            "drop_early": finite(drop_early.mean()),
-            "drop_early_ci": mean_ci(drop_early, ctx.seed),
+            **mean_and_ci("logit_diff_sinh_patched", ld_sinh, ctx.seed),
+            **mean_and_ci("logit_diff_early_patched", ld_early, ctx.seed),
+            **mean_and_ci("drop_sinh", drop_sinh, ctx.seed),
+            **mean_and_ci("drop_early", drop_early, ctx.seed),
             "ratio": finite(ratio),
             "ratio_ci": [finite(x) for x in ratio_ci],
             "ratio_defined": bool(defined),
@@ -201,8 +197,7 @@ def position_signal(model, ctx: RunContext) -> ExperimentResult:
         "same_position_cell": SAME_POSITION_CELL,
         "same_position_ratio": summary_cells[SAME_POSITION_CELL]["ratio"],
         "same_position_ratio_ci": summary_cells[SAME_POSITION_CELL]["ratio_ci"],
-        "clean_logit_diff": finite(clean.mean()),
-        "clean_logit_diff_ci": mean_ci(clean, ctx.seed),
+        **mean_and_ci("clean_logit_diff", clean, ctx.seed),
         "early_heads": [head_key(*h) for h in early],
         "sinh_heads": [head_key(*h) for h in sinh],
         "early_position": "S2",
@@ -282,15 +277,11 @@ def pointer_arithmetic(model, ctx: RunContext) -> ExperimentResult:
     labels = group_labels(ioi)
     diff = after - before
     summary: dict[str, Any] = {
-        "logit_diff_before": finite(before.mean()),
-        "logit_diff_before_ci": mean_ci(before, ctx.seed),
-        "logit_diff_after": finite(after.mean()),
-        "logit_diff_after_ci": mean_ci(after, ctx.seed),
-        "difference": finite(diff.mean()),
-        "difference_ci": mean_ci(diff, ctx.seed),
+        **mean_and_ci("logit_diff_before", before, ctx.seed),
+        **mean_and_ci("logit_diff_after", after, ctx.seed),
+        **mean_and_ci("difference", diff, ctx.seed),
         "abs_difference": finite(abs(diff.mean())),
-        "source_logit_diff": finite(source_ld.mean()),
-        "source_logit_diff_ci": mean_ci(source_ld, ctx.seed),
+        **mean_and_ci("source_logit_diff", source_ld, ctx.seed),
         "position_shift_mean": finite(shift.mean()),
         "position_shift_min": int(shift.min()),
         "position_shift_max": int(shift.max()),

@@ -54,7 +54,7 @@ from ioi.analysis.attention import pattern_hook_name
 from ioi.breakdown import breakdown_mean, group_labels
 from ioi.circuits import NAME_MOVER, S_INHIBITION
 from ioi.experiments.attribution import circuit_summary, finite, head_key
-from ioi.experiments.circuit_eval import EndLogitDiff, mean_ci
+from ioi.experiments.circuit_eval import EndLogitDiff, mean_and_ci, mean_ci
 from ioi.experiments.core import ExperimentResult, RunContext, batch_size_for
 from ioi.forward import cache_activations, end_logits
 from ioi.metrics import logit_diff_from_end_logits
@@ -242,8 +242,7 @@ def signals(model, ctx: RunContext) -> ExperimentResult:
     summary: dict[str, Any] = {
         "cells": cells,
         "cell_ci": cell_ci,
-        "clean_logit_diff_mean": finite(clean_ld.mean()),
-        "clean_logit_diff_mean_ci": mean_ci(clean_ld, ctx.seed),
+        **mean_and_ci("clean_logit_diff_mean", clean_ld, ctx.seed),
         "orig_orig_minus_clean_max_abs": finite(np.abs(frames[0]["logit_diff"] - clean_ld).max()),
         **{k: finite(v) for k, v in fit.items() if k != "fit_predicted"},
         "fit_predicted": fit["fit_predicted"],
@@ -363,12 +362,9 @@ def _metrics(model, toks, end, io, s, memory_budget_mb: int) -> dict[str, np.nda
 
 def _variant_summary(values: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
     return {
-        "logit_diff_mean": finite(values["logit_diff"].mean()),
-        "logit_diff_mean_ci": mean_ci(values["logit_diff"], seed),
-        "io_prob_mean": finite(values["io_prob"].mean()),
-        "io_prob_mean_ci": mean_ci(values["io_prob"], seed),
-        "s_over_io_rate": finite(values["s_over_io"].mean()),
-        "s_over_io_rate_ci": mean_ci(values["s_over_io"], seed),
+        **mean_and_ci("logit_diff_mean", values["logit_diff"], seed),
+        **mean_and_ci("io_prob_mean", values["io_prob"], seed),
+        **mean_and_ci("s_over_io_rate", values["s_over_io"], seed),
         "n": int(len(values["logit_diff"])),
     }
 
