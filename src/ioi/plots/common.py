@@ -137,6 +137,18 @@ def num(value, sig: int = 3, *, signed: bool = False, max_decimals: int = 4) -> 
     return f"{value:{'+' if signed else ''}.{decimals}f}"
 
 
+def ci_error_bars(values: Sequence, cis: Sequence) -> np.ndarray:
+    """``yerr`` for ``bar`` / ``errorbar``: ``[2, n]``, each value's distance down to its CI's low end
+    and up to its high end. A missing value, CI or CI end (None or NaN) draws no bar there (0)."""
+    def column(items):
+        return np.asarray([np.nan if v is None else float(v) for v in items], dtype=float)
+
+    centre = column(values)
+    low = column(None if c is None else c[0] for c in cis)
+    high = column(None if c is None else c[1] for c in cis)
+    return np.nan_to_num(np.abs(np.stack([centre - low, high - centre])))
+
+
 _SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
 
 

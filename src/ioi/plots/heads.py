@@ -26,6 +26,7 @@ from ioi.plots.attribution import (
 )
 from ioi.plots.common import (
     CLASS_COLOURS,
+    ci_error_bars,
     head_heatmap,
     model_suptitle,
     outline_label,
@@ -85,9 +86,7 @@ def attention_summary(frame, summary, meta):
     x = np.arange(len(classes))
     for qi, quantity in enumerate(quantities):
         means = np.array([_num(class_mean[c][quantity]) for c in classes])
-        lows = np.array([_num(class_ci[c][quantity][0]) for c in classes])
-        highs = np.array([_num(class_ci[c][quantity][1]) for c in classes])
-        err = np.nan_to_num(np.abs(np.stack([means - lows, highs - means])))
+        err = ci_error_bars(means, [class_ci[c][quantity] for c in classes])
         ax.bar(x + (qi - (len(quantities) - 1) / 2) * width, means, width, yerr=err,
                color=QUANTITY_COLOURS.get(quantity, "grey"), label=QUANTITY_LABELS.get(quantity, quantity),
                error_kw=dict(lw=0.7, capsize=1.2))

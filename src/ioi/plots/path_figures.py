@@ -26,7 +26,9 @@ from ioi.plots.attribution import (
     outlines,
     parse_head,
 )
-from ioi.plots.common import CLASS_COLOURS, head_heatmap, model_suptitle, num, outline_label, paper_panel, sci
+from ioi.plots.common import (
+    CLASS_COLOURS, ci_error_bars, head_heatmap, model_suptitle, num, outline_label, paper_panel, sci,
+)
 
 PCT = "% change in logit difference"
 RECEIVER_STYLE = dict(fill=False, lw=1.2, ls=(0, (2, 1.5)), edgecolor="black")
@@ -405,12 +407,6 @@ PAPER_ALL_BUT_MLP0 = -1.1  # App. J: LD with every MLP but MLP0 knocked out
 PAPER_KNOCKOUT_RATIO = 0.95  # §3.4: "only 5% drop" after knocking out the name movers
 
 
-def _err(mean: np.ndarray, cis) -> np.ndarray:
-    low = np.array([_num(c[0]) for c in cis])
-    high = np.array([_num(c[1]) for c in cis])
-    return np.nan_to_num(np.abs(np.stack([mean - low, high - mean])))
-
-
 def fig19(frame, summary, meta):
     """Left: LD after knocking out each MLP (and all but MLP0); right: PP MLP -> logits."""
     n_layers = summary["n_layers"]
@@ -423,7 +419,7 @@ def fig19(frame, summary, meta):
     x = np.arange(n_layers + 1)
     colours = ["#c44e52" if v < 0 else "#4c72b0" for v in values]
     colours[-1] = "#8172b2"
-    ax_ko.bar(x, values, color=colours, yerr=_err(values, cis), error_kw=dict(lw=0.8, capsize=2))
+    ax_ko.bar(x, values, color=colours, yerr=ci_error_bars(values, cis), error_kw=dict(lw=0.8, capsize=2))
     clean = _num(summary["clean_logit_diff"])
     ax_ko.axhline(clean, color="black", ls="--", lw=1.1, label=f"clean LD {num(clean)}")
     ax_ko.plot([n_layers - 0.4, n_layers + 0.4], [PAPER_ALL_BUT_MLP0] * 2, color="black", lw=2.2,
@@ -440,7 +436,7 @@ def fig19(frame, summary, meta):
     pp = np.array([_num(v) for v in summary["mlp_path_patching_effect"]])
     xs = np.arange(n_layers)
     ax_pp.bar(xs, pp, color=["#c44e52" if v < 0 else "#4c72b0" for v in pp],
-              yerr=_err(pp, summary["mlp_path_patching_effect_ci"]), error_kw=dict(lw=0.8, capsize=2))
+              yerr=ci_error_bars(pp, summary["mlp_path_patching_effect_ci"]), error_kw=dict(lw=0.8, capsize=2))
     ax_pp.axhline(0, color="black", lw=0.6)
     ax_pp.set_xticks(xs)
     ax_pp.set_xlabel(f"MLP layer (sender at {summary.get('sender_position', 'END')})")

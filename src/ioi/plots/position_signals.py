@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ioi.plots.common import model_suptitle, num, paper_panel
+from ioi.plots.common import ci_error_bars, model_suptitle, num, paper_panel
 
 CELL_LABELS = {
     "orig_tok_inv_pos": "S token,\ninverted position",
@@ -31,13 +31,6 @@ PAPER_POINTER_TEXT = (
 )
 
 
-def _err(values, cis) -> np.ndarray:
-    values = np.asarray([np.nan if v is None else v for v in values], dtype=float)
-    low = np.asarray([np.nan if c is None or c[0] is None else c[0] for c in cis], dtype=float)
-    high = np.asarray([np.nan if c is None or c[1] is None else c[1] for c in cis], dtype=float)
-    return np.nan_to_num(np.abs(np.stack([values - low, high - values])))
-
-
 def position_signal(frame, summary, meta):
     """Mean LD drop from patching the S-inhibition heads (END) vs the induction + duplicate-token
     heads (S2), per signal-specific dataset, with the ratio of drops."""
@@ -49,7 +42,7 @@ def position_signal(frame, summary, meta):
                                        (width / 2, "drop_early", "induction + duplicate token (S2)", "#e7298a")):
         values = [summary["cells"][c][key] for c in cells]
         cis = [summary["cells"][c][f"{key}_ci"] for c in cells]
-        ax.bar(x + offset, [np.nan if v is None else v for v in values], width, yerr=_err(values, cis),
+        ax.bar(x + offset, [np.nan if v is None else v for v in values], width, yerr=ci_error_bars(values, cis),
                label=label, color=colour, capsize=3)
     ratios = [summary["cells"][c]["ratio"] for c in cells]
     ax.axhline(0, color="black", lw=0.6)
@@ -77,8 +70,8 @@ def pointer_arithmetic(frame, summary, meta):
             ("source_logit_diff", "long-prefix\nprompts"))
     values = [summary[k] for k, _ in keys]
     ax.bar(range(3), [np.nan if v is None else v for v in values],
-           yerr=_err(values, [summary.get(f"{k}_ci") for k, _ in keys]), color=["#999999", "#7570b3", "#cccccc"],
-           capsize=3)
+           yerr=ci_error_bars(values, [summary.get(f"{k}_ci") for k, _ in keys]),
+           color=["#999999", "#7570b3", "#cccccc"], capsize=3)
     paper = summary.get("paper_reference")
     if paper:
         ax.scatter([0, 1], [paper["logit_diff_before"], paper["logit_diff_after"]], marker="D", color="black",
