@@ -216,6 +216,16 @@ def run_selfcheck_job(
         print(f"GPT-2 small identity check {verdict}")
 
 
+def read_experiment_files(data_csv: str | Path, summary_json: str | Path, meta_json: str | Path):
+    """An experiment's three files as ``(frame, summary, meta)``: what plotters and page writers take."""
+    import json
+
+    import pandas as pd
+
+    return (pd.read_csv(data_csv), json.loads(Path(summary_json).read_text()),
+            json.loads(Path(meta_json).read_text()))
+
+
 def plot_figure_job(*, name: str, data_csv: str, summary_json: str, meta_json: str,
                     png: str, pdf: str, extra_summary_jsons: list[str] | None = None) -> None:
     """Draw registered figure ``name`` from its experiment's files; save PNG and PDF atomically.
@@ -224,15 +234,11 @@ def plot_figure_job(*, name: str, data_csv: str, summary_json: str, meta_json: s
     the spec's order; ``extra_summary_jsons`` are their paths in the same order)."""
     import json
 
-    import pandas as pd
-
     from ioi.plots.common import save_figure
     from ioi.registry import FIGURES, resolve
 
     spec = FIGURES[name]
-    frame = pd.read_csv(data_csv)
-    summary = json.loads(Path(summary_json).read_text())
-    meta = json.loads(Path(meta_json).read_text())
+    frame, summary, meta = read_experiment_files(data_csv, summary_json, meta_json)
     if spec.extra_experiments:
         paths = list(extra_summary_jsons or [])
         if len(paths) != len(spec.extra_experiments):
@@ -247,17 +253,11 @@ def plot_figure_job(*, name: str, data_csv: str, summary_json: str, meta_json: s
 
 def write_page_job(*, name: str, data_csv: str, summary_json: str, meta_json: str, html: str) -> None:
     """Write registered interactive page ``name`` (self-contained HTML) atomically."""
-    import json
-
-    import pandas as pd
-
     from ioi.provenance import atomic_path
     from ioi.registry import PAGES, resolve
 
     spec = PAGES[name]
-    frame = pd.read_csv(data_csv)
-    summary = json.loads(Path(summary_json).read_text())
-    meta = json.loads(Path(meta_json).read_text())
+    frame, summary, meta = read_experiment_files(data_csv, summary_json, meta_json)
     text = resolve(spec.writer)(frame, summary, meta)
     with atomic_path(html) as tmp:
         tmp.write_text(text, encoding="utf-8")
