@@ -129,11 +129,12 @@ def end_logits(
         rows = torch.arange(n, device=device)
         return unembed_rows(model, resid[rows, end_idx.to(device)]).float().cpu()
     step = n if memory_budget_mb is None else batch_size_for(model, toks.shape[1], memory_budget_mb)
-    order = torch.argsort(end_idx.cpu(), stable=True)
-    out = torch.empty(n, model.cfg.d_vocab, dtype=torch.float32)
+    end_cpu = end_idx.cpu()  # chunk lengths are read on the host: one copy, before the loop
+    order = torch.argsort(end_cpu, stable=True)
+    out = torch.empty(n, model.cfg.d_vocab, dtype=torch.float32, device="cpu")  # the result is on the CPU
     for start in range(0, n, step):
         chunk = order[start : start + step]
-        ends = end_idx.cpu()[chunk]
+        ends = end_cpu[chunk]
         part = toks[chunk, : int(ends.max()) + 1].to(device)
         resid = final_residual(model, part)
         rows = torch.arange(part.shape[0], device=device)

@@ -199,8 +199,9 @@ class LogitDiff:
         return self.reduce(io_logits - s_logits)
 
     def from_end_logits(self, end_logits_: Float[Tensor, "*k batch vocab"]) -> Tensor:
-        io = end_logits_[..., torch.arange(len(self)), self.io_ids.to(end_logits_.device)]
-        s = end_logits_[..., torch.arange(len(self)), self.s_ids.to(end_logits_.device)]
+        rows = torch.arange(len(self), device=end_logits_.device)
+        io = end_logits_[..., rows, self.io_ids.to(end_logits_.device)]
+        s = end_logits_[..., rows, self.s_ids.to(end_logits_.device)]
         return self.from_answer_logits(io, s)
 
     def per_prompt_logit_diff(self, logits: Float[Tensor, "batch seq vocab"]) -> Float[Tensor, "batch"]:

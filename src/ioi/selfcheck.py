@@ -194,7 +194,7 @@ def _path_comparisons(model, ioi, abc, metric, means, mlp_means, progress: bool)
         fast = fast_fn(model, ioi.toks, abc.toks, metric, senders="both", progress=progress, **kwargs)
         ref = ref_fn(model, ioi.toks, abc.toks, metric, senders="both", sender_subset=subset,
                      progress=progress, **kwargs)
-        heads_idx = torch.tensor(senders)
+        heads_idx = torch.tensor(senders, device="cpu")  # a CPU index serves tensors on any device
         fast_values = torch.cat([fast.heads[heads_idx[:, 0], heads_idx[:, 1]], fast.mlps[:1]])
         ref_values = torch.cat([ref.heads[heads_idx[:, 0], heads_idx[:, 1]], ref.mlps[:1]])
         diff, count = _max_diff(fast_values.mean(-1), ref_values.mean(-1))

@@ -34,17 +34,18 @@ def gather_positions(
     acts: Float[Tensor, "batch pos *rest"], pos: Int[Tensor, "batch"]
 ) -> Float[Tensor, "batch *rest"]:
     """``acts[i, pos[i]]`` for every prompt ``i`` (per-prompt position, e.g. END)."""
-    pos = as_index(pos, acts.device)
+    pos = as_index(pos)
     if pos.shape[0] != acts.shape[0]:
         raise ValueError(
             f"{pos.shape[0]} positions for a batch of {acts.shape[0]} prompts: pass one position "
             "per prompt of the batch the activations were computed on."
         )
-    if pos.numel() and (int(pos.max()) >= acts.shape[1] or int(pos.min()) < 0):
-        raise ValueError(
-            f"Positions {int(pos.min())}..{int(pos.max())} fall outside the {acts.shape[1]} "
-            "sequence positions."
-        )
+    if pos.numel():
+        # Checked where the positions are (a dataset's are on the CPU: no device sync), in one read.
+        low, high = torch.stack(torch.aminmax(pos)).tolist()
+        if high >= acts.shape[1] or low < 0:
+            raise ValueError(f"Positions {low}..{high} fall outside the {acts.shape[1]} sequence positions.")
+    pos = pos.to(acts.device)
     rows = torch.arange(acts.shape[0], device=acts.device)
     return acts[rows, pos]
 

@@ -56,7 +56,7 @@ def attention_to_positions(
         if isinstance(positions, Tensor):
             group = [positions] if positions.ndim == 1 else list(positions)
         elif all(isinstance(p, int) for p in positions):
-            group = [torch.tensor(list(positions))]
+            group = [torch.tensor(list(positions), device=from_query.device)]
         else:
             group = list(positions)
         total = torch.zeros(from_query.shape[:2], device=from_query.device, dtype=from_query.dtype)

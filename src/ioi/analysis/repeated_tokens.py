@@ -51,10 +51,11 @@ def generate_repeated_tokens(
     """
     low, high = vocab_range
     generator = torch.Generator().manual_seed(seed)
-    half = torch.randint(low, high, (batch, seq_len), generator=generator)
+    # On the CPU, where the generator is (the same tokens on every device); the caller moves them.
+    half = torch.randint(low, high, (batch, seq_len), generator=generator, device="cpu")
     parts = [half, half]
     if prepend_bos:
-        parts.insert(0, torch.full((batch, 1), bos_token_id, dtype=half.dtype))
+        parts.insert(0, torch.full((batch, 1), bos_token_id, dtype=half.dtype, device="cpu"))
     return torch.cat(parts, dim=1)
 
 

@@ -68,7 +68,7 @@ def attention_projection_frame(
     W_U = model.W_U
     u_io, u_s = W_U[:, io_ids].T, W_U[:, s_ids].T  # [batch, d_model]
 
-    frames = []
+    per_head = []  # (layer, head, attention [2 * batch], projection [2 * batch]) on the model's device
     for layer in layers:
         # All heads of the layer at once.
         pattern = gather_positions(cache[f"blocks.{layer}.attn.hook_pattern"].transpose(1, 2), end_idx)
@@ -79,21 +79,23 @@ def attention_projection_frame(
         proj_io = torch.einsum("bhd,bd->bh", out, u_io)
         proj_s = torch.einsum("bhd,bd->bh", out, u_s)
         for head in [h for l, h in head_list if l == layer]:
-            values = {
-                "attention": torch.stack([att_io[:, head], att_s[:, head]], 1).flatten(),
-                "projection": torch.stack([proj_io[:, head], proj_s[:, head]], 1).flatten(),
+            per_head.append((layer, head, torch.stack([att_io[:, head], att_s[:, head]], 1).flatten(),
+                             torch.stack([proj_io[:, head], proj_s[:, head]], 1).flatten()))
+    # One device -> host copy for every head: [head, 2 (attention, projection), 2 * batch].
+    values = torch.stack([torch.stack([att, proj]) for _, _, att, proj in per_head]).double().cpu().numpy()
+    frames = [
+        pd.DataFrame(
+            {
+                "layer": layer,
+                "head": head,
+                "prompt": np.repeat(np.arange(batch), 2),
+                "name_kind": np.tile(["IO", "S"], batch),
+                "attention": values[i, 0],
+                "projection": values[i, 1],
             }
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "layer": layer,
-                        "head": head,
-                        "prompt": np.repeat(np.arange(batch), 2),
-                        "name_kind": np.tile(["IO", "S"], batch),
-                        **{k: v.double().cpu().numpy() for k, v in values.items()},
-                    }
-                )
-            )
+        )
+        for i, (layer, head, _, _) in enumerate(per_head)
+    ]
     order = {head: i for i, head in enumerate(head_list)}
     frames.sort(key=lambda f: order[(int(f["layer"].iloc[0]), int(f["head"].iloc[0]))])
     return pd.concat(frames, ignore_index=True)[SCATTER_COLUMNS]

@@ -349,9 +349,10 @@ def attn_patterns(model, ctx: RunContext) -> ExperimentResult:
     for _, chunk in dataset_batches(sub, step):
         _, cache, *_ = run_at_end(model, chunk, names)
         for layer in layers:
-            pattern = cache[pattern_hook_name(layer)][:, :, : end + 1, : end + 1].double().sum(0).cpu()
-            sums[layer] = pattern if sums[layer] is None else sums[layer] + pattern
+            pattern = cache[pattern_hook_name(layer)][:, :, : end + 1, : end + 1].double().sum(0)
+            sums[layer] = pattern if sums[layer] is None else sums[layer] + pattern  # on the device
         del cache
+    sums = {layer: total.cpu() for layer, total in sums.items()}  # one copy per layer, after the loop
     n_rows = len(sub)
     frames, heads_info = [], []
     positions = np.arange(end + 1)

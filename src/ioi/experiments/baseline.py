@@ -33,7 +33,7 @@ def seed_prompts() -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def per_prompt_scores(end_logits: torch.Tensor, io_ids: torch.Tensor, s_ids: torch.Tensor) -> pd.DataFrame:
-    rows = torch.arange(len(io_ids))
+    rows = torch.arange(len(io_ids), device=end_logits.device)
     probs = end_logits.softmax(-1)
     ld = end_logits[rows, io_ids] - end_logits[rows, s_ids]
     return pd.DataFrame(
@@ -100,10 +100,12 @@ def example_prompts(model, ctx: RunContext) -> ExperimentResult:
     prompts, answers = seed_prompts()
     tokenizer = model.tokenizer
     bos = tokenizer.bos_token_id
+    device = next(model.parameters()).device
+    last_logits = [model(torch.tensor([[bos] + tokenizer(prompt).input_ids], device=device))[0, -1].float()
+                   for prompt in prompts]
+    all_logits = torch.stack(last_logits).cpu()  # one device -> host copy, not one per prompt
     rows = []
-    for prompt, (correct, incorrect) in zip(prompts, answers):
-        toks = torch.tensor([[bos] + tokenizer(prompt).input_ids])
-        logits = model(toks.to(next(model.parameters()).device))[0, -1].float().cpu()
+    for prompt, (correct, incorrect), logits in zip(prompts, answers, all_logits):
         correct_id = tokenizer(correct).input_ids[0]
         incorrect_id = tokenizer(incorrect).input_ids[0]
         rows.append(

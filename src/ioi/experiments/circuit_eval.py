@@ -379,8 +379,9 @@ class KnockoutEvaluator:
                 continue
             specs = [self._spec(kind, k) for k in todo]
             runs = self.engine.evaluate(specs, bases=self._bases(kind, todo))
-            for k, run in zip(todo, runs):
-                self._values[(kind, k)] = run.ld.cpu()
+            values = torch.stack([run.ld for run in runs]).cpu()  # one device -> host copy, not one per K
+            for k, run, value in zip(todo, runs, values.unbind(0)):
+                self._values[(kind, k)] = value
                 self._remember((kind, k), run)
             self.n_forward += len(todo)
 

@@ -88,10 +88,12 @@ def attention_arrays(model, dataset, memory_budget_mb: int) -> dict[str, np.ndar
                     cache, None, layer, None, idx[query], {q: idx[key] for q, key in wanted}
                 )
                 for q, _ in wanted:
-                    per_layer[q].append(values[q].double().cpu())  # [batch, head]
+                    per_layer[q].append(values[q])  # [batch, head], on the model's device
         del cache
-        for q, tensors in per_layer.items():
-            out[q].append(torch.stack(tensors, 1).numpy())  # [batch, layer, head]
+        # One device -> host copy per batch (not one per layer and quantity).
+        stacked = torch.stack([torch.stack(per_layer[q], 1) for q in out]).double().cpu()
+        for q, values in zip(out, stacked):
+            out[q].append(values.numpy())  # [batch, layer, head]
     return {q: np.concatenate(chunks) for q, chunks in out.items()}
 
 
@@ -295,7 +297,9 @@ def _copy_score_breakdown(model, resid, names, dataset, circuit) -> dict:
         rows = np.asarray(rows)
         samples = torch.as_tensor(np.concatenate([rows + k * n for k in range(resid.shape[0] // n)]),
                                   device=resid.device)
-        grids = copy_scores_both_signs(model, resid[samples], names[samples], heads=heads)
+        grids = {negative: grid.cpu()  # one copy per sign, not one sync per head
+                 for negative, grid in copy_scores_both_signs(model, resid[samples], names[samples],
+                                                              heads=heads).items()}
         total = int(samples.shape[0])
         out = {}
         for negative, hs in wanted.items():
@@ -374,7 +378,7 @@ def repeated_tokens(model, ctx: RunContext) -> ExperimentResult:
     tokens = generate_repeated_tokens(batch=ctx.n, seq_len=REPEATED_SEQ_LEN, seed=ctx.seed,
                                       vocab_range=REPEATED_VOCAB_RANGE, prepend_bos=False)
     names = set(repeated_token_hook_names(n_layers))
-    per_sequence: dict[str, list[np.ndarray]] = {name: [] for name in SCORE_NAMES}
+    per_sequence: dict[str, list[torch.Tensor]] = {name: [] for name in SCORE_NAMES}
     device = next(model.parameters()).device
     for row in range(tokens.shape[0]):
         seq = tokens[row : row + 1].to(device)
@@ -382,8 +386,8 @@ def repeated_tokens(model, ctx: RunContext) -> ExperimentResult:
         scores = head_scores(model, seq, REPEATED_SEQ_LEN, cache=cache)
         del cache
         for name in SCORE_NAMES:
-            per_sequence[name].append(scores[name].double().cpu().numpy())
-    arrays = {name: np.stack(v) for name, v in per_sequence.items()}  # [n, layer, head]
+            per_sequence[name].append(scores[name])  # kept on the device: no sync per sequence
+    arrays = {name: torch.stack(v).double().cpu().numpy() for name, v in per_sequence.items()}  # [n, layer, head]
     n = tokens.shape[0]
     classes = class_of_heads(circuit, n_layers, n_heads)
     frame = pd.DataFrame(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ioi.analysis.attention import pattern_hook_name
 from ioi.experiments.attribution import (
@@ -46,16 +47,18 @@ def class_attention_patterns(model, ctx: RunContext) -> ExperimentResult:
     layers = sorted({layer for _, (layer, _) in heads})
     names = [pattern_hook_name(layer) for layer in layers]
     step = prompts_per_batch(model, sub.max_len, ctx.memory_budget_mb, patterns=True)
-    sums: dict[int, np.ndarray] = {}
-    first: dict[int, np.ndarray] = {}
+    sums: dict[int, torch.Tensor] = {}  # on the model's device until the loop is done
+    first: dict[int, torch.Tensor] = {}
     for start, chunk in dataset_batches(sub, step):
         _, cache, *_ = run_at_end(model, chunk, names)
         for layer in layers:
-            pattern = cache[pattern_hook_name(layer)][:, :, : end + 1, : end + 1].double().cpu().numpy()
-            sums[layer] = pattern.sum(0) + sums.get(layer, 0.0)
+            pattern = cache[pattern_hook_name(layer)][:, :, : end + 1, : end + 1].double()
+            sums[layer] = pattern.sum(0) + sums[layer] if layer in sums else pattern.sum(0)
             if start == 0:
                 first[layer] = pattern[0]
         del cache
+    sums = {layer: total.cpu().numpy() for layer, total in sums.items()}
+    first = {layer: row.cpu().numpy() for layer, row in first.items()}
     positions = np.arange(end + 1)
     frames = []
     for cls, (layer, head) in heads:

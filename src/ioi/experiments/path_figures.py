@@ -519,28 +519,29 @@ def patch_senders_to_receiver_inputs(
 
         for (layer, head) in pattern_heads:
             name = pattern_hook_name(layer)
-            out["before"][(layer, head)].append(orig_acts[name][idx, head, q_pos].float().cpu())
-            out["after"][(layer, head)].append(after_acts[name][idx, head, q_pos].float().cpu())
+            out["before"][(layer, head)].append(orig_acts[name][idx, head, q_pos].float())
+            out["after"][(layer, head)].append(after_acts[name][idx, head, q_pos].float())
         if answer_ids is not None:
             io, s = (t.to(device)[rows] for t in answer_ids)
             for key, logits in (("logit_diff_before", logits_before), ("logit_diff_after", logits_after)):
-                out[key].append(logit_diff_from_end_logits(logits, io, s).double().cpu())
+                out[key].append(logit_diff_from_end_logits(logits, io, s).double())
         del logits_before, logits_after, orig_acts, new_acts, recorded, after_acts
 
+    # Kept on the model's device through the loop; one device -> host copy per tensor here.
     result: dict[str, Any] = {
-        when: {h: torch.cat(parts) for h, parts in out[when].items()} for when in ("before", "after")
+        when: {h: torch.cat(parts).cpu() for h, parts in out[when].items()} for when in ("before", "after")
     }
     if answer_ids is not None:
-        result["logit_diff_before"] = torch.cat(out["logit_diff_before"])
-        result["logit_diff_after"] = torch.cat(out["logit_diff_after"])
+        result["logit_diff_before"] = torch.cat(out["logit_diff_before"]).cpu()
+        result["logit_diff_after"] = torch.cat(out["logit_diff_after"]).cpu()
     return result
 
 
 def _attention_by_key(rows: torch.Tensor, word_idx: Mapping[str, torch.Tensor], end: torch.Tensor) -> dict[str, np.ndarray]:
     """Attention from END to IO, S1, S2 and all other positions up to END (sums to 1)."""
-    idx = torch.arange(rows.shape[0])
+    idx = torch.arange(rows.shape[0], device=rows.device)
     out = {key: rows[idx, word_idx[key]].double().numpy() for key in ("IO", "S1", "S2")}
-    upto = torch.arange(rows.shape[1])[None, :] <= end[:, None]
+    upto = torch.arange(rows.shape[1], device=rows.device)[None, :] <= end[:, None]
     total = (rows.double() * upto).sum(1).numpy()
     out["other"] = total - out["IO"] - out["S1"] - out["S2"]
     return out

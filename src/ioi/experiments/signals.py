@@ -339,11 +339,13 @@ def build_adversarial(dataset, sentences: Sequence[Sequence[str]], name_of: str)
         counts.append(len(inserted))
         texts.append(tokenizer.decode(new[bos : end + len(inserted) + 1]))
     width = max(len(r) for r in rows)
-    toks = torch.full((len(rows), width), pad, dtype=torch.long)
+    # Built on the CPU like a dataset's tokens (the forward passes move them to the model's device).
+    toks = torch.full((len(rows), width), pad, dtype=torch.long, device="cpu")
     for i, r in enumerate(rows):
-        toks[i, : len(r)] = torch.tensor(r)
-    return {"toks": toks, "end": torch.tensor(ends), "s2": torch.tensor(s2s),
-            "insert_at": torch.tensor(inserts), "n_inserted": torch.tensor(counts), "texts": texts}
+        toks[i, : len(r)] = torch.tensor(r, device="cpu")
+    return {"toks": toks, "end": torch.tensor(ends, device="cpu"), "s2": torch.tensor(s2s, device="cpu"),
+            "insert_at": torch.tensor(inserts, device="cpu"), "n_inserted": torch.tensor(counts, device="cpu"),
+            "texts": texts}
 
 
 def _metrics(model, toks, end, io, s, memory_budget_mb: int) -> dict[str, np.ndarray]:
