@@ -46,15 +46,12 @@ def claims_to_be_gpt2_small(model_label: str, model_spec: str | Path) -> bool:
 def seed_prompt_logit_diffs(model) -> list[float]:
     """The logit difference on each of the seed notebook's 8 prompts, BOS prepended, at the last
     token (one unpadded forward per prompt, as the notebook does)."""
-    from ioi.experiments.baseline import seed_prompts
+    from ioi.experiments.baseline import seed_prompt_logits, seed_prompts
 
-    prompts, answers = seed_prompts()
+    _, answers = seed_prompts()
     tokenizer = model.tokenizer
-    device = next(model.parameters()).device
     values = []
-    for prompt, (correct, incorrect) in zip(prompts, answers):
-        toks = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt).input_ids], device=device)
-        logits = model(toks)[0, -1].float()
+    for (correct, incorrect), logits in zip(answers, seed_prompt_logits(model)):
         correct_id = tokenizer(correct).input_ids[0]
         incorrect_id = tokenizer(incorrect).input_ids[0]
         values.append(float(logits[correct_id] - logits[incorrect_id]))

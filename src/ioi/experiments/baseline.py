@@ -32,6 +32,18 @@ def seed_prompts() -> tuple[list[str], list[tuple[str, str]]]:
     return prompts, answers
 
 
+@torch.no_grad()
+def seed_prompt_logits(model) -> torch.Tensor:
+    """``[prompt, vocab]`` last-token logits (float32, on the CPU) of :func:`seed_prompts`, BOS
+    prepended, one unpadded forward per prompt (as the notebook does), one copy to the host."""
+    prompts, _ = seed_prompts()
+    tokenizer = model.tokenizer
+    device = next(model.parameters()).device
+    last = [model(torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt).input_ids], device=device))[0, -1]
+            for prompt in prompts]
+    return torch.stack(last).float().cpu()
+
+
 def per_prompt_scores(end_logits: torch.Tensor, io_ids: torch.Tensor, s_ids: torch.Tensor) -> pd.DataFrame:
     rows = torch.arange(len(io_ids), device=end_logits.device)
     probs = end_logits.softmax(-1)
@@ -99,13 +111,8 @@ def example_prompts(model, ctx: RunContext) -> ExperimentResult:
     as the notebook does), read at the last token (these prompts are not padded: one per forward)."""
     prompts, answers = seed_prompts()
     tokenizer = model.tokenizer
-    bos = tokenizer.bos_token_id
-    device = next(model.parameters()).device
-    last_logits = [model(torch.tensor([[bos] + tokenizer(prompt).input_ids], device=device))[0, -1].float()
-                   for prompt in prompts]
-    all_logits = torch.stack(last_logits).cpu()  # one device -> host copy, not one per prompt
     rows = []
-    for prompt, (correct, incorrect), logits in zip(prompts, answers, all_logits):
+    for prompt, (correct, incorrect), logits in zip(prompts, answers, seed_prompt_logits(model)):
         correct_id = tokenizer(correct).input_ids[0]
         incorrect_id = tokenizer(incorrect).input_ids[0]
         rows.append(
