@@ -183,7 +183,7 @@ def edge_circuits(model, ctx: RunContext) -> ExperimentResult:
 
     seconds["circuit_evaluation"] = time.perf_counter() - started
     acdc_membership = (truth_labels(graph, circuits["acdc"].edges).double() if run_acdc
-                       else torch.full((len(graph),), float("nan"), dtype=torch.float64))
+                       else torch.full((len(graph),), float("nan"), dtype=torch.float64, device="cpu"))
     frame = pd.DataFrame({
         "edge": graph.names,
         "sender": [e.sender for e in graph.edges],
