@@ -69,20 +69,21 @@ def sender_outputs_reference(model, tokens: Tensor, graph: EdgeGraph) -> Tensor:
     return torch.stack([store[name].expand_as(store["tok"]) for name in graph.senders])
 
 
-def _position_mask(graph: EdgeGraph, slot: int, word_idx, n: int, P: int) -> Tensor:
-    """``[n, P, 1]`` float mask of the token positions of a slot."""
+def _position_mask(graph: EdgeGraph, slot: int, word_idx, n: int, P: int, device) -> Tensor:
+    """``[n, P, 1]`` float mask of the token positions of a slot, on ``device`` (the hooked
+    activations' device, which it multiplies)."""
     label = graph.slots[slot]
     if label is None:
-        return torch.ones(n, P, 1)
-    mask = torch.zeros(n, P, 1)
-    rows = torch.arange(n)
+        return torch.ones(n, P, 1, device=device)
+    mask = torch.zeros(n, P, 1, device=device)
+    rows = torch.arange(n, device=device)
     if label == "other":
         mask[:] = 1
         for other in graph.positions:
             if other != "other":
-                mask[rows, torch.as_tensor(word_idx[other]).long()] = 0
+                mask[rows, torch.as_tensor(word_idx[other]).long().to(device)] = 0
         return mask
-    mask[rows, torch.as_tensor(word_idx[label]).long()] = 1
+    mask[rows, torch.as_tensor(word_idx[label]).long().to(device)] = 1
     return mask
 
 
@@ -106,7 +107,7 @@ def patch_edges_reference(
     else:
         target = mean_activations[:, :, :P].expand(-1, n, -1, -1)
     mask = set_masks(graph, edge_sets, mode)
-    pos_masks = [_position_mask(graph, j, word_idx, n, P) for j in range(graph.n_slots)]
+    pos_masks = [_position_mask(graph, j, word_idx, n, P, target.device) for j in range(graph.n_slots)]
     H = model.cfg.n_heads
     out = []
     for k in range(mask.shape[0]):
