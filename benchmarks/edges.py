@@ -11,7 +11,7 @@ Rows
   for n log-spaced from 1 to every edge (a faithfulness curve); and the same number of random
   circuits (each edge kept with probability 1/2: the densest case). Beside it the arithmetic
   floor: ``circuits x`` the FLOPs of one plain forward pass (every layer at every position up to
-  each prompt's END, the full-vocabulary unembedding at those positions) divided by the machine's
+  each prompt's END, the full-vocabulary unembedding at END only: :func:`forward_flops`) divided by the machine's
   float32 matmul throughput, measured here on ``[2048, d_model] x [d_model, 4 d_model]``.
   Target: <= 1.5x the floor.
 * ``acdc_planted``: :func:`ioi.edges.acdc` on ``planted-ioi`` at ``--acdc-n`` prompts (demo N),
@@ -59,13 +59,18 @@ def matmul_gflops(d_model: int, device: torch.device, repeats: int = 10) -> floa
 
 
 def forward_flops(cfg, end_idx: torch.Tensor) -> float:
-    """FLOPs of one plain forward pass over each prompt's positions 0..END (matmuls only)."""
+    """FLOPs (matmuls only) of the cheapest plain forward pass that yields the metric: every layer
+    at each prompt's positions 0..END (causal attention: later positions cannot matter; padding
+    is not counted) and the full-vocabulary unembedding at the END row only (the logit difference
+    reads nothing else). Attention scores and weighted values are counted over the full square
+    (a causal kernel could halve them; at IOI lengths they are < 1% of the total)."""
     d, L, d_mlp, vocab = cfg.d_model, cfg.n_layers, cfg.d_mlp, cfg.d_vocab
     lengths = (end_idx.long() + 1).double()
     tokens = float(lengths.sum())
-    per_token = L * (2 * 4 * d * d + 2 * 2 * d * d_mlp) + 2 * d * vocab
+    per_token = L * (2 * 4 * d * d + (0 if getattr(cfg, "attn_only", False) else 2 * 2 * d * d_mlp))
     attention = float((lengths**2).sum()) * L * 2 * 2 * d  # scores and weighted values
-    return tokens * per_token + attention
+    unembed = len(lengths) * 2 * d * vocab  # END rows only
+    return tokens * per_token + attention + unembed
 
 
 def _timed(fn):

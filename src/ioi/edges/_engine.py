@@ -194,7 +194,7 @@ class EdgeForward:
                 z = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=net.attn_scales[layer])
                 z = z.view(kz, H, T, net.d_head)
                 if deltas.needs_outputs or outputs is not None:
-                    head_out = torch.einsum("khte,hed->khtd", z, net.W_O[layer])  # [kz, H, T, D]
+                    head_out = torch.matmul(z, net.W_O[layer])  # [kz, H, T, D]
                     deltas.computed(s0, s0 + H, head_out)
                     if outputs is not None:
                         outputs[:, s0 : s0 + H] = head_out
@@ -419,25 +419,32 @@ class _Deltas:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def computed(self, s0: int, s1: int, out: Tensor) -> None:
-        """Senders ``s0:s1`` produced ``out`` ``[1 or k, s1 - s0, T, d]`` in this run."""
+        """Senders ``s0:s1`` produced ``out`` ``[1 or k, s1 - s0, T, d]`` in this run.
+
+        The difference ``target - out`` is written straight into the store (no temporary); a
+        store resumed from a saved state is never copied: what this run computes goes to the
+        per-set part."""
         if self.target is None:
             return
-        value = self.target[s0:s1] - out
-        if self.total is not None or s0 == 0:
-            added = value.sum(1)
-            self.total = added if self.total is None else self.total + added
-        if value.shape[0] == 1 and self.perk is None:
+        target = self.target[s0:s1]
+        borrowed = getattr(self, "borrowed", False)
+        if out.shape[0] == 1 and self.perk is None and not borrowed:
             if self.shared is None:
                 self.shared = self.like.new_empty(1, self.n_senders, self.T, self.d)
-            elif getattr(self, "borrowed", False):
-                self.shared, self.borrowed = self.shared.clone(), False
-            self.shared[:, s0:s1] = value
+            dst = self.shared[:, s0:s1]
             self.n_shared = s1
-            return
-        if self.perk is None:
-            self.perk_from = self.n_shared
-            self.perk = self.like.new_empty(self.k, self.n_senders - self.perk_from, self.T, self.d)
-        self.perk[:, s0 - self.perk_from : s1 - self.perk_from] = value
+        else:
+            if self.perk is None:
+                self.perk_from = self.n_shared
+                self.perk = self.like.new_empty(self.k, self.n_senders - self.perk_from, self.T, self.d)
+            dst = self.perk[:, s0 - self.perk_from : s1 - self.perk_from]
+        if out.requires_grad or target.requires_grad:
+            dst.copy_(target - out)
+        else:
+            torch.sub(target, out, out=dst) if dst.shape == out.shape else dst.copy_(target - out)
+        if self.total is not None or s0 == 0:
+            added = dst.sum(1)
+            self.total = added if self.total is None else self.total + added
 
     def mix_add(self, masks: Tensor, slot_idx, differentiable: bool) -> Tensor | None:
         n_s = masks.shape[-1]
