@@ -140,6 +140,7 @@ class EdgeForward:
         keep_outputs: bool = False,
         differentiable: bool = False,
         start: "EngineState | None" = None,
+        end_pos: Int[Tensor, "n"] | None = None,
     ) -> tuple[Float[Tensor, "k n pos d"], Tensor | None]:
         """Final residual streams (the logits receiver's input) of the ``k`` mask sets.
 
@@ -148,7 +149,15 @@ class EdgeForward:
         embedding by default). ``keep_outputs`` also returns every sender's output
         ``[k, senders, n, pos, d]`` (senders before ``start`` are left zero). ``start`` resumes
         from a saved state (:meth:`clean_states`): every mask must be zero before it.
+
+        ``end_pos`` (each prompt's END position; not with ``keep_outputs``): only those rows are
+        returned (``[k, n, 1, d]``), and the work that can reach nothing else is done only there:
+        after the last layer's attention (its keys and values still read every position), the
+        heads' outputs, the last MLP, the logits' input and the differences they carry are
+        computed at the END rows alone. Causal attention and the per-token MLP make this exact.
         """
+        if end_pos is not None and keep_outputs:
+            raise ValueError("end_pos restricts the last layer to END rows: it cannot keep every output.")
         net = self.net
         H, D = net.n_heads, net.d_model
         n, P = tokens.shape
@@ -166,6 +175,19 @@ class EdgeForward:
         else:
             first_layer, stage, resid = start.layer, start.stage, start.resid
             deltas.resume(start.delta, start.n_senders, start.delta_sum())
+
+        rows = None if end_pos is None else torch.arange(n, device=tokens.device) * P + end_pos.to(tokens.device).long()
+        restricted = False
+
+        def restrict(x: Tensor) -> Tensor:
+            """From here on only the END rows: ``x`` ``[b, T, D]`` and the differences."""
+            nonlocal restricted, slot_idx, T
+            restricted, T = True, len(rows)
+            slot_idx = deltas.restrict(rows, slot_idx)
+            return x.index_select(1, rows)
+
+        if rows is not None and (first_layer == net.n_layers or (first_layer == net.n_layers - 1 and stage == "mlp")):
+            resid = restrict(resid)
 
         def receivers_input(base: Tensor, r0: int, r1: int, n_s: int) -> Tensor:
             block = masks[:, :, r0:r1, :n_s]
@@ -193,6 +215,9 @@ class EdgeForward:
                                 for t in flat.view(kz, T, 3, H * net.d_head).unbind(2))
                 z = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=net.attn_scales[layer])
                 z = z.view(kz, H, T, net.d_head)
+                if rows is not None and layer == net.n_layers - 1:
+                    resid = restrict(resid)
+                    z = z.index_select(2, rows)
                 if deltas.needs_outputs or outputs is not None:
                     head_out = torch.matmul(z, net.W_O[layer])  # [kz, H, T, D]
                     deltas.computed(s0, s0 + H, head_out)
@@ -216,7 +241,7 @@ class EdgeForward:
         resid = resid if x is None else x
         if resid.shape[0] != k:
             resid = resid.expand(k, T, D)
-        final = resid.reshape(k, n, P, D)
+        final = resid.reshape(k, n, 1, D) if restricted else resid.reshape(k, n, P, D)
         if outputs is not None:
             outputs = outputs.view(k, self.n_senders, n, P, D)
         return final, outputs
@@ -373,6 +398,29 @@ class _Deltas:
             return
         self.shared, self.n_shared, self.borrowed = delta, n_senders, True
         self.total = delta_sum
+
+    def restrict(self, rows: Tensor, slot_idx):
+        """Keep only the tokens ``rows`` (flat indices) from here on; returns ``slot_idx``
+        re-indexed into them (a slot's tokens outside ``rows`` are dropped)."""
+        if self.shared is not None:
+            self.shared, self.borrowed = self.shared.index_select(2, rows), False
+        if self.perk is not None:
+            self.perk = self.perk.index_select(2, rows)
+        if self.total is not None:
+            self.total = self.total.index_select(1, rows)
+        if self.target is not None:
+            self.target = self.target.index_select(1, rows)
+        where = torch.full((self.T,), -1, dtype=torch.long, device=rows.device)
+        where[rows] = torch.arange(len(rows), device=rows.device)
+        self.T = len(rows)
+        out = []
+        for idx in slot_idx:
+            if idx is None:
+                out.append(None)
+            else:
+                mapped = where[idx]
+                out.append(mapped[mapped >= 0])
+        return out
 
     def running_total(self, kk: int) -> Tensor:
         """Sum of every difference computed so far, for set ``kk`` ``[T, d]``."""
