@@ -539,13 +539,15 @@ class _HeadInputsProbe(torch.autograd.Function):
     def forward(ctx, resid, mask, W, b, ln_w, ln_b, eps, delta, slot_idx):
         y = F.layer_norm(resid, (resid.shape[-1],), ln_w, ln_b, eps)
         out = torch.baddbmm(b[:, None], y.expand(W.shape[0], -1, -1), W)  # [R, T, dh]
-        ctx.save_for_backward(resid, W, ln_w, delta)
+        ctx.save_for_backward(resid, W, ln_w)
         ctx.eps, ctx.slot_idx = eps, slot_idx
+        ctx.delta = delta  # a constant (no gradient); may be a view of a buffer still being filled
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        resid, W, ln_w, delta = ctx.saved_tensors
+        resid, W, ln_w = ctx.saved_tensors
+        delta = ctx.delta
         grad_y = torch.bmm(grad_out, W.transpose(1, 2))  # [R, T, d]
         grad_x = _ln_vjp(resid, grad_y, ln_w, ctx.eps)
         grad_mask = _mask_grad(grad_x, delta, ctx.slot_idx)
@@ -557,28 +559,41 @@ class _InputProbe(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, delta, slot_idx):
-        ctx.save_for_backward(delta)
+        ctx.delta = delta  # a constant (no gradient); may be a view of a buffer still being filled
         ctx.slot_idx = slot_idx
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        (delta,) = ctx.saved_tensors
-        return grad, _mask_grad(grad[None], delta, ctx.slot_idx), None, None
+        return grad, _mask_grad(grad[None], ctx.delta, ctx.slot_idx), None, None
 
 
-def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, delta: Tensor,
-                   embed: Tensor | None = None) -> Tensor:
+def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, delta: Tensor | None,
+                   embed: Tensor | None = None, target: Tensor | None = None) -> Tensor:
     """The plain forward on ``tokens`` (embedding ``embed`` when given) whose receivers read
     ``resid + mask . delta`` with ``mask`` ``[slots, receivers, senders]`` = 0: the forward is the
     unpatched one, and ``d metric / d mask`` is the EAP table. Returns the final residual
-    ``[n, pos, d]``."""
+    ``[n, pos, d]``.
+
+    ``delta=None`` with ``target`` (``[senders, n, pos, d]``): the differences are
+    ``target - this forward's sender outputs``, filled in as the forward computes them (EAP: no
+    separate clean forward; only with ``embed=None``, the clean run)."""
     net = engine.net
     H, D = net.n_heads, net.d_model
     n, P = tokens.shape
     T = n * P
-    delta = delta.reshape(engine.n_senders, T, D)
+    fill = delta is None
+    if fill:
+        if target is None or embed is not None:
+            raise ValueError("probed_forward: delta=None needs target and the clean embedding (embed=None).")
+        target = target.reshape(engine.n_senders, T, D)
+        delta = torch.empty_like(target)
+    else:
+        delta = delta.reshape(engine.n_senders, T, D)
     resid = (engine.embed(tokens) if embed is None else embed).reshape(T, D)
+    if fill:
+        with torch.no_grad():
+            torch.sub(target[0], resid.detach(), out=delta[0])
     for layer in range(net.n_layers):
         r0, s0 = engine.head_receivers[layer], engine.head_senders[layer]
         W = engine.W_hqkv[layer].reshape(3 * H, D, -1)
@@ -588,11 +603,19 @@ def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, 
                                      delta[:s0], tuple(slot_idx))
         q, k, v = (t.reshape(H, n, P, -1) for t in qkv.view(H, 3, T, -1).unbind(1))
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=net.attn_scales[layer])
-        z = z.reshape(H, T, -1).permute(1, 0, 2).reshape(T, -1)
+        z = z.reshape(H, T, -1)
+        if fill:
+            with torch.no_grad():
+                torch.sub(target[s0 : s0 + H], torch.matmul(z.detach(), net.W_O[layer]), out=delta[s0 : s0 + H])
+        z = z.permute(1, 0, 2).reshape(T, -1)
         resid = resid + net.attn_out_from_z(layer, z)
         if not net.attn_only:
             rm, sm = engine.mlp_receivers[layer], engine.mlp_senders[layer]
             x = _InputProbe.apply(resid, mask[:, rm, :sm][:, None], delta[:sm], tuple(slot_idx))
-            resid = resid + net.mlp(layer, x)
+            mlp_out = net.mlp(layer, x)
+            if fill:
+                with torch.no_grad():
+                    torch.sub(target[sm], mlp_out.detach(), out=delta[sm])
+            resid = resid + mlp_out
     final = _InputProbe.apply(resid, mask[:, -1, :][:, None], delta, tuple(slot_idx))
     return final.view(n, P, D)
