@@ -300,7 +300,16 @@ class EdgeForward:
             if x.shape[0] > H:  # mostly distinct inputs: one batched projection
                 out[kk] = torch.baddbmm(b[:, None], y.index_select(0, inverse), W)
                 continue
+            counts = torch.bincount(inverse, minlength=x.shape[0])
+            largest = int(counts.argmax())
+            if int(counts[largest]) > 1:
+                # the largest group takes the fused projection of every receiver (no weight copy);
+                # the other groups then overwrite their receivers
+                fused = torch.addmm(net.b_qkv[layer], y[largest], net.W_qkv[layer])  # [T, (3, H, dh)]
+                out[kk].view(H, 3, T, dh).copy_(fused.view(T, 3, H, dh).permute(2, 1, 0, 3))
             for u in range(x.shape[0]):
+                if u == largest and int(counts[largest]) > 1:
+                    continue
                 members = (inverse == u).nonzero()[:, 0]
                 W_u = W.index_select(0, members).permute(1, 0, 2).reshape(D, -1)
                 b_u = b.index_select(0, members).reshape(-1)
