@@ -297,6 +297,12 @@ class EdgeForward:
             base = resid[min(kk, resid.shape[0] - 1)]
             x, inverse = self._distinct_inputs(base, block[kk], deltas, kk, slot_idx)
             y = net.ln(x, net.ln1[layer])
+            if x.shape[0] == 3 * H:  # every input distinct: permute the (smaller) weights, not the inputs
+                order = torch.empty_like(inverse)
+                order[inverse] = torch.arange(3 * H, device=inverse.device)
+                proj = torch.baddbmm(b.index_select(0, order)[:, None], y, W.index_select(0, order))
+                out[kk].index_copy_(0, order, proj)
+                continue
             if x.shape[0] > H:  # mostly distinct inputs: one batched projection
                 out[kk] = torch.baddbmm(b[:, None], y.index_select(0, inverse), W)
                 continue
