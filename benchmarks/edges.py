@@ -9,9 +9,10 @@ Rows
 * ``circuits_exact``: ``--circuits`` circuits evaluated by :func:`ioi.edges.patch_edges`
   (``mode="keep"``: circuit clean, every other edge patched) -- the top-n edges of the EAP scores
   for n log-spaced from 1 to every edge (a faithfulness curve); and the same number of random
-  circuits (each edge kept with probability 1/2: the densest case). Beside it the arithmetic
+  circuits (``--random-circuits``, default 20; each edge kept with probability 1/2: the densest
+  case, every receiver's input distinct). Beside each the arithmetic
   floor: ``circuits x`` the FLOPs of one plain forward pass (every layer at every position up to
-  each prompt's END, the full-vocabulary unembedding at those positions) divided by the machine's
+  each prompt's END, the full-vocabulary unembedding at END only: :func:`forward_flops`) divided by the machine's
   float32 matmul throughput, measured here on ``[2048, d_model] x [d_model, 4 d_model]``.
   Target: <= 1.5x the floor.
 * ``acdc_planted``: :func:`ioi.edges.acdc` on ``planted-ioi`` at ``--acdc-n`` prompts (demo N),
@@ -34,7 +35,9 @@ import time
 import torch
 
 from ioi.data import IOIDataset
+from ioi import planted as planted_model
 from ioi.edges import EdgeGraph, acdc, eap_scores, patch_edges, top_n
+from ioi.edges.scoring import circuit_confusion, roc_auc, truth_labels
 from ioi.metrics import LogitDiff
 from ioi.models import load_model
 from ioi.provenance import device_description, provenance, write_json
@@ -59,18 +62,29 @@ def matmul_gflops(d_model: int, device: torch.device, repeats: int = 10) -> floa
 
 
 def forward_flops(cfg, end_idx: torch.Tensor) -> float:
-    """FLOPs of one plain forward pass over each prompt's positions 0..END (matmuls only)."""
+    """FLOPs (matmuls only) of the cheapest plain forward pass that yields the metric: every layer
+    at each prompt's positions 0..END (causal attention: later positions cannot matter; padding
+    is not counted) and the full-vocabulary unembedding at the END row only (the logit difference
+    reads nothing else). Attention scores and weighted values are counted over the full square
+    (a causal kernel could halve them; at IOI lengths they are < 1% of the total)."""
     d, L, d_mlp, vocab = cfg.d_model, cfg.n_layers, cfg.d_mlp, cfg.d_vocab
     lengths = (end_idx.long() + 1).double()
     tokens = float(lengths.sum())
-    per_token = L * (2 * 4 * d * d + 2 * 2 * d * d_mlp) + 2 * d * vocab
+    per_token = L * (2 * 4 * d * d + (0 if getattr(cfg, "attn_only", False) else 2 * 2 * d * d_mlp))
     attention = float((lengths**2).sum()) * L * 2 * 2 * d  # scores and weighted values
-    return tokens * per_token + attention
+    unembed = len(lengths) * 2 * d * vocab  # END rows only
+    return tokens * per_token + attention + unembed
+
+
+_CPU_SECONDS: list[float] = []
 
 
 def _timed(fn):
-    start = time.perf_counter()
+    """``(fn(), wall seconds)``; the process CPU seconds go to ``_CPU_SECONDS`` (on a loaded
+    machine with one thread they say more than the wall clock)."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
+    _CPU_SECONDS.append(time.process_time() - cpu)
     return out, time.perf_counter() - start
 
 
@@ -79,6 +93,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--model", default="random-gpt2-small")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--circuits", type=int, default=100)
+    parser.add_argument("--random-circuits", type=int, default=20,
+                        help="random p=1/2 circuits (the densest case; 0 skips the row)")
     parser.add_argument("--acdc-n", type=int, default=100)
     parser.add_argument("--acdc-tau", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
@@ -113,12 +129,14 @@ def main(argv=None) -> list[dict]:
                      "N": args.n, "n_circuits": len(circuits), "edges": len(graph), "seconds": seconds,
                      "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
                      "target": TARGETS["circuits_exact"], "metric_first_last": [float(values[0]), float(values[-1])]})
+    if "circuits" not in args.skip and args.random_circuits > 0:
+        floor = args.random_circuits * forward_flops(model.cfg, metric.end_idx) / (gflops * 1e9)
         gen = torch.Generator().manual_seed(args.seed)
-        random_sets = torch.rand(args.circuits, len(graph), generator=gen) < 0.5
+        random_sets = torch.rand(args.random_circuits, len(graph), generator=gen) < 0.5
         _, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, random_sets, metric, graph=graph,
                                                 mode="keep"))
         rows.append({"experiment": "circuits_exact", "circuits": "random (p=1/2)", "model": args.model,
-                     "N": args.n, "n_circuits": args.circuits, "edges": len(graph), "seconds": seconds,
+                     "N": args.n, "n_circuits": args.random_circuits, "edges": len(graph), "seconds": seconds,
                      "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
                      "target": TARGETS["circuits_exact"]})
     if "acdc" not in args.skip:
@@ -126,26 +144,45 @@ def main(argv=None) -> list[dict]:
         small = IOIDataset(N=args.acdc_n, seed=args.seed)
         small_abc = small.abc_dataset()
         planted_graph = EdgeGraph.from_model(planted)
-        circuit, seconds = _timed(lambda: acdc(planted, small.toks, small_abc.toks, LogitDiff.from_dataset(small),
+        truth = planted_model.circuit_edges()
+        small_metric = LogitDiff.from_dataset(small)
+        planted_scores, seconds = _timed(lambda: eap_scores(planted, small.toks, small_abc.toks, small_metric,
+                                                            planted_graph))
+        rows.append({"experiment": "eap_planted", "model": "planted-ioi", "N": args.acdc_n,
+                     "edges": len(planted_graph), "seconds": seconds, "target": "-",
+                     "auc": roc_auc(planted_scores, truth_labels(planted_graph, truth))})
+        circuit, seconds = _timed(lambda: acdc(planted, small.toks, small_abc.toks, small_metric,
                                                planted_graph, args.acdc_tau))
+        confusion = circuit_confusion(circuit, planted_graph, truth)
         rows.append({"experiment": "acdc_planted", "model": "planted-ioi", "N": args.acdc_n, "tau": args.acdc_tau,
                      "edges": len(planted_graph), "edges_kept": len(circuit), "seconds": seconds,
                      "target": TARGETS["acdc_planted"], "kept": circuit.names,
                      "name_mover_to_logits_kept": "a3.h1->logits" in circuit.names,
-                     "tested": circuit.meta["n_tested"], "batched_passes": circuit.meta["n_batched_passes"]})
+                     "tested": circuit.meta["n_tested"], "batched_passes": circuit.meta["n_batched_passes"],
+                     "planted_edges": len(truth), "true_positives": confusion["tp"],
+                     "false_positives": confusion["fp"], "exact_planted_circuit": confusion["fp"] == 0
+                     and confusion["fn"] == 0})
 
+    for row, cpu in zip(rows, _CPU_SECONDS[-len(rows):]):
+        row["cpu_seconds"] = cpu
     print(json.dumps(rows, indent=2, default=str))
     print(f"device {device_description(device)}, torch threads {torch.get_num_threads()}, "
           f"matmul {gflops:.1f} GFLOP/s")
-    header = f"{'experiment':<16} {'circuits':<28} {'model':<18} {'N':>4} {'edges':>6} {'seconds':>8} {'floor s':>8} {'x floor':>7}  target"
+    header = (f"{'experiment':<16} {'circuits':<28} {'model':<18} {'N':>4} {'edges':>6} {'seconds':>8} {'cpu s':>6} {'floor s':>8} "
+              f"{'x floor':>7} {'AUC':>6}  target / found")
     print(header)
     print("-" * len(header))
     for row in rows:
         floor = row.get("floor_seconds")
         floor_s = "-" if floor is None else f"{floor:.1f}"
         ratio = "-" if floor is None else f"{row['ratio_to_floor']:.2f}"
+        auc = f"{row['auc']:.3f}" if "auc" in row else "-"
+        found = ""
+        if row["experiment"] == "acdc_planted":
+            found = (f"; kept {row['edges_kept']} ({row['true_positives']}/{row['planted_edges']} planted, "
+                     f"{row['false_positives']} extra)")
         print(f"{row['experiment']:<16} {row.get('circuits', '-'):<28} {row['model']:<18} {row['N']:>4} "
-              f"{row['edges']:>6} {row['seconds']:>8.1f} {floor_s:>8} {ratio:>7}  {row['target']}")
+              f"{row['edges']:>6} {row['seconds']:>8.1f} {row['cpu_seconds']:>6.1f} {floor_s:>8} {ratio:>7} {auc:>6}  {row['target']}{found}")
     if args.json:
         write_json(args.json, {
             "provenance": provenance(model, N=args.n, seed=args.seed, device=device_description(device),

@@ -19,7 +19,7 @@ def test_edges_benchmark_runs(tmp_path, monkeypatch, capsys):
     import edges
 
     out = tmp_path / "edges.json"
-    rows = edges.main(["--model", "random-L2-H3-D12", "--n", "4", "--circuits", "3", "--skip", "acdc",
+    rows = edges.main(["--model", "random-L2-H3-D12", "--n", "4", "--circuits", "3", "--random-circuits", "3", "--skip", "acdc",
                        "--json", str(out)])
     assert [row["experiment"] for row in rows] == ["eap_all_edges", "circuits_exact", "circuits_exact"]
     for row in rows[1:]:

@@ -140,6 +140,7 @@ class EdgeForward:
         keep_outputs: bool = False,
         differentiable: bool = False,
         start: "EngineState | None" = None,
+        end_pos: Int[Tensor, "n"] | None = None,
     ) -> tuple[Float[Tensor, "k n pos d"], Tensor | None]:
         """Final residual streams (the logits receiver's input) of the ``k`` mask sets.
 
@@ -148,7 +149,15 @@ class EdgeForward:
         embedding by default). ``keep_outputs`` also returns every sender's output
         ``[k, senders, n, pos, d]`` (senders before ``start`` are left zero). ``start`` resumes
         from a saved state (:meth:`clean_states`): every mask must be zero before it.
+
+        ``end_pos`` (each prompt's END position; not with ``keep_outputs``): only those rows are
+        returned (``[k, n, 1, d]``), and the work that can reach nothing else is done only there:
+        after the last layer's attention (its keys and values still read every position), the
+        heads' outputs, the last MLP, the logits' input and the differences they carry are
+        computed at the END rows alone. Causal attention and the per-token MLP make this exact.
         """
+        if end_pos is not None and keep_outputs:
+            raise ValueError("end_pos restricts the last layer to END rows: it cannot keep every output.")
         net = self.net
         H, D = net.n_heads, net.d_model
         n, P = tokens.shape
@@ -166,6 +175,19 @@ class EdgeForward:
         else:
             first_layer, stage, resid = start.layer, start.stage, start.resid
             deltas.resume(start.delta, start.n_senders, start.delta_sum())
+
+        rows = None if end_pos is None else torch.arange(n, device=tokens.device) * P + end_pos.to(tokens.device).long()
+        restricted = False
+
+        def restrict(x: Tensor) -> Tensor:
+            """From here on only the END rows: ``x`` ``[b, T, D]`` and the differences."""
+            nonlocal restricted, slot_idx, T
+            restricted, T = True, len(rows)
+            slot_idx = deltas.restrict(rows, slot_idx)
+            return x.index_select(1, rows)
+
+        if rows is not None and (first_layer == net.n_layers or (first_layer == net.n_layers - 1 and stage == "mlp")):
+            resid = restrict(resid)
 
         def receivers_input(base: Tensor, r0: int, r1: int, n_s: int) -> Tensor:
             block = masks[:, :, r0:r1, :n_s]
@@ -193,8 +215,11 @@ class EdgeForward:
                                 for t in flat.view(kz, T, 3, H * net.d_head).unbind(2))
                 z = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=net.attn_scales[layer])
                 z = z.view(kz, H, T, net.d_head)
+                if rows is not None and layer == net.n_layers - 1:
+                    resid = restrict(resid)
+                    z = z.index_select(2, rows)
                 if deltas.needs_outputs or outputs is not None:
-                    head_out = torch.einsum("khte,hed->khtd", z, net.W_O[layer])  # [kz, H, T, D]
+                    head_out = torch.matmul(z, net.W_O[layer])  # [kz, H, T, D]
                     deltas.computed(s0, s0 + H, head_out)
                     if outputs is not None:
                         outputs[:, s0 : s0 + H] = head_out
@@ -216,7 +241,7 @@ class EdgeForward:
         resid = resid if x is None else x
         if resid.shape[0] != k:
             resid = resid.expand(k, T, D)
-        final = resid.reshape(k, n, P, D)
+        final = resid.reshape(k, n, 1, D) if restricted else resid.reshape(k, n, P, D)
         if outputs is not None:
             outputs = outputs.view(k, self.n_senders, n, P, D)
         return final, outputs
@@ -272,10 +297,25 @@ class EdgeForward:
             base = resid[min(kk, resid.shape[0] - 1)]
             x, inverse = self._distinct_inputs(base, block[kk], deltas, kk, slot_idx)
             y = net.ln(x, net.ln1[layer])
+            if x.shape[0] == 3 * H:  # every input distinct: permute the (smaller) weights, not the inputs
+                order = torch.empty_like(inverse)
+                order[inverse] = torch.arange(3 * H, device=inverse.device)
+                proj = torch.baddbmm(b.index_select(0, order)[:, None], y, W.index_select(0, order))
+                out[kk].index_copy_(0, order, proj)
+                continue
             if x.shape[0] > H:  # mostly distinct inputs: one batched projection
                 out[kk] = torch.baddbmm(b[:, None], y.index_select(0, inverse), W)
                 continue
+            counts = torch.bincount(inverse, minlength=x.shape[0])
+            largest = int(counts.argmax())
+            if int(counts[largest]) > 1:
+                # the largest group takes the fused projection of every receiver (no weight copy);
+                # the other groups then overwrite their receivers
+                fused = torch.addmm(net.b_qkv[layer], y[largest], net.W_qkv[layer])  # [T, (3, H, dh)]
+                out[kk].view(H, 3, T, dh).copy_(fused.view(T, 3, H, dh).permute(2, 1, 0, 3))
             for u in range(x.shape[0]):
+                if u == largest and int(counts[largest]) > 1:
+                    continue
                 members = (inverse == u).nonzero()[:, 0]
                 W_u = W.index_select(0, members).permute(1, 0, 2).reshape(D, -1)
                 b_u = b.index_select(0, members).reshape(-1)
@@ -374,6 +414,29 @@ class _Deltas:
         self.shared, self.n_shared, self.borrowed = delta, n_senders, True
         self.total = delta_sum
 
+    def restrict(self, rows: Tensor, slot_idx):
+        """Keep only the tokens ``rows`` (flat indices) from here on; returns ``slot_idx``
+        re-indexed into them (a slot's tokens outside ``rows`` are dropped)."""
+        if self.shared is not None:
+            self.shared, self.borrowed = self.shared.index_select(2, rows), False
+        if self.perk is not None:
+            self.perk = self.perk.index_select(2, rows)
+        if self.total is not None:
+            self.total = self.total.index_select(1, rows)
+        if self.target is not None:
+            self.target = self.target.index_select(1, rows)
+        where = torch.full((self.T,), -1, dtype=torch.long, device=rows.device)
+        where[rows] = torch.arange(len(rows), device=rows.device)
+        self.T = len(rows)
+        out = []
+        for idx in slot_idx:
+            if idx is None:
+                out.append(None)
+            else:
+                mapped = where[idx]
+                out.append(mapped[mapped >= 0])
+        return out
+
     def running_total(self, kk: int) -> Tensor:
         """Sum of every difference computed so far, for set ``kk`` ``[T, d]``."""
         if self.total is None:  # resumed without a saved sum
@@ -419,25 +482,32 @@ class _Deltas:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def computed(self, s0: int, s1: int, out: Tensor) -> None:
-        """Senders ``s0:s1`` produced ``out`` ``[1 or k, s1 - s0, T, d]`` in this run."""
+        """Senders ``s0:s1`` produced ``out`` ``[1 or k, s1 - s0, T, d]`` in this run.
+
+        The difference ``target - out`` is written straight into the store (no temporary); a
+        store resumed from a saved state is never copied: what this run computes goes to the
+        per-set part."""
         if self.target is None:
             return
-        value = self.target[s0:s1] - out
-        if self.total is not None or s0 == 0:
-            added = value.sum(1)
-            self.total = added if self.total is None else self.total + added
-        if value.shape[0] == 1 and self.perk is None:
+        target = self.target[s0:s1]
+        borrowed = getattr(self, "borrowed", False)
+        if out.shape[0] == 1 and self.perk is None and not borrowed:
             if self.shared is None:
                 self.shared = self.like.new_empty(1, self.n_senders, self.T, self.d)
-            elif getattr(self, "borrowed", False):
-                self.shared, self.borrowed = self.shared.clone(), False
-            self.shared[:, s0:s1] = value
+            dst = self.shared[:, s0:s1]
             self.n_shared = s1
-            return
-        if self.perk is None:
-            self.perk_from = self.n_shared
-            self.perk = self.like.new_empty(self.k, self.n_senders - self.perk_from, self.T, self.d)
-        self.perk[:, s0 - self.perk_from : s1 - self.perk_from] = value
+        else:
+            if self.perk is None:
+                self.perk_from = self.n_shared
+                self.perk = self.like.new_empty(self.k, self.n_senders - self.perk_from, self.T, self.d)
+            dst = self.perk[:, s0 - self.perk_from : s1 - self.perk_from]
+        if out.requires_grad or target.requires_grad:
+            dst.copy_(target - out)
+        else:
+            torch.sub(target, out, out=dst) if dst.shape == out.shape else dst.copy_(target - out)
+        if self.total is not None or s0 == 0:
+            added = dst.sum(1)
+            self.total = added if self.total is None else self.total + added
 
     def mix_add(self, masks: Tensor, slot_idx, differentiable: bool) -> Tensor | None:
         n_s = masks.shape[-1]
@@ -484,13 +554,15 @@ class _HeadInputsProbe(torch.autograd.Function):
     def forward(ctx, resid, mask, W, b, ln_w, ln_b, eps, delta, slot_idx):
         y = F.layer_norm(resid, (resid.shape[-1],), ln_w, ln_b, eps)
         out = torch.baddbmm(b[:, None], y.expand(W.shape[0], -1, -1), W)  # [R, T, dh]
-        ctx.save_for_backward(resid, W, ln_w, delta)
+        ctx.save_for_backward(resid, W, ln_w)
         ctx.eps, ctx.slot_idx = eps, slot_idx
+        ctx.delta = delta  # a constant (no gradient); may be a view of a buffer still being filled
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        resid, W, ln_w, delta = ctx.saved_tensors
+        resid, W, ln_w = ctx.saved_tensors
+        delta = ctx.delta
         grad_y = torch.bmm(grad_out, W.transpose(1, 2))  # [R, T, d]
         grad_x = _ln_vjp(resid, grad_y, ln_w, ctx.eps)
         grad_mask = _mask_grad(grad_x, delta, ctx.slot_idx)
@@ -502,28 +574,41 @@ class _InputProbe(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, delta, slot_idx):
-        ctx.save_for_backward(delta)
+        ctx.delta = delta  # a constant (no gradient); may be a view of a buffer still being filled
         ctx.slot_idx = slot_idx
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        (delta,) = ctx.saved_tensors
-        return grad, _mask_grad(grad[None], delta, ctx.slot_idx), None, None
+        return grad, _mask_grad(grad[None], ctx.delta, ctx.slot_idx), None, None
 
 
-def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, delta: Tensor,
-                   embed: Tensor | None = None) -> Tensor:
+def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, delta: Tensor | None,
+                   embed: Tensor | None = None, target: Tensor | None = None) -> Tensor:
     """The plain forward on ``tokens`` (embedding ``embed`` when given) whose receivers read
     ``resid + mask . delta`` with ``mask`` ``[slots, receivers, senders]`` = 0: the forward is the
     unpatched one, and ``d metric / d mask`` is the EAP table. Returns the final residual
-    ``[n, pos, d]``."""
+    ``[n, pos, d]``.
+
+    ``delta=None`` with ``target`` (``[senders, n, pos, d]``): the differences are
+    ``target - this forward's sender outputs``, filled in as the forward computes them (EAP: no
+    separate clean forward; only with ``embed=None``, the clean run)."""
     net = engine.net
     H, D = net.n_heads, net.d_model
     n, P = tokens.shape
     T = n * P
-    delta = delta.reshape(engine.n_senders, T, D)
+    fill = delta is None
+    if fill:
+        if target is None or embed is not None:
+            raise ValueError("probed_forward: delta=None needs target and the clean embedding (embed=None).")
+        target = target.reshape(engine.n_senders, T, D)
+        delta = torch.empty_like(target)
+    else:
+        delta = delta.reshape(engine.n_senders, T, D)
     resid = (engine.embed(tokens) if embed is None else embed).reshape(T, D)
+    if fill:
+        with torch.no_grad():
+            torch.sub(target[0], resid.detach(), out=delta[0])
     for layer in range(net.n_layers):
         r0, s0 = engine.head_receivers[layer], engine.head_senders[layer]
         W = engine.W_hqkv[layer].reshape(3 * H, D, -1)
@@ -533,11 +618,19 @@ def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, 
                                      delta[:s0], tuple(slot_idx))
         q, k, v = (t.reshape(H, n, P, -1) for t in qkv.view(H, 3, T, -1).unbind(1))
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=net.attn_scales[layer])
-        z = z.reshape(H, T, -1).permute(1, 0, 2).reshape(T, -1)
+        z = z.reshape(H, T, -1)
+        if fill:
+            with torch.no_grad():
+                torch.sub(target[s0 : s0 + H], torch.matmul(z.detach(), net.W_O[layer]), out=delta[s0 : s0 + H])
+        z = z.permute(1, 0, 2).reshape(T, -1)
         resid = resid + net.attn_out_from_z(layer, z)
         if not net.attn_only:
             rm, sm = engine.mlp_receivers[layer], engine.mlp_senders[layer]
             x = _InputProbe.apply(resid, mask[:, rm, :sm][:, None], delta[:sm], tuple(slot_idx))
-            resid = resid + net.mlp(layer, x)
+            mlp_out = net.mlp(layer, x)
+            if fill:
+                with torch.no_grad():
+                    torch.sub(target[sm], mlp_out.detach(), out=delta[sm])
+            resid = resid + mlp_out
     final = _InputProbe.apply(resid, mask[:, -1, :][:, None], delta, tuple(slot_idx))
     return final.view(n, P, D)

@@ -141,15 +141,19 @@ def _scores_impl(
         chunk_idx = None if word_idx is None else {k: torch.as_tensor(v)[rows] for k, v in word_idx.items()}
         slots = slot_token_index(graph, chunk_idx, n_rows, P, device)
         with torch.no_grad():
-            clean_out = engine.sender_outputs(toks)
             target = engine.sender_outputs(corrupted[rows]) if corrupted is not None else means[:, rows]
-            delta = (target - clean_out).contiguous()
-            e_clean, e_corr = clean_out[0], (target[0] if corrupted is not None else None)
+            if alphas is None:  # EAP: the probed clean forward fills in target - clean outputs
+                delta = e_clean = e_corr = None
+            else:
+                clean_out = engine.sender_outputs(toks)
+                delta = (target - clean_out).contiguous()
+                e_clean, e_corr = clean_out[0], (target[0] if corrupted is not None else None)
         for alpha in points:
             embed = None if alphas is None else e_corr + alpha * (e_clean - e_corr)
             mask = torch.zeros_like(grad_total[0], requires_grad=True)
             with torch.enable_grad():
-                final = probed_forward(engine, toks, mask, slots, delta, embed=embed)[None]
+                final = probed_forward(engine, toks, mask, slots, delta, embed=embed,
+                                       target=target if delta is None else None)[None]
                 if is_ld:
                     m = metric[rows]
                     ends = m.end_idx.to(device).long()

@@ -120,12 +120,12 @@ def acdc(
     clean_logprobs = None
     if criterion == "kl":
         final, _ = engine.run(clean, torch.zeros(1, graph.n_slots, engine.n_receivers, engine.n_senders,
-                                                 device=device), slots, start=states[(net.n_layers, "final")])
-        clean_logprobs = net.logits(final[0, rows, ends]).log_softmax(-1)
+                                                 device=device), slots, start=states[(net.n_layers, "final")], end_pos=ends)
+        clean_logprobs = net.logits(final[0, :, 0]).log_softmax(-1)
 
     def evaluate(dense: Tensor, start_key) -> Tensor:
-        final, _ = engine.run(clean, dense, slots, target=target, start=states[start_key])
-        at_end = final[:, rows, ends]  # [k, n, d]
+        final, _ = engine.run(clean, dense, slots, target=target, start=states[start_key], end_pos=ends)
+        at_end = final[:, :, 0]  # [k, n, d]: the END rows
         if criterion == "abs_ld":
             io, s = net.answer_logits(at_end, io_ids, s_ids)
             return metric.reduce(io - s)

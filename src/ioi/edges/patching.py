@@ -184,14 +184,15 @@ def patch_edges(
         target = engine.sender_outputs(corrupted[rows]) if corrupted is not None else means[:, rows].contiguous()
         for s0 in range(0, n_sets, sets_chunk):
             dense = dense_all[s0 : s0 + sets_chunk]
-            final, _ = engine.run(toks, dense, slots, target=target)
             if is_ld:
                 m = metric[rows] if n_rows != n else metric
                 ends = m.end_idx.to(device).long()
-                at_end = final[:, torch.arange(n_rows, device=device), ends]  # [k, n_rows, D]
+                final, _ = engine.run(toks, dense, slots, target=target, end_pos=ends)
+                at_end = final[:, :, 0]  # [k, n_rows, D]: the END rows
                 io, s = engine.net.answer_logits(at_end, m.io_ids.to(device), m.s_ids.to(device))
                 per_prompt[s0 : s0 + dense.shape[0], rows] = io - s
             else:
+                final, _ = engine.run(toks, dense, slots, target=target)
                 logits = engine.net.logits(final)
                 for j in range(final.shape[0]):
                     results.append(torch.as_tensor(metric(logits[j])).detach().float())
