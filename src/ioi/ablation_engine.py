@@ -30,6 +30,13 @@ F(C\\(K∪{v})) from F(C\\K) at v's layer): below that layer the two runs are eq
 so the pass starts there from the stored run's residual stream. Rows that are not recomputed use
 the source stream's keys and values. In the last layer only END rows are computed (LD mode).
 
+Attention at the recomputed rows, two layouts (same maths): for clean-source chunks (long windows
+from the first ablated position to END) each spec's keys/values are laid out in full ``[k, N *
+seq]`` buffers (the source's at the other rows, reused by every layer of the chunk) and attended
+with the fused causal kernel; for all-ablated-source chunks (a few rows per prompt, few heads) the
+recomputed rows sit in a padded per-prompt window and attend to the source keys shared by the
+chunk's specs, without copying them per spec.
+
 Rows are packed (prompt-major lists of (prompt, position)); everything after a prompt's END is
 skipped in LD mode.
 """
