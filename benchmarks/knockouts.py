@@ -8,9 +8,10 @@ candidates (5 for the naive circuit).
 
 The floor counts the matmul FLOPs the evaluations really need, with every exact saving:
 
-* the shared runs: the means' run over p_ABC, the clean run and the all-ablated run (every head mean-ablated, MLPs intact),
-  each a forward over every prompt's positions up to END (the all-ablated one projects q/k/v only
-  for the circuit's heads);
+* the shared runs: the means' run over p_ABC, the clean run and the all-ablated run (every head
+  mean-ablated, MLPs intact; one per means tensor, which the full and the naive circuit share),
+  each a forward over every prompt's positions up to END (the all-ablated one projects only the
+  keys and values of the circuit's heads);
 * F(C\\K): only rows where a head of C\\K is kept (a row where every head is ablated equals the
   all-ablated run), from the first layer where C\\K differs from the run it resumes from; q only at
   the kept (head, row) pairs, k/v of the kept heads at the recomputed rows, W_O at the kept pairs,
@@ -132,14 +133,22 @@ def spec_floor(engine, spec, start: int, share_rows: bool = True) -> float:
     return flops
 
 
-def stream_floor(engine, source: str, circuit_heads: int) -> float:
-    """A shared run over every prompt's rows up to END."""
+def stream_floor(engine, source: str, circuit_heads: int, means_run: bool = False) -> float:
+    """A shared run over every prompt's rows up to END; in the last layer only END rows are read
+    (``means_run``: the run over p_ABC for the means, which needs every head's z at every row and
+    nothing after the last layer's z)."""
     net = engine.net
-    rows = float(engine.valid.sum())
+    rows, end_rows = float(engine.valid.sum()), float(engine.n)
     L, D, hd = net.n_layers, net.d_model, net.hd
-    per_layer = 4.0 * rows * D * net.d_mlp + 2.0 * rows * hd * D  # MLP, W_O (or the means' W_O)
-    qkv = 2.0 * rows * D * 3 * hd * L if source == "clean" else 2.0 * rows * D * 3 * net.d_head * circuit_heads
-    return per_layer * L + qkv
+    last_rows = 0.0 if means_run else end_rows  # rows whose MLP and W_O the last layer needs
+    out_rows = rows * (L - 1) + last_rows
+    flops = 4.0 * out_rows * D * net.d_mlp + 2.0 * out_rows * hd * D  # MLP, W_O (or the means' W_O)
+    if source == "clean":
+        q_rows = rows * L if means_run else rows * (L - 1) + end_rows
+        flops += 2.0 * D * hd * (q_rows + 2 * rows * L)
+    else:  # the all-ablated run: only keys and values of the circuit's heads are ever read from it
+        flops += 2.0 * rows * D * 2 * net.d_head * circuit_heads
+    return flops
 
 
 def main(argv=None) -> dict:
@@ -192,13 +201,16 @@ def main(argv=None) -> dict:
     n_heads_circuit = len(circuit.heads())
     floor = issue_floor = 0.0
     first = recorder.engines[0]
-    for _ in range(2):  # the clean run and the means' run over p_ABC (a forward pass each)
-        floor += stream_floor(first, "clean", n_heads_circuit)
-        issue_floor += stream_floor(first, "clean", n_heads_circuit)
+    for means_run in (False, True):  # the clean run and the means' run over p_ABC (a forward pass each)
+        floor += stream_floor(first, "clean", n_heads_circuit, means_run)
+        issue_floor += stream_floor(first, "clean", n_heads_circuit, means_run)
+    ablated_streams = {}  # one all-ablated run per means tensor (the full and the naive circuit share it)
     for engine in recorder.engines:
         if engine.head_means is not None:
-            floor += stream_floor(engine, "ablated", n_heads_circuit)
-            issue_floor += stream_floor(engine, "ablated", n_heads_circuit)
+            ablated_streams[id(engine._streams["ablated"])] = engine
+    for engine in ablated_streams.values():
+        floor += stream_floor(engine, "ablated", n_heads_circuit)
+        issue_floor += stream_floor(engine, "ablated", n_heads_circuit)
     for engine, spec, start_layer in recorder.records:
         floor += spec_floor(engine, spec, start_layer)
         issue_floor += spec_floor(engine, spec, start_layer, share_rows=False)

@@ -169,6 +169,24 @@ def test_bit_identical_between_runs():
     assert torch.equal(values[0], values[1])
 
 
+def test_all_ablated_stream_shared_only_between_the_same_means():
+    """Two circuits on the same means share one all-ablated run (its F(C) equals the reference's);
+    other means get their own."""
+    model = sharp_model("random-L2-H3-D8")
+    batch = _Batch(5, False)
+    means = fast.compute_template_means(model, batch.abc, batch.groups)
+    clean = ce.CleanRun.build(model, batch, memory_budget_mb=64)
+    full = _circuit(2, 3, batch.word_idx)
+    small = {h: p for h, p in full.items() if h[0] == 1}
+    first, second = clean.evaluator(means, full, batch), clean.evaluator(means, small, batch)
+    assert first.engine.stream("ablated") is second.engine.stream("ablated")
+    other = clean.evaluator(means * 0.5, small, batch)
+    assert other.engine.stream("ablated") is not first.engine.stream("ablated")
+    for evaluator, circuit, m in ((first, full, means), (second, small, means), (other, small, means * 0.5)):
+        torch.testing.assert_close(evaluator.f_circuit, _reference(model, batch, m, circuit, [], "all_positions"),
+                                   atol=ATOL, rtol=0)
+
+
 def test_bad_input_is_named():
     model = sharp_model("random-L2-H3-D8")
     batch = _Batch(4, False)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ioi"
 
-# The fast paths and what they call (the knockout engine and ioi.edges are checked by their owners;
-# add them here once their factory calls name a device).
+# The fast paths and what they call (ioi.edges is checked by its owner; add it here once its factory
+# calls name a device).
 FAST_PATH_FILES = sorted(
     [*SRC.glob("patching/*.py"), *SRC.glob("experiments/*.py"), *SRC.glob("analysis/*.py")]
     + [SRC / name for name in ("server.py", "selfcheck.py", "identity.py", "breakdown.py", "forward.py",
-                               "metrics.py")]
+                               "metrics.py", "ablation.py", "ablation_engine.py", "ablation_reference.py")]
 )
 FACTORIES = frozenset({"zeros", "ones", "empty", "full", "arange", "linspace", "logspace", "eye", "tensor",
                        "rand", "randn", "randint", "randperm", "tril_indices", "triu_indices"})

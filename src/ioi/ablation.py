@@ -503,10 +503,16 @@ def evaluate_ablations(
     return [metric(run.logits) for run in runs]
 
 
+def _evaluate_one(model, toks: Int[Tensor, "batch seq"], metric: Callable[[Tensor], Tensor],
+                  ablation: Ablation | None) -> Tensor:
+    """``metric`` of the model under one ablation (:func:`evaluate_ablations` of a single one)."""
+    return evaluate_ablations(model, toks, metric, [ablation])[0]
+
+
 @torch.no_grad()
 def run_with_ablation(model, toks: Int[Tensor, "batch seq"], ablation: Ablation | None) -> Tensor:
     """Logits of ``toks`` with ``ablation`` applied (the plain-tensor engine; full logits)."""
-    return evaluate_ablations(model, toks, lambda logits: logits, [ablation])[0]
+    return _evaluate_one(model, toks, lambda logits: logits, ablation)
 
 
 def evaluate_circuit(
@@ -521,7 +527,7 @@ def evaluate_circuit(
 ) -> Tensor:
     """F(C), F(C\\K), F(M\\K) or F(M) (see :func:`ablate_circuit`) under ``metric``."""
     ablation = ablate_circuit(means, circuit, knockout=knockout, knockout_mode=knockout_mode, seq=toks.shape[1])
-    return evaluate_ablations(model, toks, metric, [ablation])[0]
+    return _evaluate_one(model, toks, metric, ablation)
 
 
 def evaluate_circuits(
@@ -565,7 +571,7 @@ def knockout_heads(
 ) -> Tensor:
     """Metric with only the given heads mean-ablated at the given positions (``None`` = all)."""
     ablation = head_knockout(means, heads_with_positions, seq=toks.shape[1])
-    return evaluate_ablations(model, toks, metric, [ablation])[0]
+    return _evaluate_one(model, toks, metric, ablation)
 
 
 def knockout_mlps(
@@ -578,7 +584,7 @@ def knockout_mlps(
 ) -> Tensor:
     """Metric with MLP ``layers`` mean-ablated (e.g. ``range(1, n_layers)``: all but MLP0)."""
     ablation = mlp_knockout(mlp_means, layers, positions, seq=toks.shape[1])
-    return evaluate_ablations(model, toks, metric, [ablation])[0]
+    return _evaluate_one(model, toks, metric, ablation)
 
 
 def mlp_knockout_sweep(

@@ -30,6 +30,13 @@ F(C\\(K∪{v})) from F(C\\K) at v's layer): below that layer the two runs are eq
 so the pass starts there from the stored run's residual stream. Rows that are not recomputed use
 the source stream's keys and values. In the last layer only END rows are computed (LD mode).
 
+Attention at the recomputed rows, two layouts (same maths): for clean-source chunks (long windows
+from the first ablated position to END) each spec's keys/values are laid out in full ``[k, N *
+seq]`` buffers (the source's at the other rows, reused by every layer of the chunk) and attended
+with the fused causal kernel; for all-ablated-source chunks (a few rows per prompt, few heads) the
+recomputed rows sit in a padded per-prompt window and attend to the source keys shared by the
+chunk's specs, without copying them per spec.
+
 Rows are packed (prompt-major lists of (prompt, position)); everything after a prompt's END is
 skipped in LD mode.
 """
@@ -187,7 +194,9 @@ class KnockoutEngine:
         self.flops = FlopCounter()
         # source -> holder {"stream": _Stream}; the clean holder is shared with with_means() copies
         self._streams: dict[str, dict] = {"clean": {}, "ablated": {}}
-        self._mean_out: list[Tensor] | None = None
+        self._mean_out_holder: dict = {}  # "out": the means' attention outputs per layer
+        # (head_means, mlp_means, all-ablated holder, mean-out holder) of every with_means() copy
+        self._ablated_holders: list[tuple] = []
         self._weight_cache: dict[tuple, tuple[Tensor, ...]] = {}
 
     def with_means(self, head_means: Tensor | None = None, mlp_means: Tensor | None = None) -> "KnockoutEngine":
@@ -196,8 +205,16 @@ class KnockoutEngine:
         other.__dict__.update(self.__dict__)
         other.head_means = None if head_means is None else self._check_means(head_means, "head", 5)
         other.mlp_means = None if mlp_means is None else self._check_means(mlp_means, "MLP", 4)
-        other._streams = {"clean": self._streams["clean"], "ablated": {}}  # clean holder shared
-        other._mean_out = None
+        # the clean holder is shared; the all-ablated one by every copy given the same means tensors
+        shared = self._ablated_holders
+        for means_in, mlp_in, holder, mean_out in shared:
+            if means_in is head_means and mlp_in is mlp_means:
+                break
+        else:
+            holder, mean_out = {}, {}
+            shared.append((head_means, mlp_means, holder, mean_out))
+        other._streams = {"clean": self._streams["clean"], "ablated": holder}
+        other._mean_out_holder = mean_out
         other.flops = self.flops  # one counter for everything run on these prompts
         return other
 
@@ -239,13 +256,14 @@ class KnockoutEngine:
 
     def mean_out(self, layer: int) -> Tensor:
         """``[N * seq, d_model]``: the attention output when every head takes its mean."""
-        if self._mean_out is None:
+        holder = self._mean_out_holder
+        if "out" not in holder:
             net = self.net
             if self.head_means is None:
                 raise ValueError("The all-ablated stream needs head_means.")
             flat = self.head_means.reshape(self.n * self.seq, net.n_layers, net.hd)
-            self._mean_out = [torch.addmm(net.b_O[l], flat[:, l], net.W_O_flat[l]) for l in range(net.n_layers)]
-        return self._mean_out[layer]
+            holder["out"] = [torch.addmm(net.b_O[l], flat[:, l], net.W_O_flat[l]) for l in range(net.n_layers)]
+        return holder["out"][layer]
 
     def stream(self, source: Source) -> _Stream:
         holder = self._streams.setdefault(source, {})
@@ -450,7 +468,9 @@ class KnockoutEngine:
         first = members[order[0]][2]
         # per layer, the means at the recomputed rows: [r, H, dh]
         means_rows = None if self.head_means is None else self.head_means[n_idx, p_idx].unbind(1)
-        layout = self._layout(n_idx, p_idx, rows_mask)
+        # clean source (F(M\\K): long windows): full per-spec layouts; all-ablated source (F(C\\K): a
+        # few rows per prompt): padded windows against the shared source keys
+        layout = self._full_layout(flat, rows_mask) if source == "clean" else self._layout(n_idx, p_idx, rows_mask)
         trimmed = False
         for layer in range(first, L):
             # join the specs starting here
@@ -531,6 +551,65 @@ class KnockoutEngine:
         return {"W": W, "slot": slot, "pad_n": pad_n, "pad_w": pad_w, "src": bias(src_ok), "win": bias(win_ok),
                 "src_end": None if src_end is None else bias(src_end), "win_end": bias(valid)}
 
+    def _full_layout(self, flat: Tensor, rows_mask: Tensor) -> dict:
+        """The full ``[k, N * seq]`` layout: every prompt's own key/value sequence per spec (the
+        source stream's keys and values at rows that are not recomputed, the spec's at the
+        recomputed ``flat`` rows), so plain causal attention over it is the spec's attention. The
+        buffers in ``"work"`` are reused by every layer of the chunk."""
+        others = (~rows_mask).reshape(-1).nonzero()[:, 0]
+        return {"full": True, "others": others, "work": {}}
+
+    def _buffer(self, work: dict, name: str, shape: tuple, zero: bool) -> Tensor:
+        """A buffer of ``work`` kept across layers (re-made when its shape changes); ``zero``: made
+        as zeros (rows that are never written must stay finite)."""
+        buf = work.get(name)
+        if buf is None or tuple(buf.shape) != shape:
+            make = torch.zeros if zero else torch.empty
+            buf = work[name] = make(shape, dtype=self.net.W_E.dtype, device=self.net.device)
+        return buf
+
+    def _attend_full(self, layer: int, q: Tensor, kv: Tensor, stream: _Stream, active: Tensor, flat: Tensor,
+                     layout: dict, q_rows: Tensor) -> Tensor:
+        """Causal attention in the full layout -> ``z [k, len(q_rows), n_act, dh]`` at ``q_rows``.
+
+        ``q [k, len(q_rows), n_act * dh]`` are the queries at packed rows ``q_rows`` (all recomputed
+        rows, or only END rows in the last layer); ``kv [k, r, 2 * n_act * dh]`` the recomputed keys
+        and values. Query rows that are not asked for hold zeros or an earlier layer's queries
+        (finite; their outputs are never read)."""
+        net = self.net
+        N, S, dh = self.n, self.seq, net.d_head
+        k = q.shape[0]
+        n_act = len(active)
+        w = n_act * dh
+        work = layout["work"]
+        k_max = max(k, work.get("k_max", 0))
+        work["k_max"] = k_max
+        q_full = self._buffer(work, "q", (k_max, N * S, w), zero=True)[:k]
+        kv_full = self._buffer(work, "kv", (k_max, N * S, 2 * w), zero=False)[:k]
+        others = layout["others"]
+        if others.numel():
+            src = self._source_kv_rows(stream, layer, active, others)  # [n_others, 2w]
+            kv_full.index_copy_(1, others, src.expand(k, -1, -1))
+        kv_full.index_copy_(1, flat, kv)
+        q_flat = flat[q_rows]
+        q_full.index_copy_(1, q_flat, q)
+        qh = q_full.view(k * N, S, n_act, dh).transpose(1, 2)
+        kvh = kv_full.view(k * N, S, 2, n_act, dh)
+        z = F.scaled_dot_product_attention(qh, kvh[:, :, 0].transpose(1, 2), kvh[:, :, 1].transpose(1, 2),
+                                           is_causal=True, scale=net.attn_scales[layer])  # [kN, a, S, dh]
+        z = z.transpose(1, 2).reshape(k, N * S, w)
+        self.flops.attention += 4.0 * k * N * n_act * S * S * dh
+        return z.index_select(1, q_flat).view(k, len(q_rows), n_act, dh)
+
+    def _source_kv_rows(self, stream: _Stream, layer: int, active: Tensor, rows: Tensor) -> Tensor:
+        """The source stream's keys|values ``[len(rows), 2 * n_act * d_head]`` of the ``active``
+        heads at flat ``rows``."""
+        net = self.net
+        kv = stream.qkv(layer).index_select(0, rows).view(len(rows), 3, net.n_heads, net.d_head)[:, 1:]
+        if len(active) < net.n_heads:
+            kv = kv[:, :, active]
+        return kv.reshape(len(rows), -1)
+
     def _source_kv(self, stream: _Stream, layer: int, active: Tensor) -> tuple[Tensor, Tensor]:
         """The source stream's keys ``[N, n_act, d_head, S]`` and values ``[N, n_act, S, d_head]`` of
         the ``active`` heads (cached per layer and head set)."""
@@ -565,8 +644,16 @@ class KnockoutEngine:
         x = net.ln(resid, net.ln1[layer])
         xq = x if end_rows is None else x[:, end_rows]
         q = net.linear(xq, W_q, b_q).view(k, -1, n_act, dh)  # [k, rq, n_act, dh]
-        kv = net.linear(x, W_kv, b_kv).view(k, r, 2, n_act, dh)
+        kv = net.linear(x, W_kv, b_kv)  # [k, r, 2 * n_act * dh]
         flops.qkv += 2.0 * D * w * (k * q.shape[1] + 2 * k * r)
+        if layout.get("full"):
+            q_rows = torch.arange(r, device=flat.device) if end_rows is None else end_rows
+            z = self._attend_full(layer, q.view(k, -1, w), kv, stream, active, flat, layout, q_rows)
+            rows = slice(None) if end_rows is None else end_rows
+            if end_rows is not None:
+                resid = resid[:, end_rows]
+            return self._attn_out(layer, resid, z, keep, means_rows, flat, rows, active)
+        kv = kv.view(k, r, 2, n_act, dh)
         src_kT, src_v = self._source_kv(stream, layer, active)  # [N, a, dh, S], [N, a, S, dh]
         W, slot = layout["W"], layout["slot"]
         # the recomputed keys/values in a padded [N, a, k, W, dh] layout (batched matmuls per prompt
@@ -603,6 +690,20 @@ class KnockoutEngine:
             rows = end_rows
             resid = resid[:, end_rows]
             flops.attention += 4.0 * len(end_prompts) * n_act * k * (S + W) * dh
+        return self._attn_out(layer, resid, z, keep, means_rows, flat, rows, active)
+
+    def _attn_out(self, layer: int, resid: Tensor, z: Tensor, keep: Tensor, means_rows: Tensor | None,
+                  flat: Tensor, rows, active: Tensor) -> Tensor:
+        """``resid + attn_out`` at ``rows`` (``resid`` already restricted to them): the ``active``
+        heads' ``z [k, r', n_act, dh]`` where kept, their means where ablated; every other head
+        outputs its mean."""
+        net = self.net
+        D, H, dh = net.d_model, net.n_heads, net.d_head
+        k = z.shape[0]
+        n_act = len(active)
+        all_heads, w = n_act == H, n_act * dh
+        W_O = self._weights(layer, active)[4]
+        flops = self.flops
         keep_act = keep[:, rows] if all_heads else keep[:, rows][..., active]  # [k, r', n_act]
         r_out = resid.shape[1]
         if all_heads:

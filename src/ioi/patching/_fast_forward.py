@@ -77,6 +77,16 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+_ACTIVATIONS_INPLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_new": lambda x: torch._C._nn.gelu_(x, approximate="tanh"),
+    "gelu_fast": lambda x: torch._C._nn.gelu_(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch._C._nn.gelu_(x, approximate="tanh"),
+    "gelu": lambda x: torch._C._nn.gelu_(x),
+    "relu": torch.relu_,
+    "silu": lambda x: F.silu(x, inplace=True),
+}
+
+
 class UnsupportedModelError(NotImplementedError):
     """The model's architecture is outside what the fast re-implementation reproduces exactly."""
 
@@ -195,6 +205,10 @@ class NetWeights:
     def act(self, x: Tensor) -> Tensor:
         return _ACTIVATIONS[self.act_fn](x)
 
+    def act_(self, x: Tensor) -> Tensor:
+        """The activation function applied in place (the same numbers as :meth:`act`)."""
+        return _ACTIVATIONS_INPLACE[self.act_fn](x)
+
     # -- building blocks ----------------------------------------------------------------------
 
     def ln(self, x: Tensor, params: tuple[Tensor | None, Tensor | None]) -> Tensor:
@@ -226,9 +240,14 @@ class NetWeights:
         if self.attn_only:
             return resid
         flat = resid.view(-1, self.d_model)
-        for tile in row_tiles(len(flat), flat.device):
+        tiles = row_tiles(len(flat), flat.device)
+        # one hidden buffer for every tile, the activation in place (same numbers, fewer fresh pages)
+        buffer = flat.new_empty(min(len(flat), tiles[0].stop - tiles[0].start), self.d_mlp)
+        for tile in tiles:
             rows = flat[tile]
-            hidden = self.act(torch.addmm(self.b_in[layer], self.ln(rows, self.ln2[layer]), self.W_in[layer]))
+            hidden = buffer[: len(rows)]
+            torch.addmm(self.b_in[layer], self.ln(rows, self.ln2[layer]), self.W_in[layer], out=hidden)
+            self.act_(hidden)
             # accumulated into the rows in place, in the same order as ever (rounding unchanged)
             rows.addmm_(hidden, self.W_out[layer]).add_(self.b_out[layer])
         return resid
