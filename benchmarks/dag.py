@@ -11,7 +11,9 @@ model loading, the script's start). Peak memory is the larger of the benchmark's
 benchmark of the client cannot see). With ``--json FILE`` it also writes
 
     {"total_wall_s", "cores", "threads", "device", "rules": [{"rule", "wall_s", "own_s",
-     "overhead_s", "max_rss_mb"}, ...], "settings", "provenance"}
+     "overhead_s", "max_rss_mb", "mem_mb"}, ...], "settings", "provenance"}
+
+(``mem_mb``: the memory the job declares to the scheduler; the table flags a peak above it.)
 
 Full scale (the lead runs this on a quiet machine; about an hour on 2 CPU cores):
 
@@ -30,6 +32,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,6 +123,29 @@ def _tsv_row(path: Path) -> dict[str, float]:
     return {"wall_s": number("s"), "max_rss_mb": number("max_rss")}
 
 
+def _smk_mem_mb(smk: str, rule: str) -> float | None:
+    """The ``mem_mb=`` a workflow rule declares (the first one in its block), or None."""
+    text = (REPO / "workflow" / "rules" / smk).read_text()
+    block = re.search(rf"^rule {rule}:\n(.*?)(?=^rule |\Z)", text, re.S | re.M)
+    found = block and re.search(r"mem_mb=(\d+)", block.group(1))
+    return float(found.group(1)) if found else None
+
+
+def declared_mem_mb(rule: str) -> float | None:
+    """The memory a job declares to the scheduler (``resources: mem_mb``): an experiment's from
+    ``ioi.registry``, the self-check's and the figures' from their rules."""
+    if rule.startswith("experiment:"):
+        from ioi.registry import EXPERIMENTS
+
+        spec = EXPERIMENTS.get(rule.split(":", 1)[1])
+        return float(spec.mem_mb) if spec else None
+    if rule == "selfcheck":
+        return _smk_mem_mb("model.smk", "selfcheck")
+    if rule.startswith("figure:"):
+        return _smk_mem_mb("figures.smk", "figure")
+    return None
+
+
 def rule_rows(results: Path) -> list[dict[str, Any]]:
     """One row per benchmarked job: ``rule`` (``selfcheck``, ``experiment:<name>``,
     ``figure:<name>``, ...), wall seconds (the benchmark), own seconds (``meta.json``), overhead,
@@ -136,7 +162,8 @@ def rule_rows(results: Path) -> list[dict[str, Any]]:
             rule, meta_path = "comparison", None
         else:
             rule, meta_path = f"experiment:{relative.name}", results / relative.name / "meta.json"
-        row = {"rule": rule, **_tsv_row(tsv), "own_s": None, "overhead_s": None}
+        row = {"rule": rule, **_tsv_row(tsv), "own_s": None, "overhead_s": None,
+               "mem_mb": declared_mem_mb(rule)}
         if meta_path is not None and meta_path.exists():
             meta = json.loads(meta_path.read_text())
             row["own_s"] = meta.get("seconds")
@@ -153,7 +180,7 @@ def format_table(report: dict) -> str:
     lines = [
         f"whole DAG: {report['total_wall_s']:.1f} s wall, {report['cores']} cores, "
         f"{report['threads']} threads per job, device {report['device']}",
-        f"{'rule':44s} {'wall s':>9s} {'own s':>9s} {'overhead s':>11s} {'max RSS MB':>11s}",
+        f"{'rule':44s} {'wall s':>9s} {'own s':>9s} {'overhead s':>11s} {'max RSS MB':>11s} {'mem_mb':>7s}",
     ]
 
     def cell(value, width, fmt="{:.1f}"):
@@ -161,8 +188,12 @@ def format_table(report: dict) -> str:
 
     for row in sorted(report["rules"], key=lambda r: -(r["wall_s"] or 0)):
         lines.append(f"{row['rule']:44s} {cell(row['wall_s'], 9)} {cell(row['own_s'], 9)} "
-                     f"{cell(row['overhead_s'], 11)} {cell(row['max_rss_mb'], 11, '{:.0f}')}")
+                     f"{cell(row['overhead_s'], 11)} {cell(row['max_rss_mb'], 11, '{:.0f}')} "
+                     f"{cell(row.get('mem_mb'), 7, '{:.0f}')}"
+                     + ("  OVER" if (row.get("mem_mb") and (row["max_rss_mb"] or 0) > row["mem_mb"]) else ""))
     overheads = sorted(r["overhead_s"] for r in report["rules"] if r["overhead_s"] is not None)
+    over = [r["rule"] for r in report["rules"] if r.get("mem_mb") and (r["max_rss_mb"] or 0) > r["mem_mb"]]
+    lines.append(f"peak memory over the declared mem_mb: {', '.join(over) or 'none'}")
     if overheads:
         lines.append(f"per-job overhead (wall - own): median {overheads[len(overheads) // 2]:.2f} s, "
                      f"max {overheads[-1]:.2f} s over {len(overheads)} jobs")

@@ -59,8 +59,13 @@ def test_dag_benchmark_smoke(tmp_path, monkeypatch, capsys):
     assert {"selfcheck", "experiment:baseline", "experiment:example_prompts",
             "figure:baseline_logit_diff", "figure:logit_diff_table"} <= set(rules)
     for row in saved["rules"]:
-        assert set(row) == {"rule", "wall_s", "own_s", "overhead_s", "max_rss_mb"}, row
+        assert set(row) == {"rule", "wall_s", "own_s", "overhead_s", "max_rss_mb", "mem_mb"}, row
         assert row["wall_s"] > 0 and row["max_rss_mb"] > 0
+    from ioi.registry import EXPERIMENTS
+
+    # the declared memory is the scheduler's: the registry's for experiments, the rules' otherwise
+    assert rules["experiment:baseline"]["mem_mb"] == EXPERIMENTS["baseline"].mem_mb
+    assert rules["selfcheck"]["mem_mb"] == 4000 and rules["figure:logit_diff_table"]["mem_mb"] == 1000
     for name in ("selfcheck", "experiment:baseline"):
         assert rules[name]["own_s"] > 0 and rules[name]["overhead_s"] is not None
     assert "whole DAG" in capsys.readouterr().out
