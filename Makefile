@@ -41,9 +41,9 @@ report: $(STAMP)
 report-test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_report_browser.py
 
-## The CI demo through profiles/slurm on a one-node SLURM cluster started on this machine (root).
+## Part of the CI demo through profiles/slurm on a one-node SLURM cluster started here (root; also in `make test`).
 slurm-test: $(STAMP)
-	IOI_SLURM_TEST=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_slurm.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_slurm.py
 
 check-model: $(STAMP)
 	$(BIN)/python -m ioi check-model --configfile config/config.yaml

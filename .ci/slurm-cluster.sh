@@ -5,7 +5,7 @@
 # exists yet (and `stop` removes that link); a machine with its own slurm.conf is refused.
 #   .ci/slurm-cluster.sh install   apt-get install slurm-wlm munge (skipped when present; needs root)
 #   .ci/slurm-cluster.sh start     write slurm.conf, start the daemons, wait until the node is idle
-#   .ci/slurm-cluster.sh stop      stop the daemons started by `start` (by their pid files)
+#   .ci/slurm-cluster.sh stop      cancel its jobs, stop the daemons started by `start` (pid files)
 #   .ci/slurm-cluster.sh env       print the environment clients need (SLURM_CONF=...)
 # Partitions `cpu` and `gpu` (both this node, no GPUs) match profiles/slurm/config.yaml.
 set -euo pipefail
@@ -24,14 +24,18 @@ install() {
 }
 
 start() {
+    stop   # daemons left by an interrupted run (their pid files) would hold the ports
+    rm -rf "$DIR/state" "$DIR/spool"   # a fresh cluster: no jobs recovered from an earlier run
     mkdir -p "$DIR"/{munge,spool,state,log}
     chmod 0700 "$DIR/munge"
     if [ ! -s "$DIR/munge/munge.key" ]; then
         dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
         chmod 0400 "$DIR/munge/munge.key"
     fi
-    local cpus mem
-    cpus=$(nproc)
+    local topology mem
+    # the machine's sockets, cores and threads as slurmd sees them: `CPUs=$(nproc)` alone leaves
+    # slurmctld one core per socket and one socket, i.e. a 1-CPU node under CR_Core
+    topology=$(slurmd -C | head -1 | grep -o 'CPUs=[0-9]* .*ThreadsPerCore=[0-9]*')
     mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     cat > "$DIR/slurm.conf" <<CONF
 ClusterName=ioi-test
@@ -63,7 +67,7 @@ MpiDefault=none
 MinJobAge=600
 SchedulerParameters=sched_interval=1
 MessageTimeout=30
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 $topology RealMemory=$mem State=UNKNOWN
 PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 PartitionName=gpu Nodes=$NODE Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
@@ -83,7 +87,14 @@ CONF
     slurmd -f "$SLURM_CONF" -N "$NODE"
     for _ in $(seq 60); do
         if sinfo -h -N -o '%T' 2>/dev/null | grep -q '^idle'; then
-            sinfo
+            sinfo -N -o '%N %P %T %c %m'
+            local node_cpus machine_cpus
+            node_cpus=$(sinfo -h -N -o '%c' | head -1)
+            machine_cpus=$(slurmd -C | head -1 | grep -o 'CPUs=[0-9]*' | cut -d= -f2)
+            if [ "$node_cpus" != "$machine_cpus" ]; then
+                echo "the SLURM node has $node_cpus CPUs, the machine $machine_cpus: see $SLURM_CONF" >&2
+                exit 1
+            fi
             return 0
         fi
         sleep 1
@@ -95,12 +106,26 @@ CONF
 }
 
 stop() {
+    # cancel the test cluster's jobs first, so no slurmstepd or job outlives the daemons
+    local ctld pid pids=()
+    ctld=$(cat "$DIR/slurmctld.pid" 2>/dev/null || true)
+    if [ -n "$ctld" ] && kill -0 "$ctld" 2>/dev/null; then
+        SLURM_CONF="$DIR/slurm.conf" scancel --user="$(id -un)" 2>/dev/null || true
+        for _ in $(seq 20); do
+            [ -z "$(SLURM_CONF="$DIR/slurm.conf" squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null)" ] && break
+            sleep 1
+        done
+    fi
     for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
-        if [ -s "$pidfile" ]; then
-            kill "$(cat "$pidfile")" 2>/dev/null || true
+        pid=$(cat "$pidfile" 2>/dev/null || true)   # a daemon removes its pid file as it exits
+        if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
+            pids+=("$pid")
         fi
     done
-    sleep 1
+    for pid in "${pids[@]}"; do   # wait until each has exited (their ports are free again)
+        for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+    done
     rm -f "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"
     if [ -L /etc/slurm/slurm.conf ] && [ "$(readlink /etc/slurm/slurm.conf)" = "$DIR/slurm.conf" ]; then
         rm -f /etc/slurm/slurm.conf

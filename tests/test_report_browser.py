@@ -22,11 +22,15 @@ from pathlib import Path
 
 import pytest
 
+from ioi.labels import model_label
 from ioi.registry import FIGURES
 from system_packages import ensure
 
 REPO = Path(__file__).resolve().parents[1]
-ARTEFACTS = REPO / "results" / "planted-ioi-ci" / "browser"
+CI_RESULTS = REPO / "results" / "planted-ioi-ci"
+ARTEFACTS = CI_RESULTS / "browser"
+# reStructuredText escapes (ioi captions are plain text; the report's caption template escapes them)
+RST_ESCAPES = ("\\_", "\\|", "\\*", "\\`", "\\\\")
 
 # Run in the page once it has loaded: for each result, what the report's buttons do (the result in
 # the main view, then its info panel with the caption), and what the page then shows.
@@ -169,3 +173,13 @@ def test_report_renders_every_figure_and_caption_in_chromium(planted_demo, tmp_p
         assert caption_start in page_text, f"{name}: caption not shown ({caption_start!r})"
         for error in ("System Message", "(ERROR/", "(WARNING/", "Unknown target name", "Inline emphasis"):
             assert error not in page_text, f"{name}: reStructuredText error in the page: {error}"
+        # the caption's model line names the model as the figure titles do, never the spec or a path
+        meta = json.loads((CI_RESULTS / spec.experiment / "meta.json").read_text())
+        assert f"Model: {model_label(meta)}." in page_text, f"{name}: caption's model line"
+        # the info panel's "Job parameters" show the caption as written, without rst escapes
+        heading = row["page_text"].lower().find("job parameters")  # the heading is upper-cased by CSS
+        assert heading >= 0, f"{name}: no Job parameters panel"
+        params = row["page_text"][heading + len("job parameters"):]
+        assert f"caption={_plain(spec.caption)}" in _plain(params), f"{name}: caption in Job parameters"
+        escapes = [escape for escape in RST_ESCAPES if escape in params]
+        assert not escapes, f"{name}: Job parameters show reStructuredText escapes {escapes}"

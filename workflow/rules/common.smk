@@ -43,12 +43,12 @@ FIGURES = f"figures/{MODEL}"
 DATASETS = "results/datasets"
 
 
-def rst_text(text):
-    """Plain text made safe for the report's reStructuredText captions (|x| is a substitution
-    there, *x* emphasis, x_ a link): those characters are backslash-escaped."""
-    for char in ("\\", "|", "*", "`", "_"):
-        text = text.replace(char, "\\" + char)
-    return text
+def figure_model_label():
+    """How the report's figure captions name the model: as the figure titles do
+    (ioi.labels.model_label: model_name or the checkpoint folder's name, never a machine path)."""
+    from ioi.labels import model_label
+
+    return model_label({"model": {"spec": str(model_spec())}, "model_label": MODEL})
 
 
 def lib_sources(*modules):
@@ -69,11 +69,13 @@ def dataset_path(kind, n):
     return f"{DATASETS}/{kind}_n{n}_seed{config['seed']}.parquet"
 
 
-# What experiments import: the package minus its plotting code and the gallery writer (so a change
-# there redraws figures or rewrites the gallery without re-running every experiment).
+# What experiments import: the package minus its plotting code, the figures' model names and the
+# gallery writer (so a change there redraws figures or rewrites the gallery without re-running
+# every experiment).
 LIBRARY_SOURCES = sorted(str(p) for p in Path("src/ioi").rglob("*.py")
-                         if "plots" not in p.parts and p.name != "gallery.py")
-PLOT_SOURCES = sorted(str(p) for p in Path("src/ioi/plots").glob("*.py")) + ["src/ioi/registry.py"]
+                         if "plots" not in p.parts and p.name not in ("gallery.py", "labels.py"))
+PLOT_SOURCES = sorted(str(p) for p in Path("src/ioi/plots").glob("*.py")) + [
+    "src/ioi/labels.py", "src/ioi/registry.py"]
 
 
 def all_targets():

@@ -37,7 +37,9 @@ rule figure:
         mem_mb=1000,
         runtime=5,
     params:
-        caption=lambda wildcards: rst_text(FIGURE_SPECS[wildcards.figure].caption),
+        # plain text (the report's "Job parameters" panel shows it as is); figure.rst escapes it
+        caption=lambda wildcards: FIGURE_SPECS[wildcards.figure].caption,
+        model=figure_model_label(),
     script:
         "../scripts/plot_figure.py"
 

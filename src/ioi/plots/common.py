@@ -14,9 +14,8 @@ Colour scales follow the paper's plots (plotly "RdBu" centred at 0: negative red
 from __future__ import annotations
 
 import math
-import re
 import textwrap
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -29,6 +28,7 @@ from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from ioi.circuits import CLASS_ORDER, Circuit  # noqa: E402
+from ioi.labels import model_label  # noqa: E402  (also imported from here by the figures)
 from ioi.provenance import atomic_path  # noqa: E402
 
 Head = tuple[int, int]
@@ -57,32 +57,6 @@ plt.rcParams.update(
         "axes.formatter.use_mathtext": True,
     }
 )
-
-
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", "~", "./", "../")) or "/" in spec or "\\" in spec
-
-
-def model_label(meta: Mapping) -> str:
-    """How figures name the model of ``meta``: never a machine path. A local checkpoint is named
-    by the run's model name (config ``model_name``, recorded as ``meta["model_label"]``) or else
-    its folder's name; the planted and random models say they are not GPT-2."""
-    model = meta.get("model", {})
-    spec = str(model.get("spec", "unknown model"))
-    if spec == "planted-ioi":
-        return "planted-circuit model (not GPT-2)"
-    if spec.startswith("random-"):
-        return f"{spec} (random weights, not GPT-2)"
-    if _looks_like_path(spec):
-        folder = PurePath(spec.rstrip("/\\")).name
-        name = str(meta.get("model_label") or "")
-        # No model_name: the workflow's folder slug (ioi.models.model_slug) names the folder.
-        if not name or name == "local-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", folder):
-            name = folder
-        if _looks_like_path(name):
-            name = PurePath(name.rstrip("/\\")).name
-        return f"{name} (local checkpoint)"
-    return spec
 
 
 def model_title(title: str, meta: Mapping) -> str:
