@@ -77,3 +77,31 @@ def test_cpu_jobs_do_not_queue_for_a_gpu():
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "gpu=0" in done.stdout and "gpu=1" not in done.stdout
+
+
+def test_git_commit_is_dirty_for_code_changes_only(tmp_path):
+    """A run's commit is marked -dirty by an uncommitted code change, never by the workflow's own
+    regenerated outputs (the committed demo gallery, the comparison): a gallery regenerated at a
+    clean commit names that commit."""
+    import subprocess
+
+    from ioi.provenance import GENERATED_PATHS, git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "figures" / "m").mkdir(parents=True)
+    (tmp_path / "figures" / "m" / "a.png").write_bytes(b"old")
+    (tmp_path / "paper_comparison.md").write_text("old")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    assert "figures" in GENERATED_PATHS
+    (tmp_path / "figures" / "m" / "a.png").write_bytes(b"new")
+    (tmp_path / "paper_comparison.md").write_text("new")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"

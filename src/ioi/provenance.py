@@ -47,15 +47,22 @@ def package_versions(packages: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, 
     return versions
 
 
+# The workflow's own outputs, some of them committed (the demo gallery, the GPT-2 comparison):
+# regenerating them is not a change to the code that computes them, so they never mark a run dirty.
+GENERATED_PATHS = ("figures", "results", "paper_comparison.md", "benchmarks/measured")
+
+
 def git_commit(repo: str | Path | None = None) -> str | None:
-    """The current commit of the repository (with ``-dirty`` if there are uncommitted changes)."""
+    """The current commit of the repository, with ``-dirty`` if there are uncommitted changes to
+    anything but the generated outputs (:data:`GENERATED_PATHS`)."""
     cwd = Path(repo) if repo else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+             *(f":(top,exclude){path}" for path in GENERATED_PATHS)],
             cwd=cwd, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
