@@ -164,10 +164,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--memory-budget-mb", type=int, default=1024)
+    parser.add_argument("--serial-chunks", action="store_true",
+                        help="one chunk at a time on every thread (the engine's parallel_chunks=False), for A/B")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    ablation_engine.KnockoutEngine.PARALLEL_CHUNKS = not args.serial_chunks
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
     model = load_model(args.spec, device=device, seed=0)
@@ -227,6 +230,7 @@ def main(argv=None) -> dict:
         "cpu_seconds": cpu_seconds, "floor_cpu_seconds": floor / (gflops_cpu * 1e9),
         "ratio_cpu": cpu_seconds / (floor / (gflops_cpu * 1e9)) if floor else None,
         "threads": torch.get_num_threads(), "device": device_description(device),
+        "parallel_chunks": ablation_engine.KnockoutEngine.PARALLEL_CHUNKS,
     }
     print(_table(row))
     if args.json:
@@ -249,7 +253,8 @@ def _table(row: dict) -> str:
     note = (f"completeness, {row['spec']}, N={row['n']}, {c['GREEDY_RUNS']} greedy runs x "
             f"{c['GREEDY_ITERATIONS']} iterations x {c['GREEDY_CANDIDATES']} candidates, "
             f"{c['N_RANDOM_SETS']} random sets; {row['evaluated_sets']} knockout evaluations; "
-            f"{row['threads']} threads, {row['device']}")
+            f"{row['threads']} threads ({'parallel' if row.get('parallel_chunks', True) else 'serial'} chunks), "
+            f"{row['device']}")
     legend = ("wall: seconds and matmul GFLOPS per wall second; cpu: per CPU second of this process "
               "(all threads), which other jobs on a shared machine do not distort")
     return "\n".join([note, header, "-" * len(header), line, legend])

@@ -6,6 +6,8 @@ bit-identical results between two runs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -200,3 +202,43 @@ def test_bad_input_is_named():
         engine.evaluate([KnockoutSpec(torch.zeros(4, engine.seq, 2, 3, dtype=torch.bool), "ablated")])
     with pytest.raises(ValueError, match="END"):
         KnockoutEngine(model, batch.toks, end=batch.word_idx["END"])
+
+
+def test_parallel_chunks_match_reference_and_repeat_bit_identically():
+    """On a CPU with 2 torch threads a pass's chunks run on 2 worker threads (one torch thread
+    each; a lone chunk is split): the values equal the hooked reference, a repeat is bit-identical,
+    and the FLOP counts equal the serial path's."""
+    model = sharp_model("random-L3-H4-D16")
+    batch = _Batch(7, True)
+    means = fast.compute_template_means(model, batch.abc, batch.groups)
+    circuit = _circuit(3, 4, batch.word_idx)
+    heads = list(circuit)
+    sets = [frozenset({heads[0]}), frozenset({heads[2]}), frozenset({heads[1], heads[3]}),
+            frozenset({heads[3]}), frozenset({heads[0], heads[4]})]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        values, flops = [], []
+        for parallel in (True, True, False):
+            clean = ce.CleanRun.build(model, batch, memory_budget_mb=64)
+            clean.engine.parallel_chunks = parallel
+            evaluator = clean.evaluator(means, circuit, batch)
+            assert evaluator.engine._workers() == (2 if parallel else 1)
+            lone = [frozenset({heads[0]}), frozenset({heads[4]})]  # one window (from END): one chunk, split
+            evaluator.prefetch(lone, kinds=("M",))
+            evaluator.prefetch(sets)
+            values.append(torch.stack([evaluator.without(k) for k in sets] + [evaluator.model_without(k) for k in sets]))
+            flops.append(dataclasses.astuple(evaluator.engine.flops))  # mlp qkv attn_out attention unembed streams evaluated passes
+        assert torch.get_num_threads() == 2  # restored after the parallel passes
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(values[0], values[1])
+    # same MLP, unembedding and stream FLOPs and spec count (smaller parallel chunks may project
+    # fewer heads: a chunk computes the heads kept somewhere in it)
+    parallel_flops, serial_flops = flops[0], flops[2]
+    assert [parallel_flops[i] for i in (0, 4, 5, 6)] == [serial_flops[i] for i in (0, 4, 5, 6)]
+    assert sum(parallel_flops[:6]) <= sum(serial_flops[:6])
+    expected = torch.stack([_reference(model, batch, means, circuit, k, "all_positions") for k in sets]
+                           + [_reference(model, batch, means, circuit, k, "relevant_positions") for k in sets])
+    torch.testing.assert_close(values[0], expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(values[0], values[2], atol=1e-6, rtol=0)

@@ -39,12 +39,27 @@ chunk's specs, without copying them per spec.
 
 Rows are packed (prompt-major lists of (prompt, position)); everything after a prompt's END is
 skipped in LD mode.
+
+Parallel chunks on a CPU
+------------------------
+A pass's chunks are independent (each reads only the shared source streams and stored runs). On a
+CPU with ``T > 1`` torch threads, :meth:`KnockoutEngine.evaluate` runs them on ``T`` worker threads
+with one torch thread each (largest first; a lone chunk of several specs is split so every worker
+has one) instead of one chunk at a time on ``T`` threads: the engine's many small and
+memory-bound operations (windowed attention, row gathers, the activation function) scale far
+better across chunks than within one op (the matmuls alike). Each chunk's arithmetic is then
+single-threaded whatever ``T`` is; results are bit-identical between runs at the same ``T`` (and
+equal to the serial path, ``parallel_chunks=False``, to float32 rounding: tests). The memory budget
+is shared by the workers (each chunk gets ``budget / T``).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import copy
 import dataclasses
+import threading
 from typing import Literal, Sequence
 
 import torch
@@ -131,23 +146,32 @@ class _Stream:
         self.ld = ld
         self.logits = logits
         self.kv_cache: dict[tuple, Tensor] = {}  # (layer, heads) -> keys and values of those heads
+        self._lock = threading.Lock()  # parallel chunks project a layer's q|k|v once
 
     def qkv(self, layer: int) -> Tensor:
         if self._qkv[layer] is None:
-            net = self.net
-            self.flops.streams += 6.0 * self.resid[layer].shape[0] * net.d_model * net.hd
-            self._qkv[layer] = net.linear(net.ln(self.resid[layer], net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
+            with self._lock:
+                if self._qkv[layer] is None:
+                    net = self.net
+                    self.flops.streams += 6.0 * self.resid[layer].shape[0] * net.d_model * net.hd
+                    self._qkv[layer] = net.linear(net.ln(self.resid[layer], net.ln1[layer]), net.W_qkv[layer],
+                                                  net.b_qkv[layer])
         return self._qkv[layer]
 
 
 class KnockoutEngine:
     """Knockouts on one batch of prompts (see the module doc).
 
+    ``parallel_chunks`` (default :attr:`PARALLEL_CHUNKS`): on a CPU, run a pass's chunks on one
+    worker thread per torch thread (see "Parallel chunks on a CPU").
+
     ``toks [N, seq]``; ``end [N]``, ``io_ids``/``s_ids [N]`` for the LD at END (``end=None``: full
     logits at every position instead). ``head_means [N, seq', L, H, d_head]`` with ``seq' >= seq``
     (per-prompt means, e.g. template-wise p_ABC means); ``mlp_means [N, seq', L, d_model]`` when
     MLP knockouts are asked for. ``memory_budget_mb`` bounds a pass's working set (chunks of specs).
     """
+
+    PARALLEL_CHUNKS = True
 
     def __init__(
         self,
@@ -160,6 +184,7 @@ class KnockoutEngine:
         head_means: Float[Tensor, "batch seq layer head d_head"] | None = None,
         mlp_means: Float[Tensor, "batch seq layer d_model"] | None = None,
         memory_budget_mb: int = 1024,
+        parallel_chunks: bool | None = None,
     ):
         net = model_or_net if isinstance(model_or_net, NetWeights) else net_weights(model_or_net)
         self.net = net
@@ -189,6 +214,7 @@ class KnockoutEngine:
         self.head_means = None if head_means is None else self._check_means(head_means, "head", 5)
         self.mlp_means = None if mlp_means is None else self._check_means(mlp_means, "MLP", 4)
         self.memory_budget_mb = int(memory_budget_mb)
+        self.parallel_chunks = self.PARALLEL_CHUNKS if parallel_chunks is None else bool(parallel_chunks)
         positions = torch.arange(self.seq, device=device)
         self.valid = positions[None, :] <= self.last[:, None]  # [N, seq] rows that can matter
         self.flops = FlopCounter()
@@ -382,13 +408,69 @@ class KnockoutEngine:
             # recompute rows some of them do not need)
             key = (spec.source, rows.cpu().numpy().tobytes())
             groups[key].append((index, base, start, rows))
-        for (source, _), members in groups.items():
-            rows = members[0][3]
-            for chunk in self._chunks(members, rows, specs):
-                for (index, _, _, _), run in zip(chunk, self._run_chunk(source, rows, chunk, specs)):
-                    runs[index] = run
+        workers = self._workers()
+        work = [(source, members[0][3], chunk) for (source, _), members in groups.items()
+                for chunk in self._chunks(members, members[0][3], specs, workers)]
+        if workers > 1 and (len(work) > 1 or any(len(chunk) > 1 for _, _, chunk in work)):
+            done = self._run_parallel(work, specs, workers)
+        else:
+            done = [self._run_chunk(source, rows, chunk, specs) for source, rows, chunk in work]
+        for (_, _, chunk), chunk_runs in zip(work, done):
+            for (index, _, _, _), run in zip(chunk, chunk_runs):
+                runs[index] = run
         self.flops.evaluated += len(specs)
         return runs  # type: ignore[return-value]
+
+    def _workers(self) -> int:
+        """Chunks run at once: the torch thread count on a CPU (see the module doc), else 1."""
+        if not self.parallel_chunks or self.net.device.type != "cpu":
+            return 1
+        return max(1, torch.get_num_threads())
+
+    def _run_parallel(self, work: list, specs: Sequence[KnockoutSpec], workers: int) -> list[list[KnockoutRun]]:
+        """``_run_chunk`` of every work item on ``workers`` threads, one torch thread each, largest
+        first; a single chunk of several specs is split first so that every worker has one."""
+        work_items = list(enumerate(work))
+        while len(work_items) < workers:
+            splittable = [item for item in work_items if isinstance(item[0], int) and len(item[1][2]) > 1]
+            if not splittable:
+                break
+            j, (source, rows, chunk) = max(splittable, key=lambda item: len(item[1][2]))
+            half = (len(chunk) + 1) // 2
+            work_items = [item for item in work_items if item[0] != j]
+            work_items += [((j, 0), (source, rows, chunk[:half])), ((j, 1), (source, rows, chunk[half:]))]
+        for source in {item[1][0] for item in work_items}:
+            self.stream(source)  # built once, before the workers read it
+        if self.head_means is not None:
+            self.mean_out(0)
+        cost = lambda item: int(item[1][1].sum()) * len(item[1][2]) * (self.net.n_layers - min(m[2] for m in item[1][2]))  # noqa: E731
+        ordered = sorted(work_items, key=cost, reverse=True)
+        inference = torch.is_inference_mode_enabled()
+        threads = torch.get_num_threads()
+        counters: list[FlopCounter] = []
+
+        def run(item):
+            _, (source, rows, chunk) = item
+            torch.set_num_threads(1)  # this thread's own OpenMP setting
+            worker = copy.copy(self)
+            worker.flops = FlopCounter()  # merged below: no shared counter updates from threads
+            counters.append(worker.flops)
+            with torch.inference_mode(inference):
+                return worker._run_chunk(source, rows, chunk, specs)
+
+        torch.set_num_threads(1)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                results = dict(zip((key for key, _ in ordered), pool.map(run, ordered)))
+        finally:
+            torch.set_num_threads(threads)
+        for counter in counters:
+            for field in dataclasses.fields(FlopCounter):
+                setattr(self.flops, field.name, getattr(self.flops, field.name) + getattr(counter, field.name))
+        out = []
+        for j in range(len(work)):
+            out.append(results[j] if j in results else results[(j, 0)] + results[(j, 1)])
+        return out
 
     def _unchanged(self, spec: KnockoutSpec, base: KnockoutRun | None, start: int) -> KnockoutRun:
         """A spec equal to its source (or base) wherever it matters."""
@@ -406,7 +488,7 @@ class KnockoutEngine:
             run.base = base
         return run
 
-    def _chunks(self, members: list, rows: Tensor, specs: Sequence[KnockoutSpec]) -> list[list]:
+    def _chunks(self, members: list, rows: Tensor, specs: Sequence[KnockoutSpec], workers: int = 1) -> list[list]:
         net = self.net
         capture = any(specs[m[0]].capture for m in members)
         n_rows = int(rows.sum())
@@ -418,7 +500,7 @@ class KnockoutEngine:
             + (net.n_layers * n_rows * net.d_model if capture else 0)
         )
         fixed = 4 * min(n_rows, 1024) * width * 2
-        budget = max(self.memory_budget_mb * 2**20 - fixed, per_spec)
+        budget = max(self.memory_budget_mb * 2**20 // max(1, workers) - fixed, per_spec)
         size = max(1, int(budget // per_spec))
         # members sorted by start layer: a chunk's specs join close together
         ordered = sorted(members, key=lambda m: m[2])
