@@ -364,3 +364,55 @@ def test_cpu_mlp_row_tiles_match_reference(monkeypatch):
     ref_h = ref_path_patch_to_heads(model, toks, new, metric, [(2, 1)], "q", sender_positions=wi["END"],
                                     receiver_positions=wi["END"], progress=False)
     assert_close(fast_h, ref_h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 3's exact shortcuts (first receiver layer: receivers' attention + low-rank MLP; last layer
+# for a LogitDiff: no key/value projection of the window) -- receivers below the last layer
+# ----------------------------------------------------------------------------------------------
+
+WINDOW_CASES = [
+    # (shape, bos, receivers, input, position key): fig13b / fig5b / fig4b-like
+    ("random-L4-H2-D8", True, [(1, 1), (2, 0)], "k", "S1+1"),
+    ("random-L3-H4-D16", False, [(1, 0), (1, 2)], "v", "S2"),
+    ("random-L4-H2-D8", False, [(2, 1)], "q", "END"),
+]
+
+
+@pytest.mark.parametrize("shape,bos,receivers,which,pos_key", WINDOW_CASES)
+def test_window_shortcuts_equal_reference(shape, bos, receivers, which, pos_key):
+    model = sharp_model(shape)
+    toks, new, wi, io, s, _ = make_batch(4, bos)
+    metric = ld_metric(wi, io, s)
+    pos = _positions(pos_key, wi)
+    kw = dict(sender_positions=pos, receiver_positions=pos, progress=False)
+    fast = path_patch_to_heads(model, toks, new, metric, receivers, which, **kw)
+    subset = [(0, 0), (0, 1), (1, 0)] if shape == "random-L3-H4-D16" else None
+    ref = ref_path_patch_to_heads(model, toks, new, metric, receivers, which, sender_subset=subset, **kw)
+    if subset is not None:
+        rows, cols = zip(*subset)
+        fast, ref = fast[list(rows), list(cols)], ref[list(rows), list(cols)]
+    assert_close(fast, ref)
+    assert spread(ref) > 1e-3
+
+
+def test_window_shortcuts_planted_model_equal_reference_and_repeat_bit_identically():
+    """The planted circuit's induction keys at S1+1 and S-inhibition values at S2."""
+    from ioi.data import IOIDataset
+
+    model = load_model("planted-ioi", device="cpu")
+    ioi = IOIDataset(N=6, seed=1, tokenizer=model.tokenizer)
+    abc = ioi.abc_dataset()
+    metric = LogitDiff.from_dataset(ioi)
+    for receivers, which, key in (([(1, 2)], "k", "S1+1"), ([(2, 0)], "v", "S2")):
+        pos = ioi.word_idx[key]
+        kw = dict(sender_positions=pos, receiver_positions=pos, progress=False)
+        fast = path_patch_to_heads(model, ioi.toks, abc.toks, metric, receivers, which, **kw)
+        again = path_patch_to_heads(model, ioi.toks, abc.toks, metric, receivers, which, **kw)
+        assert torch.equal(fast.nan_to_num(), again.nan_to_num())
+        subset = [(0, h) for h in range(4)] + ([(1, 0), (1, 3)] if which == "v" else [])
+        ref = ref_path_patch_to_heads(model, ioi.toks, abc.toks, metric, receivers, which,
+                                      sender_subset=subset, **kw)
+        rows, cols = zip(*subset)
+        assert_close(fast[list(rows), list(cols)], ref[list(rows), list(cols)])
+        assert spread(ref[list(rows), list(cols)]) > 1e-3

@@ -270,6 +270,14 @@ class NetWeights:
             centred = centred * w
         return (centred.reshape(-1, self.d_model) @ self.W_in[layer]).view(self.n_heads, self.d_head, -1)
 
+    def mlp_in_head_factors_cached(self, layer: int) -> Float[Tensor, "n_heads d_head d_mlp"]:
+        """:meth:`mlp_in_head_factors`, computed once per layer (the weights are immutable here:
+        :func:`net_weights` rebuilds a ``NetWeights`` when a parameter changes)."""
+        cache = self.__dict__.setdefault("_head_factor_cache", {})
+        if layer not in cache:
+            cache[layer] = self.mlp_in_head_factors(layer)
+        return cache[layer]
+
     def mlp_in_shared(self, layer: int, resid: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_mlp"]:
         """``(c(r) * w) @ W_in`` of unpatched rows ``r``."""
         centred = resid - resid.mean(-1, keepdim=True)

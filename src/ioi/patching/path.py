@@ -675,6 +675,119 @@ class _Gather:
         return self._memo[key]
 
 
+def _window_attention(
+    net: _Net,
+    oc: _Gather,
+    layer: int,
+    heads: list[int] | None,
+    q: Tensor,
+    kk: Tensor,
+    v: Tensor,
+    pre_bias: Tensor,
+    win_bias: Tensor,
+) -> Tensor:
+    """Attention of window queries ``q [b, n, w, h, dh]`` over the cached ``x_orig`` keys/values
+    before the window (prefix) and the window's own ``kk``/``v [b', n, W, h, dh]`` (causal
+    ``win_bias [w, W]``); ``heads``: which of the layer's heads ``h`` indexes (``None``: all).
+    Returns ``z [max(b, b'), n, w, h, dh]``."""
+    K_preT = oc.permuted(f"blocks.{layer}.attn.hook_k", (0, 2, 3, 1))  # [n, H, dh, S]
+    V_pre = oc.permuted(f"blocks.{layer}.attn.hook_v", (0, 2, 1, 3))  # [n, H, S, dh]
+    if heads is not None:
+        K_preT, V_pre = K_preT[:, heads], V_pre[:, heads]
+    # [n, h, batch, rows, dh] layout: one batched matmul per (prompt, head)
+    qh = q.permute(1, 3, 0, 2, 4) / net.scale  # [n, h, bq, w, dh]
+    kh = kk.permute(1, 3, 0, 4, 2)  # [n, h, bk, dh, W]
+    vh = v.permute(1, 3, 0, 2, 4)  # [n, h, bv, W, dh]
+    s_pre = torch.matmul(qh, K_preT.unsqueeze(2)) + pre_bias[:, None, None, None, :]
+    s_win = torch.matmul(qh, kh) + win_bias
+    m = torch.maximum(s_pre.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True))
+    e_pre = (s_pre - m).exp_()
+    e_win = (s_win - m).exp_()
+    denom = e_pre.sum(dim=-1, keepdim=True) + e_win.sum(dim=-1, keepdim=True)
+    zh = (torch.matmul(e_pre, V_pre.unsqueeze(2)) + torch.matmul(e_win, vh)) / denom
+    return zh.permute(2, 0, 3, 1, 4)  # [b, n, w, h, dh]
+
+
+def _window_last_layer_end(net: _Net, oc: _Gather, layer: int, h: Tensor, pre_bias: Tensor) -> Tensor:
+    """The last layer's attention for the last window row only, ``z [b, n, 1, H, dh]``, from the
+    LayerNorm-ed window rows ``h [b, n, W, D]``, without projecting the window's keys/values:
+    ``q . (x W_K + b_K) = x . (W_K q) + q . b_K`` and ``sum_j p_j (x_j W_V + b_V) = (sum_j p_j x_j)
+    W_V + (sum_j p_j) b_V`` (the same maths reassociated; prefix keys/values from the cache)."""
+    H, dh = net.n_heads, net.d_head
+    b, n = h.shape[:2]
+    q = net._linear(h[:, :, -1], net.weights.W_q[layer], net.weights.b_q[layer]).view(b, n, H, dh) / net.scale
+    u = torch.einsum("bnhe,hde->bnhd", q, net.W_K[layer])  # [b, n, H, D]
+    s_win = torch.einsum("bnwd,bnhd->bnhw", h, u) + (q * net.b_K[layer]).sum(-1)[..., None]
+    K_preT = oc.permuted(f"blocks.{layer}.attn.hook_k", (0, 2, 3, 1))  # [n, H, dh, S]
+    V_pre = oc.permuted(f"blocks.{layer}.attn.hook_v", (0, 2, 1, 3))  # [n, H, S, dh]
+    s_pre = torch.einsum("bnhe,nhes->bnhs", q, K_preT) + pre_bias[None, :, None, :]
+    m = torch.maximum(s_pre.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True))
+    e_pre = (s_pre - m).exp_()
+    e_win = (s_win - m).exp_()
+    denom = e_pre.sum(dim=-1, keepdim=True) + e_win.sum(dim=-1, keepdim=True)
+    mixed = torch.einsum("bnhw,bnwd->bnhd", e_win, h)  # [b, n, H, D]
+    z = (
+        torch.einsum("bnhd,hde->bnhe", mixed, net.W_V[layer])
+        + e_win.sum(-1)[..., None] * net.b_V[layer]
+        + torch.einsum("bnhs,nhse->bnhe", e_pre, V_pre)
+    ) / denom
+    return z.unsqueeze(2)
+
+
+def _window_start_layer(
+    net: _Net,
+    oc: _Gather,
+    nidx: Tensor,
+    pos: Tensor,
+    layer: int,
+    k: int,
+    x: Tensor,
+    receivers: list[tuple[int, str, Tensor, Tensor]],
+    rows: slice,
+    pre_bias: Tensor,
+    win_bias: Tensor,
+) -> Tensor:
+    """The first receiver layer of step 3 without a knockout: ``resid_post [k, n, w, D]``.
+
+    Only the receivers' attention changes there, so it is recomputed for the receiver heads alone
+    (their ``x_orig`` q/k/v from ``x = resid_pre [1, n, W, D]``, the recorded inputs substituted);
+    ``resid_mid = resid_mid_orig + sum_h dz_h W_O[h]`` and the MLP sees a rank-``d_head`` change
+    per receiver (:meth:`~ioi.patching._fast_forward.NetWeights.add_mlp_low_rank_`): the same maths
+    as a full layer, reassociated.
+    """
+    rheads = sorted({head for head, *_ in receivers})
+    col = {head: j for j, head in enumerate(rheads)}
+    h = net.ln(x, net.ln1[layer])  # [1, n, W, D]
+    tensors = {}
+    for which, Wt, bt in (("q", net.W_Q, net.b_Q), ("k", net.W_K, net.b_K), ("v", net.W_V, net.b_V)):
+        tensors[which] = torch.einsum("bnwd,hde->bnwhe", h, Wt[layer, rheads]) + bt[layer, rheads]
+    base = {w: t for w, t in tensors.items()}
+    for head, which, mask, values in receivers:
+        t = tensors[which]
+        if t.shape[0] != k:
+            t = t.expand(k, *t.shape[1:]).clone()
+        j = col[head]
+        t[:, :, :, j] = torch.where(mask[None, :, :, None], values, t[:, :, :, j])
+        tensors[which] = t
+    q_rows = lambda t: t[:, :, rows]  # noqa: E731
+    z_new = _window_attention(net, oc, layer, rheads, q_rows(tensors["q"]), tensors["k"], tensors["v"],
+                              pre_bias, win_bias)
+    z_old = _window_attention(net, oc, layer, rheads, q_rows(base["q"]), base["k"], base["v"], pre_bias, win_bias)
+    dz = z_new - z_old  # [k, n, w, h, dh]
+    w = dz.shape[2]
+    n = dz.shape[1]
+    mid_old = oc[f"blocks.{layer}.hook_resid_mid"][nidx[:, rows], pos[:, rows]]  # [n, w, D]
+    dz_flat = dz.reshape(k, n * w, len(rheads) * net.d_head)
+    W_O = net.W_O[layer, rheads].reshape(-1, net.d_model)
+    x_mid = torch.matmul(dz_flat, W_O).add_(mid_old.reshape(1, n * w, net.d_model))  # [k, n*w, D]
+    if net.has_mlps:
+        factors = net.weights.mlp_in_head_factors_cached(layer)[rheads].reshape(-1, net.weights.d_mlp)
+        shared = net.weights.mlp_in_shared(layer, mid_old.reshape(n * w, net.d_model))
+        low_rank = torch.matmul(dz_flat, factors)
+        net.weights.add_mlp_low_rank_(layer, x_mid, shared, low_rank)
+    return x_mid.view(k, n, w, net.d_model)
+
+
 def _window_forward(
     net: _Net,
     oc: _Gather,
@@ -686,6 +799,7 @@ def _window_forward(
     replacements: dict[int, list[tuple[int, str, Tensor, Tensor]]],
     knockout,
     last_row_only: bool,
+    shortcuts: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Forward from ``resid_pre[start]`` on positions ``a[n] .. a[n] + width - 1`` of prompts ``sel``.
 
@@ -694,12 +808,18 @@ def _window_forward(
     [k, n, W, dh])``: the head's input is replaced where ``mask``. With ``last_row_only`` the last
     layer is computed for the last window row only (all a metric reading that row needs).
     Returns the final residual ``[k, n, W or 1, D]`` and the window positions ``[n, W]``.
+
+    ``shortcuts`` (exact; off only to test them): without a knockout, the first layer recomputes
+    only the receivers' attention and a low-rank MLP input (:func:`_window_start_layer`); with
+    ``last_row_only`` and no receiver in the last layer, that layer never projects the window's
+    keys/values (:func:`_window_last_layer_end`).
     """
     n = len(sel)
     S = oc[f"blocks.{start}.hook_resid_pre"].shape[1]
     H, dh = net.n_heads, net.d_head
     device = a.device
     W = width
+    L = net.n_layers
     pos = (a[:, None] + torch.arange(W, device=device)[None, :]).clamp(max=S - 1)  # [n, W]
     nidx = torch.arange(n, device=device)[:, None].expand(n, W)
     gidx = sel[:, None].expand(n, W)
@@ -710,36 +830,33 @@ def _window_forward(
     win_bias = torch.zeros(W, W, device=device, dtype=dtype).masked_fill(~causal, float("-inf"))
 
     x = oc[f"blocks.{start}.hook_resid_pre"][nidx, pos].unsqueeze(0)  # [1, n, W, D]
-    for layer in range(start, net.n_layers):
-        h = net.ln(x, net.ln1[layer])
-        qkv = net._linear(h, net.W_qkv[layer], net.b_qkv[layer])
-        q, kk, v = (t.reshape(*t.shape[:-1], H, dh) for t in qkv.split(H * dh, dim=-1))
-        if layer in replacements:
-            tensors = {"q": q, "k": kk, "v": v}
-            for head, which, mask, values in replacements[layer]:
-                t = tensors[which]
-                if t.shape[0] != k:
-                    t = t.expand(k, *t.shape[1:]).clone()
-                t[:, :, :, head] = torch.where(mask[None, :, :, None], values, t[:, :, :, head])
-                tensors[which] = t
-            q, kk, v = tensors["q"], tensors["k"], tensors["v"]
-        rows = slice(W - 1, W) if (last_row_only and layer == net.n_layers - 1) else slice(0, W)
-        q, x = q[:, :, rows], x[:, :, rows]
-        # Attention in [n, H, batch, rows, dh] layout: the window's queries against the cached
-        # x_orig keys before the window (prefix) and the window's own keys (causal).
-        K_preT = oc.permuted(f"blocks.{layer}.attn.hook_k", (0, 2, 3, 1))  # [n, H, dh, S]
-        V_pre = oc.permuted(f"blocks.{layer}.attn.hook_v", (0, 2, 1, 3))  # [n, H, S, dh]
-        qh = q.permute(1, 3, 0, 2, 4) / net.scale  # [n, H, bq, w, dh]
-        kh = kk.permute(1, 3, 0, 4, 2)  # [n, H, bk, dh, W]
-        vh = v.permute(1, 3, 0, 2, 4)  # [n, H, bv, W, dh]
-        s_pre = torch.matmul(qh, K_preT.unsqueeze(2)) + pre_bias[:, None, None, None, :]
-        s_win = torch.matmul(qh, kh) + win_bias[rows]
-        m = torch.maximum(s_pre.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True))
-        e_pre = (s_pre - m).exp_()
-        e_win = (s_win - m).exp_()
-        denom = e_pre.sum(dim=-1, keepdim=True) + e_win.sum(dim=-1, keepdim=True)
-        zh = (torch.matmul(e_pre, V_pre.unsqueeze(2)) + torch.matmul(e_win, vh)) / denom
-        z = zh.permute(2, 0, 3, 1, 4)  # [b, n, w, H, dh]
+    first = start
+    if shortcuts and knockout is None and start in replacements:
+        rows = slice(W - 1, W) if (last_row_only and start == L - 1) else slice(0, W)
+        x = _window_start_layer(net, oc, nidx, pos, start, k, x, replacements[start], rows, pre_bias,
+                                win_bias[rows])
+        first = start + 1
+    for layer in range(first, L):
+        end_only = last_row_only and layer == L - 1
+        rows = slice(W - 1, W) if end_only else slice(0, W)
+        if shortcuts and end_only and layer not in replacements:
+            z = _window_last_layer_end(net, oc, layer, net.ln(x, net.ln1[layer]), pre_bias)
+            x = x[:, :, rows]
+        else:
+            h = net.ln(x, net.ln1[layer])
+            qkv = net._linear(h, net.W_qkv[layer], net.b_qkv[layer])
+            q, kk, v = (t.reshape(*t.shape[:-1], H, dh) for t in qkv.split(H * dh, dim=-1))
+            if layer in replacements:
+                tensors = {"q": q, "k": kk, "v": v}
+                for head, which, mask, values in replacements[layer]:
+                    t = tensors[which]
+                    if t.shape[0] != k:
+                        t = t.expand(k, *t.shape[1:]).clone()
+                    t[:, :, :, head] = torch.where(mask[None, :, :, None], values, t[:, :, :, head])
+                    tensors[which] = t
+                q, kk, v = tensors["q"], tensors["k"], tensors["v"]
+            q, x = q[:, :, rows], x[:, :, rows]
+            z = _window_attention(net, oc, layer, None, q, kk, v, pre_bias, win_bias[rows])
         if knockout is not None and knockout.head_keep is not None:
             keep = knockout.head_keep[gidx[:, rows], pos[:, rows], layer]  # [n, w, H]
             means = knockout.head_means[gidx[:, rows], pos[:, rows], layer]  # [n, w, H, dh]
@@ -753,6 +870,8 @@ def _window_forward(
                 means = knockout.mlp_means[gidx[:, rows], pos[:, rows], layer]
                 mlp_out = torch.where(keep[None, ..., None], mlp_out, means[None])
             x = x + mlp_out
+    if last_row_only and x.shape[2] != 1:
+        x = x[:, :, W - 1 : W]
     if x.shape[0] != k:
         x = x.expand(k, *x.shape[1:])
     return x, pos
@@ -949,6 +1068,7 @@ def path_patch_to_heads(
     names_orig |= {f"blocks.{l}.hook_mlp_out" for l in range(max_lr)}
     names_orig |= {f"blocks.{l}.hook_resid_pre" for l in receiver_layers}
     names_orig.add(f"blocks.{min_lr}.hook_resid_pre")
+    names_orig.add(f"blocks.{min_lr}.hook_resid_mid")  # step 3's first layer (_window_start_layer)
     names_orig |= {f"blocks.{l}.attn.hook_{x}" for l in range(min_lr, L) for x in ("k", "v")}
     names_orig |= {f"blocks.{l}.attn.hook_{which}" for l in receiver_layers}
     names_new = {f"blocks.{l}.attn.hook_z" for l in range(max_lr)}
