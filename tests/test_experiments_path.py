@@ -445,3 +445,18 @@ def test_figure(results, tmp_path, name):
     png, pdf = tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"
     save_figure(fig, png, pdf)
     assert png.read_bytes()[:4] == b"\x89PNG" and pdf.read_bytes()[:4] == b"%PDF"
+
+
+def test_head_stats_equal_per_head_bootstrap_ci():
+    """The vectorised per-head CIs are ioi.experiments.attribution.ci's, bit for bit (NaN rows kept)."""
+    from ioi.experiments.attribution import ci
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(3, 4, 9)) * rng.uniform(0.1, 30, size=(3, 4, 1))
+    values[2] = np.nan
+    mean, low, high = pf._head_stats(values, seed=5)
+    assert np.isnan(mean[2]).all() and np.isnan(low[2]).all()
+    for layer in range(2):
+        for head in range(4):
+            assert mean[layer, head] == values[layer, head].mean()
+            assert [low[layer, head], high[layer, head]] == ci(values[layer, head], 5)

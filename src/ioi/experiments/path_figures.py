@@ -168,19 +168,30 @@ def _percent_change(patched: torch.Tensor, base: np.ndarray) -> np.ndarray:
 
 
 def _head_stats(values: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over prompts and 95% bootstrap CI of ``values [L, H, N]`` (NaN senders stay NaN)."""
+    """Mean over prompts and 95% bootstrap CI of ``values [L, H, N]`` (NaN senders stay NaN).
+
+    The CI of each head is :func:`ioi.experiments.attribution.ci`'s (percentile bootstrap of the
+    mean, ``N_BOOTSTRAP`` resamples drawn with ``seed``: the same resampled prompts for every
+    head), computed for all heads at once from that one index draw (the same numbers; tested)."""
     L, H = values.shape[:2]
     mean = np.full((L, H), np.nan)
     low, high = np.full((L, H), np.nan), np.full((L, H), np.nan)
-    for layer in range(L):
-        for head in range(H):
-            cell = values[layer, head]
-            if not np.isfinite(cell).all():
-                continue
-            mean[layer, head] = cell.mean()
-            lo, hi = ci(cell, seed)
-            low[layer, head] = np.nan if lo is None else lo
-            high[layer, head] = np.nan if hi is None else hi
+    flat = np.asarray(values, dtype=float).reshape(L * H, -1)
+    cells = np.flatnonzero(np.isfinite(flat).all(axis=1))
+    for cell in cells:
+        mean.flat[cell] = flat[cell].mean()
+    n = flat.shape[1]
+    if n < 2 or not len(cells):
+        return mean, low, high
+    idx = np.random.default_rng(seed).integers(0, n, size=(N_BOOTSTRAP, n))  # as bootstrap_ci draws
+    alpha = (1 - 0.95) / 2
+    # one head at a time: numpy sums a 2-D [N_BOOTSTRAP, N] gather row by row exactly as
+    # bootstrap_ci's per-resample np.mean does (a 3-D gather would sum in another order)
+    stats = np.stack([flat[cell][idx].mean(axis=-1) for cell in cells])  # [heads, N_BOOTSTRAP]
+    lo, hi = np.quantile(stats, [alpha, 1 - alpha], axis=1)
+    for j, cell in enumerate(cells):
+        low.flat[cell] = lo[j] if np.isfinite(lo[j]) else np.nan
+        high.flat[cell] = hi[j] if np.isfinite(hi[j]) else np.nan
     return mean, low, high
 
 
