@@ -460,3 +460,31 @@ def test_head_stats_equal_per_head_bootstrap_ci():
         for head in range(4):
             assert mean[layer, head] == values[layer, head].mean()
             assert [low[layer, head], high[layer, head]] == ci(values[layer, head], 5)
+
+
+@pytest.mark.parametrize("spec,bos", [("random-L3-H4-D16", True), ("random-L4-H2-D8", False), ("planted-ioi", False)])
+def test_fig4c_plain_tensor_equals_hooked(spec, bos):
+    """patch_senders_to_receiver_inputs (plain-tensor forward) == its hooked twin on the bridge:
+    padded batches, BOS on/off, receivers in two layers, a pattern head outside the receivers."""
+    from ioi_batches import make_batch, sharp_model
+
+    model = load_model(spec, device="cpu") if spec == "planted-ioi" else sharp_model(spec)
+    toks, new, wi, io, s, _ = make_batch(5, bos)
+    L = model.cfg.n_layers
+    senders, receivers = [(0, 1), (1, 0)], [(L - 1, 1), (L - 2, 0)]
+    if spec == "planted-ioi":
+        senders, receivers = [(2, 0), (1, 2)], [(3, 1), (3, 0)]
+    kw = dict(receiver_input="q", sender_positions=None if bos else wi["END"], receiver_positions=wi["END"],
+              query_positions=wi["END"], answer_ids=(io, s), pattern_heads=receivers + [(L - 1, 0)],
+              memory_budget_mb=256 if spec == "planted-ioi" else 1)  # 1 MB: chunks of a few prompts
+    fast = pf.patch_senders_to_receiver_inputs(model, toks, new, senders, receivers, **kw)
+    hooked = pf.patch_senders_to_receiver_inputs_hooked(model, toks, new, senders, receivers, **kw)
+    changed = 0.0
+    for when in ("before", "after"):
+        for head, rows in hooked[when].items():
+            torch.testing.assert_close(fast[when][head], rows, atol=1e-5, rtol=0)
+            changed = max(changed, float((hooked["after"][head] - hooked["before"][head]).abs().max()))
+    for key in ("logit_diff_before", "logit_diff_after"):
+        torch.testing.assert_close(fast[key], hooked[key], atol=1e-4, rtol=0)
+    assert changed > 1e-3
+    assert float((hooked["logit_diff_after"] - hooked["logit_diff_before"]).abs().max()) > 1e-3

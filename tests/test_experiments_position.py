@@ -25,7 +25,9 @@ from ioi.experiments.core import RunContext, run_and_write
 from ioi.experiments.position_signals import (
     PREFIXES,
     gather_at,
+    one_position_patches,
     patch_heads_at,
+    patched_end_logit_diffs,
     prefix_flipped,
     prefixed_template,
 )
@@ -129,6 +131,52 @@ def test_one_position_patch_matches_a_per_prompt_loop(tiny_model, bos):
     np.testing.assert_allclose(fast, slow, atol=1e-4)
     clean = runner.run(lambda rows: []).numpy()
     assert np.abs(fast - clean).max() > 1e-3  # the patch does something on a random model
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_engine_patches_match_hooks(bos):
+    """Two one-position patches sharing one values tensor (source at its own END / S2, longer
+    prompts, padded) on the batched plain-tensor engine == the hooked EndLogitDiff runs."""
+    from ioi_batches import sharp_model
+
+    model = sharp_model("random-L2-H4-D16")
+    ioi = IOIDataset("mixed", N=6, seed=2, prepend_bos=bos)
+    source = prefix_flipped(ioi, seed=3)
+    z = _z_cache(model, source, [0, 1], memory_budget_mb=64)
+    runner = EndLogitDiff(model, ioi, memory_budget_mb=64)
+    patches = [([(0, 2), (1, 0), (1, 3)], source.word_idx["END"], ioi.word_idx["END"]),
+               ([(0, h) for h in range(4)], source.word_idx["S2"], ioi.word_idx["S2"])]
+    hooked = [runner.run(lambda rows: []).numpy()]
+    hooked += [runner.run(patch_heads_at(h, gather_at(z, src), tgt)).numpy() for h, src, tgt in patches]
+    ablations = one_position_patches(z, patches, 2, 4, ioi.toks.shape[1])
+    engine = patched_end_logit_diffs(model, ioi, [None, *ablations], 64)
+    for got, want in zip(engine, hooked):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert min(np.abs(h - hooked[0]).max() for h in hooked[1:]) > 1e-2
+
+
+def test_engine_patches_match_hooks_on_the_planted_model():
+    """position_signal's two patches (S-inhibition at END, early heads at S2) on the planted model."""
+    from ioi.circuits import circuit_for_model
+    from ioi.experiments.signals import signal_datasets
+
+    model = load_model("planted-ioi", device="cpu")
+    circuit = circuit_for_model("planted-ioi")
+    ioi = IOIDataset("mixed", N=6, seed=1)
+    source = signal_datasets(ioi)["rand_tok_inv_pos"]
+    sinh = [tuple(h) for h in circuit.classes["s-inhibition"]]
+    early = [tuple(h) for c in ("induction", "duplicate token") for h in circuit.classes.get(c, ())]
+    layers = sorted({l for l, _ in sinh + early})
+    z = _z_cache(model, source, layers, memory_budget_mb=64)
+    end, s2 = ioi.word_idx["END"], ioi.word_idx["S2"]
+    runner = EndLogitDiff(model, ioi, memory_budget_mb=64)
+    hooked = [runner.run(patch_heads_at(sinh, gather_at(z, end), end)).numpy(),
+              runner.run(patch_heads_at(early, gather_at(z, s2), s2)).numpy()]
+    ablations = one_position_patches(z, [(sinh, end, end), (early, s2, s2)], model.cfg.n_layers,
+                                     model.cfg.n_heads, ioi.toks.shape[1])
+    for got, want in zip(patched_end_logit_diffs(model, ioi, ablations, 64), hooked):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(hooked[0] - runner.run(lambda rows: []).numpy()).max() > 1e-2
 
 
 def test_planted_mechanism(planted_results):

@@ -456,6 +456,126 @@ def patch_senders_to_receiver_inputs(
     ``pattern_heads`` (default: the receivers) from each prompt's ``query_positions`` (e.g. END)
     in the clean run and in step 3, and, with ``answer_ids = (io_ids, s_ids)``, the per-prompt
     ``logit_diff_before`` / ``logit_diff_after`` at ``query_positions``.
+
+    Runs on the plain-tensor forward of :mod:`ioi.patching.path` (step 2 as an ablation whose
+    values are the frozen outputs; only positions up to each prompt's query position, which is all
+    its reads need); equal to :func:`patch_senders_to_receiver_inputs_hooked` (tests).
+    """
+    from ioi.ablation import Ablation
+    from ioi.patching._fast_forward import UnsupportedModelError
+    from ioi.patching.path import _forward_cache, _Net
+
+    try:
+        net = _Net.from_model(model)
+    except (NotImplementedError, UnsupportedModelError):
+        return patch_senders_to_receiver_inputs_hooked(
+            model, orig_toks, new_toks, senders, receivers, receiver_input=receiver_input,
+            sender_positions=sender_positions, receiver_positions=receiver_positions,
+            query_positions=query_positions, answer_ids=answer_ids, pattern_heads=pattern_heads,
+            memory_budget_mb=memory_budget_mb, progress=progress)
+    device = model_device(model)
+    orig_toks, new_toks = orig_toks.to(device), new_toks.to(device)
+    N, S = orig_toks.shape
+    L, H = net.n_layers, net.n_heads
+    receivers = [tuple(map(int, h)) for h in receivers]
+    senders = [tuple(map(int, h)) for h in senders]
+    pattern_heads = receivers if pattern_heads is None else [tuple(map(int, h)) for h in pattern_heads]
+    max_lr = max(l for l, _ in receivers)
+    if any(l >= max_lr for l, _ in senders):
+        raise ValueError(f"Senders {senders} must lie below the last receiver layer {max_lr}.")
+    P = positions_mask(sender_positions, N, S, device)
+    R = positions_mask(receiver_positions, N, S, device)
+    query = torch.as_tensor(query_positions, device=device).long()
+    receiver_layers = sorted({l for l, _ in receivers})
+    pattern_layers = sorted({l for l, _ in pattern_heads})
+    z_names = {f"blocks.{l}.attn.hook_z" for l in range(max_lr)}
+    in_names = {f"blocks.{l}.attn.hook_{receiver_input}" for l in receiver_layers}
+    pattern_names = {pattern_hook_name(l) for l in pattern_layers}
+    final = f"blocks.{L - 1}.hook_resid_post"
+
+    step = batch_size_for(model, S, memory_budget_mb)
+    out: dict[str, Any] = {"before": {h: [] for h in pattern_heads}, "after": {h: [] for h in pattern_heads},
+                           "logit_diff_before": [], "logit_diff_after": []}
+    for start in tqdm(range(0, N, step), desc="path patching senders -> receivers", disable=not progress):
+        rows = slice(start, start + step)
+        o, nw, p_mask, r_mask, q_pos = orig_toks[rows], new_toks[rows], P[rows], R[rows], query[rows]
+        n = o.shape[0]
+        idx = torch.arange(n, device=device)
+        # nothing after a prompt's query position changes what is read there (causal attention)
+        clean = _forward_cache(net, o, z_names | pattern_names | {final}, last=q_pos)
+        new_z = _forward_cache(net, nw, {f"blocks.{l}.attn.hook_z" for l, _ in senders}, n_layers=max_lr,
+                               last=q_pos)
+        # Step 2: every head below the last receiver layer frozen to x_orig, the senders from x_new
+        # at their positions (an Ablation whose "means" are those frozen values); MLPs recomputed.
+        keep = torch.ones(n, S, L, H, dtype=torch.bool, device=device)
+        keep[:, :, :max_lr] = False
+        frozen = torch.zeros(n, S, L, H, net.d_head, device=device, dtype=net.W_O.dtype)
+        for layer in range(max_lr):
+            frozen[:, :, layer] = clean[f"blocks.{layer}.attn.hook_z"]
+        for layer, head in senders:
+            frozen[:, :, layer, head] = torch.where(
+                p_mask[..., None], new_z[f"blocks.{layer}.attn.hook_z"][:, :, head], frozen[:, :, layer, head])
+        recorded = _forward_cache(net, o, in_names, knockout=Ablation(head_keep=keep, head_means=frozen),
+                                  n_layers=max_lr + 1, last=q_pos)
+        del frozen, keep
+        # Step 3: x_orig with the receivers' inputs replaced at the receiver positions.
+        replace: dict[int, list] = {}
+        for layer, head in receivers:
+            values = recorded[f"blocks.{layer}.attn.hook_{receiver_input}"][:, :, head]
+            replace.setdefault(layer, []).append((head, receiver_input, r_mask, values))
+        after = _forward_cache(net, o, pattern_names | {final}, last=q_pos, replace=replace)
+        for (layer, head) in pattern_heads:
+            name = pattern_hook_name(layer)
+            out["before"][(layer, head)].append(clean[name][idx, head, q_pos].float())
+            out["after"][(layer, head)].append(after[name][idx, head, q_pos].float())
+        if answer_ids is not None:
+            io, s = (t.to(device)[rows] for t in answer_ids)
+            for key, cache in (("logit_diff_before", clean), ("logit_diff_after", after)):
+                logits = net.logits(cache[final][idx, q_pos])
+                out[key].append(logit_diff_from_end_logits(logits, io, s).double())
+        del clean, new_z, recorded, after
+
+    result: dict[str, Any] = {
+        when: {h: torch.cat(parts).cpu() for h, parts in out[when].items()} for when in ("before", "after")
+    }
+    if answer_ids is not None:
+        result["logit_diff_before"] = torch.cat(out["logit_diff_before"]).cpu()
+        result["logit_diff_after"] = torch.cat(out["logit_diff_after"]).cpu()
+    return result
+
+
+@torch.no_grad()
+def patch_senders_to_receiver_inputs_hooked(
+    model,
+    orig_toks: torch.Tensor,
+    new_toks: torch.Tensor,
+    senders: Sequence[Head],
+    receivers: Sequence[Head],
+    *,
+    receiver_input: str = "q",
+    sender_positions=None,
+    receiver_positions=None,
+    query_positions: torch.Tensor,
+    answer_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pattern_heads: Sequence[Head] | None = None,
+    memory_budget_mb: int = 2048,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """:func:`patch_senders_to_receiver_inputs` with hooks on the bridge (four bridge passes per
+    chunk of prompts): the reference the plain-tensor version is tested against, and the fallback
+    for models the plain-tensor engine does not reproduce.
+
+    Path patching of a *set* of senders together -> receiver inputs, returning attention.
+
+    Step 2: ``x_orig`` run with every head's ``hook_z`` frozen to its ``x_orig`` value except the
+    ``senders``, whose ``z`` comes from ``x_new`` at ``sender_positions`` (MLPs and LayerNorms
+    recomputed); the receivers' ``hook_{receiver_input}`` are recorded. Step 3: a normal ``x_orig``
+    run whose receivers' inputs are replaced by the recorded ones at ``receiver_positions``.
+
+    Returns ``{"before": {head: [N, seq]}, "after": {...}}``: the attention pattern rows of
+    ``pattern_heads`` (default: the receivers) from each prompt's ``query_positions`` (e.g. END)
+    in the clean run and in step 3, and, with ``answer_ids = (io_ids, s_ids)``, the per-prompt
+    ``logit_diff_before`` / ``logit_diff_after`` at ``query_positions``.
     """
     device = model_device(model)
     orig_toks, new_toks = orig_toks.to(device), new_toks.to(device)

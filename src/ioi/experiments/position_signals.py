@@ -41,12 +41,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ioi.ablation import Ablation, evaluate_ablations
 from ioi.breakdown import breakdown_mean, breakdown_ratio, group_labels
 from ioi.circuits import DUPLICATE_TOKEN, INDUCTION, S_INHIBITION
 from ioi.experiments.attribution import circuit_summary, finite, head_key
-from ioi.experiments.circuit_eval import EndLogitDiff, mean_and_ci
+from ioi.experiments.circuit_eval import mean_and_ci
 from ioi.experiments.core import ExperimentResult, RunContext
 from ioi.experiments.signals import SIGNAL_CELLS, _z_cache, signal_datasets
+from ioi.metrics import LogitDiff
 from ioi.stats import bootstrap_ratio_ci
 
 Head = tuple[int, int]
@@ -123,6 +125,50 @@ def patch_heads_at(heads: Sequence[Head], source: dict[int, torch.Tensor], targe
     return hooks_for_rows
 
 
+def one_position_patches(
+    z_by_layer: dict[int, torch.Tensor],
+    patches: Sequence[tuple[Sequence[Head], torch.Tensor, torch.Tensor]],
+    n_layers: int,
+    n_heads: int,
+    seq: int,
+) -> list[Ablation]:
+    """The patches of :func:`patch_heads_at` as :class:`ioi.ablation.Ablation` s sharing one
+    values tensor, for the batched plain-tensor engine (:func:`ioi.ablation.evaluate_ablations`).
+
+    ``patches``: ``(heads, source_positions [N], target_positions [N])``: ``hook_z[n,
+    target[n], head]`` of p_IOI is replaced by the source's ``z_by_layer[layer][n, source[n], head]``
+    (``[N, src_seq, heads, d_head]``); every other ``z`` is kept. Patches of one list must not
+    write the same (prompt, position, head) from different source positions (they share values).
+    """
+    any_z = next(iter(z_by_layer.values()))
+    N, device, dtype = any_z.shape[0], any_z.device, any_z.dtype
+    values = torch.zeros(N, seq, n_layers, n_heads, any_z.shape[-1], device=device, dtype=dtype)
+    written = torch.zeros(N, seq, n_layers, n_heads, dtype=torch.bool, device=device)
+    rows = torch.arange(N, device=device)
+    out = []
+    for heads, source_pos, target_pos in patches:
+        keep = torch.ones(N, seq, n_layers, n_heads, dtype=torch.bool, device=device)
+        src, tgt = source_pos.to(device).long(), target_pos.to(device).long()
+        for layer, head in heads:
+            value = z_by_layer[layer][rows, src, head]  # [N, d_head]
+            if written[rows, tgt, layer, head].any() and not torch.equal(values[rows, tgt, layer, head], value):
+                raise ValueError("Two patches write different values into the same head and position.")
+            values[rows, tgt, layer, head] = value
+            written[rows, tgt, layer, head] = True
+            keep[rows, tgt, layer, head] = False
+        out.append(Ablation(head_keep=keep, head_means=values))
+    return out
+
+
+def patched_end_logit_diffs(model, dataset, ablations: Sequence[Ablation | None], memory_budget_mb: int) -> list[np.ndarray]:
+    """Per-prompt LD at END (float64 ``[N]``, p_IOI's IO and S) under each patch (``None``: clean):
+    many patches per batched pass of the plain-tensor engine (equal to the hooked
+    :class:`ioi.experiments.circuit_eval.EndLogitDiff` runs of :func:`patch_heads_at`; tested)."""
+    metric = LogitDiff.from_dataset(dataset, per_prompt=True)
+    values = evaluate_ablations(model, dataset.toks, metric, list(ablations), memory_budget_mb=memory_budget_mb)
+    return [v.detach().double().cpu().numpy() for v in values]
+
+
 def _class(circuit, *classes: str) -> list[Head]:
     heads = [tuple(map(int, h)) for cls in classes for h in circuit.classes.get(cls, ())]
     if not heads:
@@ -142,9 +188,9 @@ def position_signal(model, ctx: RunContext) -> ExperimentResult:
     sinh = _class(circuit, S_INHIBITION)
     early = _class(circuit, INDUCTION, DUPLICATE_TOKEN)
     ioi = ctx.ioi
-    runner = EndLogitDiff(model, ioi, memory_budget_mb=ctx.memory_budget_mb)
-    clean = runner.run(lambda rows: []).numpy()
+    clean = patched_end_logit_diffs(model, ioi, [None], ctx.memory_budget_mb)[0]
     end, s2 = ioi.word_idx["END"], ioi.word_idx["S2"]
+    L, H, S = int(model.cfg.n_layers), int(model.cfg.n_heads), ioi.toks.shape[1]
     layers = sorted({l for l, _ in sinh + early})
     labels = group_labels(ioi)
     frames, summary_cells = [], {}
@@ -152,9 +198,10 @@ def position_signal(model, ctx: RunContext) -> ExperimentResult:
     datasets = signal_datasets(ioi)
     for cell in PATCHED_CELLS:
         z = _z_cache(model, datasets[cell], layers, ctx.memory_budget_mb)
-        ld_sinh = runner.run(patch_heads_at(sinh, gather_at(z, end), end)).numpy()
-        ld_early = runner.run(patch_heads_at(early, gather_at(z, s2), s2)).numpy()
-        del z
+        # (a) the S-inhibition heads at END, (b) the early heads at S2: one batched pass
+        ablations = one_position_patches(z, [(sinh, end, end), (early, s2, s2)], L, H, S)
+        ld_sinh, ld_early = patched_end_logit_diffs(model, ioi, ablations, ctx.memory_budget_mb)
+        del z, ablations
         drop_sinh, drop_early = clean - ld_sinh, clean - ld_early
         defined = abs(drop_sinh.mean()) >= MIN_REFERENCE_DROP * abs(clean.mean())
         ratio = drop_early.mean() / drop_sinh.mean() if defined else float("nan")
@@ -267,13 +314,12 @@ def pointer_arithmetic(model, ctx: RunContext) -> ExperimentResult:
     shift = (source.word_idx["S1"] - ioi.word_idx["S1"]).cpu().numpy()
     distance_kept = bool(torch.equal((source.word_idx["S2"] - source.word_idx["S1"]).cpu(),
                                      (ioi.word_idx["S2"] - ioi.word_idx["S1"]).cpu()))
-    runner = EndLogitDiff(model, ioi, memory_budget_mb=ctx.memory_budget_mb)
-    before = runner.run(lambda rows: []).numpy()
     z = _z_cache(model, source, sorted({l for l, _ in sinh}), ctx.memory_budget_mb)
-    after = runner.run(patch_heads_at(sinh, gather_at(z, source.word_idx["END"]), ioi.word_idx["END"])).numpy()
-    del z
-    source_runner = EndLogitDiff(model, source, memory_budget_mb=ctx.memory_budget_mb)
-    source_ld = source_runner.run(lambda rows: []).numpy()
+    ablation = one_position_patches(z, [(sinh, source.word_idx["END"], ioi.word_idx["END"])],
+                                    int(model.cfg.n_layers), int(model.cfg.n_heads), ioi.toks.shape[1])
+    before, after = patched_end_logit_diffs(model, ioi, [None, *ablation], ctx.memory_budget_mb)
+    del z, ablation
+    source_ld = patched_end_logit_diffs(model, source, [None], ctx.memory_budget_mb)[0]
     labels = group_labels(ioi)
     diff = after - before
     summary: dict[str, Any] = {

@@ -328,8 +328,13 @@ def _forward_cache(
     n_layers: int | None = None,
     last: Tensor | None = None,
     last_layer_last_row_only: bool = False,
+    replace: Mapping[int, Sequence[tuple[int, str, Tensor, Tensor]]] | None = None,
 ) -> _Cache:
     """One plain forward pass over ``toks``, keeping the activations named in ``names``.
+
+    ``replace[l]``: ``(head, "q"|"k"|"v", mask [N, S], values [N, S, d_head])``: that head's input
+    is replaced where ``mask`` (path patching's step 3 on whole prompts). ``.attn.hook_pattern``
+    is kept as ``[N, H, S, S]`` (query rows after ``last[n]`` are not meaningful).
 
     Hook names as TransformerLens/the bridge use them (``blocks.{l}.hook_resid_pre``,
     ``.hook_resid_mid``, ``.hook_mlp_out``, ``.hook_resid_post``, ``.attn.hook_q/k/v/z``), each
@@ -396,6 +401,12 @@ def _forward_cache(
         else:
             qkv = qkv.new_zeros(N, S, 3 * H * dh).index_put_((n_idx, p_idx), qkv)
         q, k, v = (t.reshape(N, S, H, dh) for t in qkv.split(H * dh, dim=-1))
+        if replace and layer in replace:
+            inputs = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+            for head, which, mask, values in replace[layer]:
+                t = inputs[which]
+                t[:, :, head] = torch.where(mask[..., None], values.to(t.dtype), t[:, :, head])
+            q, k, v = inputs["q"], inputs["k"], inputs["v"]
         for kind, value in (("k", k), ("v", v)):
             if f"blocks.{layer}.attn.hook_{kind}" in names:
                 keep(f"blocks.{layer}.attn.hook_{kind}", value[n_idx, p_idx])
@@ -412,7 +423,10 @@ def _forward_cache(
             if f"blocks.{layer}.attn.hook_q" in names:
                 keep(f"blocks.{layer}.attn.hook_q", q[n_idx, p_idx])
             scores = torch.einsum("nqhe,nkhe->nhqk", q, k) / net.scale + bias
-            z = torch.einsum("nhqk,nkhe->nqhe", scores.softmax(dim=-1), v)
+            pattern = scores.softmax(dim=-1)
+            if f"blocks.{layer}.attn.hook_pattern" in names:
+                acts[f"blocks.{layer}.attn.hook_pattern"] = pattern
+            z = torch.einsum("nhqk,nkhe->nqhe", pattern, v)
             z = z.reshape(N * S, H, dh) if dense else z[n_idx, p_idx]  # [T, H, dh]
         z = knocked_z(z, layer, rows_n, rows_p)
         keep(f"blocks.{layer}.attn.hook_z", z, only_last)
