@@ -33,6 +33,14 @@ outside the sender positions) carried through the position-wise MLPs and LayerNo
 * step 3 changes nothing before the first patched receiver position of each prompt (causal
   attention), so it resumes at the first receiver layer on a per-prompt window of positions
   ``[first changed, last read]``, attending to the cached ``x_orig`` keys/values before the window.
+  In that first layer only the receivers' attention changes: it is recomputed for the receiver
+  heads alone, ``resid_mid`` is ``x_orig``'s plus ``dz @ W_O`` of the receivers, and the MLP sees a
+  rank-``d_head`` change per receiver (its input projection is ``d_head`` deep). For a LogitDiff
+  the last layer is needed at END only and never projects the window's keys/values
+  (``q . (x W_K) = x . (W_K q)``). The rows the window recomputes are genuinely changed (every
+  query after the first patched receiver position reads it), so step 3 is most of the FLOPs: for
+  Fig. 13b (S1+1 -> induction keys) ~13 positions x 7 layers x 72 senders per prompt
+  (benchmarks/path_floor.py counts it).
 
 Many senders share one batched pass (``k`` senders x ``N`` prompts), chunked to a memory budget.
 The two runs on ``x_orig`` and ``x_new`` use a plain-tensor forward on the bridge's processed
