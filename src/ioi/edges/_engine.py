@@ -17,6 +17,7 @@ carry no difference in any of the ``K`` sets takes the fused projection of the s
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Sequence
 
 import torch
@@ -93,6 +94,20 @@ class EdgeForward:
 
     # -- pieces ---------------------------------------------------------------------------------
 
+    def head_target_sums(self, target: Float[Tensor, "senders n pos d"]) -> Float[Tensor, "n_layers T d"]:
+        """Per layer, the sum over its heads of ``target`` ``[L, n * pos, d]``: kept while ``target``
+        is the same unmodified tensor (every set chunk of one :func:`patch_edges` call shares it)."""
+        version = None if target.is_inference() else target._version  # inference tensors keep no counter
+        key = (id(target), version, target.data_ptr(), tuple(target.shape))
+        cached = getattr(self, "_head_sums", None)
+        if cached is not None and cached[0] == key and cached[1]() is target:
+            return cached[2]
+        flat = target.reshape(self.n_senders, -1, self.net.d_model)
+        H = self.net.n_heads
+        sums = torch.stack([flat[s0 : s0 + H].sum(0) for s0 in self.head_senders])
+        self._head_sums = (key, weakref.ref(target), sums)
+        return sums
+
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         return self.net.W_E[tokens] + self.net.W_pos[: tokens.shape[1]]
 
@@ -163,7 +178,8 @@ class EdgeForward:
         n, P = tokens.shape
         T = n * P
         k = masks.shape[0]
-        deltas = _Deltas(k, self.n_senders, T, D, masks, fixed_delta=fixed_delta, target=target)
+        deltas = _Deltas(k, self.n_senders, T, D, masks, fixed_delta=fixed_delta, target=target,
+                         head_target_sums=None if target is None else self.head_target_sums(target))
         outputs = masks.new_zeros(k, self.n_senders, T, D) if keep_outputs else None
         first_layer, stage = 0, "attn"
         if start is None:
@@ -218,7 +234,11 @@ class EdgeForward:
                 if rows is not None and layer == net.n_layers - 1:
                     resid = restrict(resid)
                     z = z.index_select(2, rows)
-                if deltas.needs_outputs or outputs is not None:
+                if deltas.can_fuse_heads and outputs is None and not differentiable:
+                    # differences target - z @ W_O straight into the store (one GEMM per set), and
+                    # the heads' summed output as sum(target) - sum(differences)
+                    attn_out = deltas.computed_heads(layer, s0, s0 + H, z, net.W_O[layer]) + net.b_O[layer]
+                elif deltas.needs_outputs or outputs is not None:
                     head_out = torch.matmul(z, net.W_O[layer])  # [kz, H, T, D]
                     deltas.computed(s0, s0 + H, head_out)
                     if outputs is not None:
@@ -393,8 +413,10 @@ class _Deltas:
     set diverged, or given) and a per-set part from the first sender where the sets differ."""
 
     def __init__(self, k: int, n_senders: int, T: int, d: int, like: Tensor, *,
-                 fixed_delta: Tensor | None, target: Tensor | None):
+                 fixed_delta: Tensor | None, target: Tensor | None, head_target_sums: Tensor | None = None):
         self.k, self.n_senders, self.T, self.d = k, n_senders, T, d
+        self.head_sums = head_target_sums
+        self.can_fuse_heads = head_target_sums is not None and not (target.requires_grad or like.requires_grad)
         self.like = like
         self.fixed = fixed_delta is not None
         self.target = None if target is None else target.reshape(n_senders, T, d)
@@ -425,6 +447,8 @@ class _Deltas:
             self.total = self.total.index_select(1, rows)
         if self.target is not None:
             self.target = self.target.index_select(1, rows)
+        if self.head_sums is not None:
+            self.head_sums = self.head_sums.index_select(1, rows)
         where = torch.full((self.T,), -1, dtype=torch.long, device=rows.device)
         where[rows] = torch.arange(len(rows), device=rows.device)
         self.T = len(rows)
@@ -490,17 +514,7 @@ class _Deltas:
         if self.target is None:
             return
         target = self.target[s0:s1]
-        borrowed = getattr(self, "borrowed", False)
-        if out.shape[0] == 1 and self.perk is None and not borrowed:
-            if self.shared is None:
-                self.shared = self.like.new_empty(1, self.n_senders, self.T, self.d)
-            dst = self.shared[:, s0:s1]
-            self.n_shared = s1
-        else:
-            if self.perk is None:
-                self.perk_from = self.n_shared
-                self.perk = self.like.new_empty(self.k, self.n_senders - self.perk_from, self.T, self.d)
-            dst = self.perk[:, s0 - self.perk_from : s1 - self.perk_from]
+        dst = self._store(s0, s1, out.shape[0])
         if out.requires_grad or target.requires_grad:
             dst.copy_(target - out)
         else:
@@ -508,6 +522,37 @@ class _Deltas:
         if self.total is not None or s0 == 0:
             added = dst.sum(1)
             self.total = added if self.total is None else self.total + added
+
+    def _store(self, s0: int, s1: int, b: int) -> Tensor:
+        """Where the differences of senders ``s0:s1`` computed with batch ``b`` (1 or k) go:
+        ``[1 or k, s1 - s0, T, d]`` (the shared part while every set agrees, else the per-set part)."""
+        borrowed = getattr(self, "borrowed", False)
+        if b == 1 and self.perk is None and not borrowed:
+            if self.shared is None:
+                self.shared = self.like.new_empty(1, self.n_senders, self.T, self.d)
+            self.n_shared = s1
+            return self.shared[:, s0:s1]
+        if self.perk is None:
+            self.perk_from = self.n_shared
+            self.perk = self.like.new_empty(self.k, self.n_senders - self.perk_from, self.T, self.d)
+        return self.perk[:, s0 - self.perk_from : s1 - self.perk_from]
+
+    def computed_heads(self, layer: int, s0: int, s1: int, z: Tensor, W_O: Tensor) -> Tensor:
+        """Heads ``s0:s1`` of ``layer`` with ``z`` ``[b, H, T, d_head]``: their differences
+        ``target - z[h] @ W_O[h]`` are written into the store by one GEMM per set (no output
+        tensor, no subtraction pass). Returns the heads' summed output ``[b', T, d]``
+        (``sum_h target_h - sum_h delta_h``; b' the store's batch)."""
+        b = z.shape[0]
+        dst = self._store(s0, s1, b)
+        target = self.target[s0:s1]
+        for kk in range(b):
+            torch.baddbmm(target, z[kk], W_O, alpha=-1.0, out=dst[kk])
+        if dst.shape[0] > b:  # a shared input, differences stored per set
+            dst[b:].copy_(dst[:b].expand(dst.shape[0] - b, -1, -1, -1))
+        added = dst.sum(1) if dst.shape[0] == b else dst[:b].sum(1)
+        if self.total is not None or s0 == 0:
+            self.total = added if self.total is None else self.total + added
+        return self.head_sums[layer] - added
 
     def mix_add(self, masks: Tensor, slot_idx, differentiable: bool) -> Tensor | None:
         n_s = masks.shape[-1]
