@@ -21,10 +21,10 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ioi"
 
-# The fast paths and what they call (ioi.edges is checked by its owner; add it here once its factory
-# calls name a device).
+# The fast paths and what they call (ioi.edges included: its graph and masks live on the CPU by
+# name, device="cpu", and the engine moves what it needs to the model's device).
 FAST_PATH_FILES = sorted(
-    [*SRC.glob("patching/*.py"), *SRC.glob("experiments/*.py"), *SRC.glob("analysis/*.py")]
+    [*SRC.glob("patching/*.py"), *SRC.glob("experiments/*.py"), *SRC.glob("analysis/*.py"), *SRC.glob("edges/*.py")]
     + [SRC / name for name in ("server.py", "selfcheck.py", "identity.py", "breakdown.py", "forward.py",
                                "metrics.py", "ablation.py", "ablation_engine.py", "ablation_reference.py")]
 )

@@ -126,8 +126,6 @@ class EdgeForward:
         total = None
         for j, idx in enumerate(slot_idx):
             m = masks[:, j]
-            if not differentiable and not bool(m.any()):
-                continue
             part = delta if idx is None else delta.index_select(2, idx)
             width = part.shape[2]
             if part.shape[0] == 1:
@@ -156,6 +154,7 @@ class EdgeForward:
         differentiable: bool = False,
         start: "EngineState | None" = None,
         end_pos: Int[Tensor, "n"] | None = None,
+        host_masks: Float[Tensor, "k slots receivers senders"] | None = None,
     ) -> tuple[Float[Tensor, "k n pos d"], Tensor | None]:
         """Final residual streams (the logits receiver's input) of the ``k`` mask sets.
 
@@ -170,6 +169,10 @@ class EdgeForward:
         after the last layer's attention (its keys and values still read every position), the
         heads' outputs, the last MLP, the logits' input and the differences they carry are
         computed at the END rows alone. Causal attention and the per-token MLP make this exact.
+
+        ``host_masks``: ``masks`` on the CPU (when ``masks`` is on an accelerator; else copied once
+        here). Which receivers are patched, their distinct rows and the senders they read are
+        decided from it, so the loops over layers and sets never wait on the device.
         """
         if end_pos is not None and keep_outputs:
             raise ValueError("end_pos restricts the last layer to END rows: it cannot keep every output.")
@@ -178,6 +181,12 @@ class EdgeForward:
         n, P = tokens.shape
         T = n * P
         k = masks.shape[0]
+        if masks.device.type == "cpu":
+            hmasks = masks
+        else:
+            hmasks = masks.detach().cpu() if host_masks is None else host_masks
+            if hmasks.shape != masks.shape:
+                raise ValueError(f"host_masks {tuple(hmasks.shape)} must be masks {tuple(masks.shape)} on the CPU.")
         deltas = _Deltas(k, self.n_senders, T, D, masks, fixed_delta=fixed_delta, target=target,
                          head_target_sums=None if target is None else self.head_target_sums(target))
         outputs = masks.new_zeros(k, self.n_senders, T, D) if keep_outputs else None
@@ -206,16 +215,16 @@ class EdgeForward:
             resid = restrict(resid)
 
         def receivers_input(base: Tensor, r0: int, r1: int, n_s: int) -> Tensor:
-            block = masks[:, :, r0:r1, :n_s]
-            add = deltas.mix_add(block, slot_idx, differentiable) if differentiable or bool(block.any()) else None
+            """Every receiver's own input (autograd path: no structure read off the mask)."""
+            add = deltas.mix_add(masks[:, :, r0:r1, :n_s], slot_idx, True)
             return None if add is None else base[:, None] + add
 
         for layer in range(first_layer, net.n_layers):
             if not (layer == first_layer and stage == "mlp") and stage != "final":
                 r0, s0 = self.head_receivers[layer], self.head_senders[layer]
-                block = masks[:, :, r0 : r0 + 3 * H, :s0]
+                block = hmasks[:, :, r0 : r0 + 3 * H, :s0]
                 grouped = not differentiable and bool(block.any())
-                x = None if grouped else receivers_input(resid, r0, r0 + 3 * H, s0)  # [k, 3H, T, D]
+                x = receivers_input(resid, r0, r0 + 3 * H, s0) if differentiable else None  # [k, 3H, T, D]
                 if grouped:
                     q, kk, v = self._grouped_qkv(layer, resid, block, deltas, slot_idx, n, P)
                     kz = k
@@ -251,13 +260,14 @@ class EdgeForward:
             if net.attn_only or stage == "final":
                 continue
             rm, sm = self.mlp_receivers[layer], self.mlp_senders[layer]
-            x = self._single_input(resid, masks[:, :, rm : rm + 1, :sm], deltas, slot_idx, differentiable)
+            x = self._single_input(resid, masks[:, :, rm : rm + 1, :sm], hmasks[:, :, rm : rm + 1, :sm], deltas,
+                                   slot_idx, differentiable)
             mlp_out = net.mlp(layer, resid if x is None else x)
             deltas.computed(sm, sm + 1, mlp_out[:, None])
             if outputs is not None:
                 outputs[:, sm] = mlp_out
             resid = resid + mlp_out
-        x = self._single_input(resid, masks[:, :, -1:, :], deltas, slot_idx, differentiable)
+        x = self._single_input(resid, masks[:, :, -1:, :], hmasks[:, :, -1:, :], deltas, slot_idx, differentiable)
         resid = resid if x is None else x
         if resid.shape[0] != k:
             resid = resid.expand(k, T, D)
@@ -275,7 +285,8 @@ class EdgeForward:
     # running sum of every difference so far; only the senders some row uses are read.
 
     def _distinct_inputs(self, base: Tensor, m: Tensor, deltas: "_Deltas", kk: int, slot_idx) -> tuple[Tensor, Tensor]:
-        """For set ``kk``: ``([U, T, D] inputs of the distinct rows, [R] row of each receiver)``."""
+        """For set ``kk`` with mask block ``m`` on the CPU: ``([U, T, D] inputs of the distinct rows
+        (on the model's device), [R] row of each receiver (CPU))``."""
         n_slots, n_r, n_s = m.shape
         rows = m.permute(1, 0, 2).reshape(n_r, n_slots * n_s)
         uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
@@ -297,11 +308,12 @@ class EdgeForward:
             if not len(used):
                 continue
             cols = deltas.columns(kk, used)
+            c = coef[:, used].to(base.device)
             if idx is None:
-                out.view(U, T * D).addmm_(coef[:, used], cols.view(len(used), T * D))
+                out.view(U, T * D).addmm_(c, cols.view(len(used), T * D))
             else:
                 part = cols.index_select(1, idx)
-                add = (coef[:, used] @ part.reshape(len(used), -1)).view(U, len(idx), D)
+                add = (c @ part.reshape(len(used), -1)).view(U, len(idx), D)
                 out.index_add_(1, idx, add)
         return out, inverse
 
@@ -320,11 +332,12 @@ class EdgeForward:
             if x.shape[0] == 3 * H:  # every input distinct: permute the (smaller) weights, not the inputs
                 order = torch.empty_like(inverse)
                 order[inverse] = torch.arange(3 * H, device=inverse.device)
+                order = order.to(x.device)
                 proj = torch.baddbmm(b.index_select(0, order)[:, None], y, W.index_select(0, order))
                 out[kk].index_copy_(0, order, proj)
                 continue
             if x.shape[0] > H:  # mostly distinct inputs: one batched projection
-                out[kk] = torch.baddbmm(b[:, None], y.index_select(0, inverse), W)
+                out[kk] = torch.baddbmm(b[:, None], y.index_select(0, inverse.to(y.device)), W)
                 continue
             counts = torch.bincount(inverse, minlength=x.shape[0])
             largest = int(counts.argmax())
@@ -336,7 +349,7 @@ class EdgeForward:
             for u in range(x.shape[0]):
                 if u == largest and int(counts[largest]) > 1:
                     continue
-                members = (inverse == u).nonzero()[:, 0]
+                members = (inverse == u).nonzero()[:, 0].to(y.device)
                 W_u = W.index_select(0, members).permute(1, 0, 2).reshape(D, -1)
                 b_u = b.index_select(0, members).reshape(-1)
                 proj = torch.addmm(b_u, y[u], W_u).view(T, len(members), dh)
@@ -344,15 +357,17 @@ class EdgeForward:
         qkv = out.view(k, H, 3, n, P, dh)
         return tuple(qkv[:, :, i].reshape(k * H, n, P, dh) for i in range(3))
 
-    def _single_input(self, resid: Tensor, block: Tensor, deltas: "_Deltas", slot_idx, differentiable: bool):
-        """The input ``[k, T, D]`` of a one-receiver block (MLP, logits), None when unpatched."""
+    def _single_input(self, resid: Tensor, block: Tensor, host_block: Tensor, deltas: "_Deltas", slot_idx,
+                      differentiable: bool):
+        """The input ``[k, T, D]`` of a one-receiver block (MLP, logits), None when unpatched
+        (``host_block``: ``block`` on the CPU)."""
         if differentiable:
             add = deltas.mix_add(block, slot_idx, True)
             return resid + add[:, 0]
-        if not bool(block.any()):
+        if not bool(host_block.any()):
             return None
         k = block.shape[0]
-        xs = [self._distinct_inputs(resid[min(kk, resid.shape[0] - 1)], block[kk], deltas, kk, slot_idx)[0][0]
+        xs = [self._distinct_inputs(resid[min(kk, resid.shape[0] - 1)], host_block[kk], deltas, kk, slot_idx)[0][0]
               for kk in range(k)]
         return torch.stack(xs)
 
@@ -479,7 +494,7 @@ class _Deltas:
         if not len(used):
             return out
         if len(used) <= 8:
-            out.addmm_(coef[:, used], self.columns(kk, used).view(len(used), Td))
+            out.addmm_(coef[:, used].to(out.device), self.columns(kk, used).view(len(used), Td))
             return out
         split = self.n_shared if self.perk is None else self.perk_from
         pieces = [(0, min(split, n_s), self.shared[0], 0)]
@@ -490,19 +505,20 @@ class _Deltas:
             if not len(inside):
                 continue
             a, b = int(inside[0]), int(inside[-1]) + 1
-            out.addmm_(coef[:, a:b], store[a - offset : b - offset].reshape(b - a, Td))
+            out.addmm_(coef[:, a:b].to(out.device), store[a - offset : b - offset].reshape(b - a, Td))
         return out
 
     def columns(self, kk: int, idx: Tensor) -> Tensor:
-        """The differences of senders ``idx`` for set ``kk``: ``[len(idx), T, d]``."""
+        """The differences of senders ``idx`` (CPU) for set ``kk``: ``[len(idx), T, d]``."""
+        device = self.like.device
         if self.perk is None:
-            return self.shared[0].index_select(0, idx)
+            return self.shared[0].index_select(0, idx.to(device))
         low, high = idx[idx < self.perk_from], idx[idx >= self.perk_from]
         parts = []
         if len(low):
-            parts.append(self.shared[0].index_select(0, low))
+            parts.append(self.shared[0].index_select(0, low.to(device)))
         if len(high):
-            parts.append(self.perk[kk].index_select(0, high - self.perk_from))
+            parts.append(self.perk[kk].index_select(0, (high - self.perk_from).to(device)))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def computed(self, s0: int, s1: int, out: Tensor) -> None:

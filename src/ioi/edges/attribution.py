@@ -66,8 +66,8 @@ def _affine_slope(metric: LogitDiff) -> float:
     """``metric = slope * mean(LD) + offset``: the slope of its normalisation."""
     if metric.per_prompt:
         raise ValueError("Attribution needs a scalar metric: use a LogitDiff with per_prompt=False.")
-    one = metric.reduce(torch.ones(1, dtype=torch.float64))
-    zero = metric.reduce(torch.zeros(1, dtype=torch.float64))
+    one = metric.reduce(torch.ones(1, dtype=torch.float64, device="cpu"))
+    zero = metric.reduce(torch.zeros(1, dtype=torch.float64, device="cpu"))
     return float(one - zero)
 
 

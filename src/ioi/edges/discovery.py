@@ -124,7 +124,9 @@ def acdc(
         clean_logprobs = net.logits(final[0, :, 0]).log_softmax(-1)
 
     def evaluate(dense: Tensor, start_key) -> Tensor:
-        final, _ = engine.run(clean, dense, slots, target=target, start=states[start_key], end_pos=ends)
+        """The metric of each mask set ``dense`` (built on the CPU; moved to the model once)."""
+        final, _ = engine.run(clean, dense.to(device), slots, target=target, start=states[start_key], end_pos=ends,
+                              host_masks=dense)
         at_end = final[:, :, 0]  # [k, n, d]: the END rows
         if criterion == "abs_ld":
             io, s = net.answer_logits(at_end, io_ids, s_ids)
@@ -138,12 +140,15 @@ def acdc(
         per_set += _BYTES * n * model.cfg.d_vocab * 2
     sets_cap = max(1, min(max_batch, int(_budget(memory_budget_mb, device) // per_set)))
 
-    removed = torch.zeros(len(graph), dtype=torch.bool)
-    dense = torch.zeros(1, graph.n_slots, engine.n_receivers, engine.n_senders, device=device)
+    removed = torch.zeros(len(graph), dtype=torch.bool, device="cpu")
+    # the removed edges as a mask, kept on the CPU (edited edge by edge; one copy to the model per pass)
+    dense = torch.zeros(1, graph.n_slots, engine.n_receivers, engine.n_senders, device="cpu")
+    slot_of, receiver_of, sender_of = (graph.slot_index.tolist(), graph.receiver_index.tolist(),
+                                       graph.sender_index.tolist())
     kept_out = torch.bincount(graph.sender_index, minlength=engine.n_senders)  # outgoing edges left
     by_receiver: dict[int, list[int]] = {}
     for i in range(len(graph)):
-        by_receiver.setdefault(int(graph.receiver_index[i]), []).append(i)
+        by_receiver.setdefault(receiver_of[i], []).append(i)
     start_of = {}
     for r, name in enumerate(graph.receivers):
         if name == "logits":
@@ -163,12 +168,12 @@ def acdc(
 
     def remove(i: int) -> None:
         removed[i] = True
-        dense[0, graph.slot_index[i], graph.receiver_index[i], graph.sender_index[i]] = 1.0
-        kept_out[graph.sender_index[i]] -= 1
+        dense[0, slot_of[i], receiver_of[i], sender_of[i]] = 1.0
+        kept_out[sender_of[i]] -= 1
 
     for r in reversed(range(engine.n_receivers)):
         edges = sorted(by_receiver.get(r, []),
-                       key=lambda i: (-int(graph.sender_index[i]), int(graph.slot_index[i])))
+                       key=lambda i: (-sender_of[i], slot_of[i]))
         owner = _owner(graph.receivers[r])
         if tau > 0 and owner is not None and int(kept_out[graph.sender_of(owner)]) == 0:
             for i in edges:
@@ -181,7 +186,7 @@ def acdc(
             chunk = edges[j : j + min(batch, sets_cap)]
             sets = dense.expand(len(chunk), -1, -1, -1).clone()
             for c, i in enumerate(chunk):
-                sets[c:, graph.slot_index[i], graph.receiver_index[i], graph.sender_index[i]] = 1.0
+                sets[c:, slot_of[i], receiver_of[i], sender_of[i]] = 1.0
             values = evaluate(sets, start_of[r]).tolist()
             n_passes += 1
             accepted_all = True
@@ -204,7 +209,7 @@ def acdc(
     bar.close()
     kept = [graph.edges[i] for i in range(len(graph)) if not removed[i]]
     corrupted_value = float(evaluate(
-        graph.dense_masks(torch.ones(1, len(graph), dtype=torch.bool)).to(device), (0, "attn"))[0])
+        graph.dense_masks(torch.ones(1, len(graph), dtype=torch.bool, device="cpu")), (0, "attn"))[0])
     meta = {
         "tau": tau, "criterion": criterion, "n_edges_graph": len(graph), "n_edges_kept": len(kept),
         "n_tested": n_tests, "n_removed_disconnected": n_skipped, "n_batched_passes": n_passes,

@@ -172,9 +172,9 @@ class EdgeGraph:
                     p_idx.append(p)
         self.edges: list[Edge] = edges
         self._index = {edge: i for i, edge in enumerate(edges)}
-        self.receiver_index = torch.tensor(r_idx, dtype=torch.long)
-        self.sender_index = torch.tensor(s_idx, dtype=torch.long)
-        self.slot_index = torch.tensor(p_idx, dtype=torch.long)
+        self.receiver_index = torch.tensor(r_idx, dtype=torch.long, device="cpu")
+        self.sender_index = torch.tensor(s_idx, dtype=torch.long, device="cpu")
+        self.slot_index = torch.tensor(p_idx, dtype=torch.long, device="cpu")
 
     @classmethod
     def from_model(cls, model=None, positions: Sequence[str] | None = None, *, n_layers: int | None = None,
@@ -234,7 +234,7 @@ class EdgeGraph:
                          "only: give each edge one of them ('@END', ...).")
 
     def indices(self, edges: Iterable["Edge | str"]) -> Tensor:
-        return torch.tensor([self.index(e) for e in edges], dtype=torch.long)
+        return torch.tensor([self.index(e) for e in edges], dtype=torch.long, device="cpu")
 
     def sender_of(self, name: str) -> int:
         return self._sender_pos[name]
@@ -260,7 +260,7 @@ class EdgeGraph:
         edge_sets = list(edge_sets)
         if edge_sets and isinstance(edge_sets[0], (str, Edge)):
             raise ValueError("edge_sets is a list of edge SETS: wrap a single set in a list ([edges]).")
-        mask = torch.zeros(len(edge_sets), len(self), dtype=torch.bool)
+        mask = torch.zeros(len(edge_sets), len(self), dtype=torch.bool, device="cpu")
         for k, edge_set in enumerate(edge_sets):
             if isinstance(edge_set, Tensor):
                 mask[k] = self.edge_mask(edge_set)[0]
@@ -272,9 +272,11 @@ class EdgeGraph:
         return mask
 
     def dense_masks(self, edge_mask: Tensor) -> Tensor:
-        """``[n_sets, n_slots, n_receivers, n_senders]`` float masks of a ``[n_sets, n_edges]`` mask."""
+        """``[n_sets, n_slots, n_receivers, n_senders]`` float masks of a ``[n_sets, n_edges]`` mask
+        (on the CPU, as the graph's indices: the engine reads a mask's structure on the host)."""
         n_sets = edge_mask.shape[0]
-        dense = torch.zeros(n_sets, self.n_slots, len(self.receivers), len(self.senders))
+        edge_mask = edge_mask.cpu()
+        dense = torch.zeros(n_sets, self.n_slots, len(self.receivers), len(self.senders), device="cpu")
         flat = dense.view(n_sets, -1)
         cell = (self.slot_index * len(self.receivers) + self.receiver_index) * len(self.senders) + self.sender_index
         flat[:, cell] = edge_mask.to(flat.dtype)

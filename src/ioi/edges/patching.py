@@ -171,7 +171,8 @@ def patch_edges(
     if max_sets_per_batch is not None:
         sets_chunk = max(1, min(sets_chunk, max_sets_per_batch))
 
-    dense_all = graph.dense_masks(mask).to(device)  # [n_sets, slots, R, S]
+    host_all = graph.dense_masks(mask)  # [n_sets, slots, R, S] on the CPU: the engine reads the structure there
+    dense_all = host_all.to(device)
     results: list[Tensor] = []
     per_prompt = torch.empty(n_sets, n, device=device) if is_ld else None
     bar = tqdm(total=n_sets * math.ceil(n / prompt_chunk), disable=not progress, desc="edge patching")
@@ -183,16 +184,16 @@ def patch_edges(
         slots = slot_token_index(graph, chunk_idx, n_rows, P_used, device)
         target = engine.sender_outputs(corrupted[rows]) if corrupted is not None else means[:, rows].contiguous()
         for s0 in range(0, n_sets, sets_chunk):
-            dense = dense_all[s0 : s0 + sets_chunk]
+            dense, host = dense_all[s0 : s0 + sets_chunk], host_all[s0 : s0 + sets_chunk]
             if is_ld:
                 m = metric[rows] if n_rows != n else metric
                 ends = m.end_idx.to(device).long()
-                final, _ = engine.run(toks, dense, slots, target=target, end_pos=ends)
+                final, _ = engine.run(toks, dense, slots, target=target, end_pos=ends, host_masks=host)
                 at_end = final[:, :, 0]  # [k, n_rows, D]: the END rows
                 io, s = engine.net.answer_logits(at_end, m.io_ids.to(device), m.s_ids.to(device))
                 per_prompt[s0 : s0 + dense.shape[0], rows] = io - s
             else:
-                final, _ = engine.run(toks, dense, slots, target=target)
+                final, _ = engine.run(toks, dense, slots, target=target, host_masks=host)
                 logits = engine.net.logits(final)
                 for j in range(final.shape[0]):
                     results.append(torch.as_tensor(metric(logits[j])).detach().float())

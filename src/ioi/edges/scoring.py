@@ -62,7 +62,7 @@ def truth_labels(graph: "EdgeGraph", truth: Iterable["Edge | str"]) -> Bool[torc
 
     Every truth edge must be an edge of ``graph`` (same sender, receiver and position); a missing
     one raises a ValueError naming it (e.g. a position-free truth on a per-position graph)."""
-    labels = torch.zeros(len(graph), dtype=torch.bool)
+    labels = torch.zeros(len(graph), dtype=torch.bool, device="cpu")
     missing = []
     for edge in truth:
         try:
