@@ -160,6 +160,34 @@ def test_chunking_does_not_change_results(setup):
     torch.testing.assert_close(whole, tiny, atol=1e-5, rtol=0)
 
 
+def test_parallel_set_chunks_match_reference_and_repeat(setup):
+    """2 torch threads: chunks of sets on 2 worker threads (one torch thread each) equal the hook
+    reference and the serial path, and a repeat is bit-identical."""
+    from ioi.edges import patching as edge_patching
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model, positions=("S2", "END", "other"))
+    sets = _random_sets(graph, seed=7)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert edge_patching._workers(torch.device("cpu")) == 2
+        runs = [patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep",
+                            max_sets_per_batch=2) for _ in range(2)]
+        edge_patching.PARALLEL_SETS = False
+        serial = patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep",
+                             max_sets_per_batch=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        edge_patching.PARALLEL_SETS = True
+        torch.set_num_threads(previous)
+    assert torch.equal(runs[0], runs[1])
+    torch.testing.assert_close(runs[0], serial, atol=1e-6, rtol=0)
+    ref = patch_edges_reference(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep")
+    torch.testing.assert_close(runs[0], ref, atol=ATOL, rtol=0)
+    assert float(ref.max() - ref.min()) > 0.05
+
+
 # ----------------------------------------------------------------------------------------------
 # Fast == activation patching (transformer_lens.patching, run on clean, corrupted patched in)
 # ----------------------------------------------------------------------------------------------
