@@ -285,6 +285,82 @@ def test_both_signs_at_once_match_the_slow_loop(model, batch):
                                    atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("k", [1, 5, 300, 3000])
+def test_bounded_copy_hits_equal_the_dense_kernel(model, batch, k):
+    """The bounded rank test (the default) gives the dense kernel's per-sample hits, both signs,
+    at small k (most samples decided by the block bounds), large k (open blocks counted token by
+    token, whole rows counted) and chunks of one or several samples; the scores are their means."""
+    from ioi.analysis import copy_score_hits, copy_scores_both_signs, paper_copy_inputs, score_grid
+
+    positions = {"IO": batch["io_pos"], "S1": batch["s1_pos"], "S2": batch["s2_pos"]}
+    resid, names = paper_copy_inputs(model, batch["toks"], positions)
+    dense = copy_score_hits(model, resid, names, k=k, method="dense")
+    for max_logit_elements in (1, 5 * model.cfg.d_vocab):
+        bounded = copy_score_hits(model, resid, names, k=k, max_logit_elements=max_logit_elements)
+        for negative in (False, True):
+            assert torch.equal(bounded[negative], dense[negative]), (negative, max_logit_elements)
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    assert dense[False].shape == (n_heads, len(names)) and dense[False].dtype == torch.bool
+    if k == 3000:  # a rank test that every head passes sometimes and fails sometimes
+        assert 0 < int(dense[False].sum()) < dense[False].numel()
+    scores = copy_scores_both_signs(model, resid, names, k=k)
+    for negative in (False, True):
+        torch.testing.assert_close(scores[negative], score_grid(model, dense[negative]))
+
+
+class _IntegerValues:
+    """Stand-in for the per-head value factorisation with small integers: every product and logit
+    is exact in fp32, so ties with the own name's logit are frequent and exact."""
+
+    def __init__(self, seed: int, n_heads=3, n_samples=40, d_head=3, d_model=5, vocab=1000):
+        g = torch.Generator().manual_seed(seed)
+        self.v = torch.randint(-2, 3, (n_heads, n_samples, d_head), generator=g).float()
+        self.A = torch.randint(-2, 3, (n_heads, d_head, d_model), generator=g).float()
+        self.W_U = torch.randint(-2, 3, (d_model, vocab), generator=g).float()
+        self.const = torch.randint(-40, 41, (vocab,), generator=g).float()  # spread within blocks
+        self.W_V = torch.zeros(n_heads, 1, 1)  # only its length is read
+        # Own names near the top: half the samples take head 0's r-th largest positive logit,
+        # half head 1's r-th largest negative one (r < 8), so small k sees hits, misses and ties.
+        product = torch.einsum("hsd,hdm,mv->hsv", self.v, self.A, self.W_U)
+        rank = torch.randint(0, 8, (n_samples,), generator=g)
+        positive = (product[0] + self.const).argsort(-1, descending=True)
+        negative = (self.const - product[1]).argsort(-1, descending=True)
+        half = n_samples // 2
+        rows = torch.arange(n_samples)
+        self.names = torch.where(rows < half, positive[rows, rank], negative[rows, rank])
+
+    def scaled_values(self, index):
+        return self.v[index]
+
+    def readout(self, index, W_U):
+        return self.A[index] @ W_U
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bounded_rank_test_is_exact_under_ties(seed):
+    """Integer logits (many exact ties; a tied token does not push the own name out), a vocabulary
+    that fills no whole block or tile (padding), several tiles: both kernels equal a brute-force
+    count in integers."""
+    from ioi.analysis.copy_scores import _bounded_hits, _dense_hits
+
+    values = _IntegerValues(seed)
+    product = torch.einsum("hsd,hdm,mv->hsv", values.v.long(), values.A.long(), values.W_U.long())
+    const = values.const.long()
+    for k in (1, 3, 6, 40):
+        for negative in (False, True):
+            logits = const - product if negative else product + const
+            own = logits.gather(-1, values.names.expand(product.shape[0], -1)[..., None])
+            above = (logits > own).sum(-1)
+            expected = above < k
+            assert 0 < int(expected.sum()) < expected.numel()  # hits and misses
+            assert int(((logits == own).sum(-1) > 1).sum()) > 0  # ties with the own logit
+            dense = _dense_hits(values, values.W_U, values.names, (negative,), k, chunk=7)
+            for chunk, block, tile in ((7, 16, 64), (40, 128, 256), (1, 32, 32)):
+                bounded = _bounded_hits(values, values.W_U, values.names, (negative,), k, chunk, block, tile)
+                assert torch.equal(bounded[negative], expected), (k, negative, chunk, block, tile)
+            assert torch.equal(dense[negative], expected)
+
+
 def test_arena_copy_scores_match_slow_loop(model, batch):
     positions = {"IO": batch["io_pos"], "S1": batch["s1_pos"], "S2": batch["s2_pos"]}
     fast = copy_scores(model, batch["toks"], positions, variant="arena")

@@ -67,3 +67,44 @@ def test_a_new_library_or_model_gets_a_new_server():
     assert key == server.server_key(SPEC, "cpu", 0)
     assert key != server.server_key("random-L3-H2-D8", "cpu", 0)
     assert key != server.server_key(SPEC, "cpu", 1)
+
+
+def _figure_job(png: str, pdf: str, name: str = "logit_lens", base: str = "exp/logit_lens") -> None:
+    server.dispatch("figure", log=f"logs/{Path(png).parent}.log", name=name, data_csv=f"{base}/data.csv",
+                    summary_json=f"{base}/summary.json", meta_json=f"{base}/meta.json", png=png, pdf=pdf)
+
+
+def test_served_figures_equal_figures_drawn_in_their_own_process(server_dir, monkeypatch, capsys, tiny_model):
+    """A figure job served by the plot server (a forked child, the client's environment and folder)
+    writes the same PNG and PDF bytes as the job drawn in its own process; a failing figure job
+    fails its client with the error in its log."""
+    from ioi.pipeline import make_datasets, run_experiment_job
+
+    make_datasets(n=4, seed=0, settings={}, ioi_path="data/ioi.parquet", abc_path="data/abc.parquet",
+                  meta_path="data/meta.json")
+    run_experiment_job(name="logit_lens", model_spec=SPEC, model_label="x", dataset_paths={"ioi": "data/ioi.parquet"},
+                       out_dir="exp/logit_lens", n=4, seed=0, device="cpu", dataset_settings={}, memory_budget_mb=256,
+                       model=tiny_model)
+    # The PDF's creation date comes from SOURCE_DATE_EPOCH: the server starts with one date, the
+    # later jobs' clients have another, which their children must take.
+    monkeypatch.setenv("IOI_MODEL_SERVER", "1")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1600000000")
+    _figure_job("first/f.png", "first/f.pdf")  # starts the plot server
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    _figure_job("served/f.png", "served/f.pdf")
+    monkeypatch.setenv("IOI_MODEL_SERVER", "0")
+    _figure_job("alone/f.png", "alone/f.pdf")
+    for ext in ("png", "pdf"):
+        assert (server_dir / "served" / f"f.{ext}").read_bytes() == (server_dir / "alone" / f"f.{ext}").read_bytes()
+    assert (server_dir / "first" / "f.pdf").read_bytes() != (server_dir / "alone" / "f.pdf").read_bytes()
+    monkeypatch.setenv("IOI_MODEL_SERVER", "1")
+    logs = list((server_dir / "logs" / "model-server").glob("ioi-plots-*.log"))
+    assert len(logs) == 1 and logs[0].read_text().count("plot server:") == 1  # one server for both
+    assert "served by the plot server" in (server_dir / "logs" / "served.log").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _figure_job("bad/f.png", "bad/f.pdf", base="exp/missing")
+    assert exit_.value.code == 1
+    assert "exp/missing/data.csv" in (server_dir / "logs" / "bad.log").read_text()
+    assert "plot server's child" in capsys.readouterr().err
+    assert not (server_dir / "bad" / "f.png").exists()

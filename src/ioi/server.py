@@ -22,6 +22,18 @@ Memory-mapping the processed weights would remove only the last part; the import
   server, never reuses a stale one. A server exits after ``IOI_MODEL_SERVER_IDLE_S`` seconds
   (default 120) without a job.
 
+Figure and page jobs (kinds ``figure`` / ``page``) need no model: a **plot server** (one per
+library version, ``python -m ioi.server --plots``) imports matplotlib, pandas, seaborn and every
+registered plotter once and forks a child per job, which takes the client's environment (e.g.
+``SOURCE_DATE_EPOCH``) and folder, draws, saves, and exits; its files are byte-identical to a job
+run in its own process (tests/test_server.py). Measured on the 2-core machine (see the helper's
+report): a figure job in its own Python pays ~1.3 s CPU of imports (matplotlib, pandas, seaborn,
+the plot modules) before it draws; served, the client only starts Python and Snakemake's script
+preamble. A separate server rather than the model server: a figure needs no model (re-drawing
+after editing a plot would otherwise load the model, 8-18 s for GPT-2's shape), and on CUDA the
+model server runs jobs one at a time in its own process, where figures would queue behind the
+experiments and share one matplotlib state.
+
 ``IOI_MODEL_SERVER=0`` (or ``model_server: false`` in the config) runs every job in its own process
 as before. Any failure to reach or start a server falls back to that, so a missing model still
 ends with its one-paragraph message.
@@ -79,9 +91,15 @@ def server_key(model_spec: str, device: str, seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def socket_path(key: str) -> Path:
+def plot_server_key() -> str:
+    """The plot server's identity: the Python and the library's sources (no model)."""
+    text = json.dumps(["plots", sys.executable, library_fingerprint()])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def socket_path(key: str, role: str = "model") -> Path:
     root = Path(os.environ.get("IOI_MODEL_SERVER_DIR") or os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
-    return root / f"ioi-model-{os.getuid()}-{key}.sock"
+    return root / f"ioi-{role}-{os.getuid()}-{key}.sock"
 
 
 def enabled(setting: bool | None = True) -> bool:
@@ -98,11 +116,14 @@ def enabled(setting: bool | None = True) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+PLOT_KINDS = ("figure", "page")  # jobs without a model, served by the plot server
+
+
 def run_job(kind: str, kwargs: dict[str, Any], log_path: str | None, model=None,
             cwd: str | None = None, sent: float | None = None) -> int:
-    """Run job ``kind`` (``experiment`` / ``selfcheck``) with ``kwargs`` in the folder ``cwd`` (the
-    client's: its paths are relative to it); its output goes to ``log_path``. Returns the exit
-    status (0 = done)."""
+    """Run job ``kind`` (``experiment`` / ``selfcheck`` with the model; ``figure`` / ``page``
+    without) with ``kwargs`` in the folder ``cwd`` (the client's: its paths are relative to it);
+    its output goes to ``log_path``. Returns the exit status (0 = done)."""
     from ioi import pipeline
 
     previous = os.getcwd()
@@ -116,14 +137,21 @@ def run_job(kind: str, kwargs: dict[str, Any], log_path: str | None, model=None,
 
 def _run_job(pipeline, kind: str, kwargs: dict[str, Any], log_path: str | None, model,
              sent: float | None = None) -> int:
-    job = {"experiment": pipeline.run_experiment_job, "selfcheck": pipeline.run_selfcheck_job}[kind]
+    jobs = {"experiment": pipeline.run_experiment_job, "selfcheck": pipeline.run_selfcheck_job,
+            "figure": pipeline.plot_figure_job, "page": pipeline.write_page_job}
     context = pipeline.log_to(log_path) if log_path else contextlib.nullcontext()
     with context:
         if sent is not None:
-            print(f"served by the model server (pid {os.getppid()}): started {time.time() - sent:.2f} s "
+            server = "plot" if kind in PLOT_KINDS else "model"
+            print(f"served by the {server} server (pid {os.getppid()}): started {time.time() - sent:.2f} s "
                   "after the job's request", flush=True)
         try:
-            job(**kwargs, model=model)
+            if kind not in jobs:
+                raise ValueError(f"Unknown job kind {kind!r}; known: {', '.join(jobs)}.")
+            if kind in PLOT_KINDS:
+                jobs[kind](**kwargs)
+            else:
+                jobs[kind](**kwargs, model=model)
         except SystemExit as exit_:
             code = exit_.code
             return code if isinstance(code, int) else (0 if code is None else 1)
@@ -176,6 +204,36 @@ def serve(model_spec: str, device: str, seed: int, path: Path, idle_s: float = D
           f"{'forking a child per job' if forking else 'running jobs one at a time'}; {path}",
           flush=True)
 
+    def after_job() -> None:  # a job run in this process (CUDA): leave no hooks, free the cache
+        with contextlib.suppress(Exception):
+            model.reset_hooks()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    return _serve_jobs(path, idle_s, model=model, forking=forking, after_job=after_job)
+
+
+def serve_plots(path: Path, idle_s: float = DEFAULT_IDLE_S) -> int:
+    """Import the plotting stack and every registered plotter and page writer, then serve figure and
+    page jobs on the Unix socket ``path`` (a forked child each) until idle for ``idle_s``. Nothing
+    is drawn here, so each child starts from the state a fresh process has after its imports."""
+    t0 = time.perf_counter()
+    from ioi import pipeline  # noqa: F401
+    from ioi.registry import FIGURES, PAGES, resolve
+
+    for spec in FIGURES.values():
+        resolve(spec.plotter)
+    for spec in PAGES.values():
+        resolve(spec.writer)
+    import pandas  # noqa: F401  (read_experiment_files)
+
+    print(f"plot server: {len(FIGURES)} figures and {len(PAGES)} pages imported in "
+          f"{time.perf_counter() - t0:.1f} s; forking a child per job; {path}", flush=True)
+    return _serve_jobs(path, idle_s, model=None, forking=True)
+
+
+def _serve_jobs(path: Path, idle_s: float, *, model, forking: bool, after_job=None) -> int:
+    """Accept jobs on ``path``: each in a forked child (``forking``) or one at a time here."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -194,6 +252,9 @@ def serve(model_spec: str, device: str, seed: int, path: Path, idle_s: float = D
                     pid = os.fork()
                     if pid == 0:  # the child: one job, then exit
                         listener.close()
+                        if request.get("env") is not None:  # the client's environment, as its own job
+                            os.environ.clear()
+                            os.environ.update(request["env"])
                         code = run_job(request["kind"], request["kwargs"], request.get("log"), model,
                                        request.get("cwd"), request.get("sent"))
                         sys.stdout.flush()
@@ -203,10 +264,8 @@ def serve(model_spec: str, device: str, seed: int, path: Path, idle_s: float = D
                 else:
                     code = run_job(request["kind"], request["kwargs"], request.get("log"), model,
                                    request.get("cwd"), request.get("sent"))
-                    with contextlib.suppress(Exception):
-                        model.reset_hooks()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
+                    if after_job is not None:
+                        after_job()
                     _reply(conn, {"returncode": code})
                     last_activity = time.monotonic()
             for pid in list(children):
@@ -217,7 +276,8 @@ def serve(model_spec: str, device: str, seed: int, path: Path, idle_s: float = D
                                                "max_rss_mb": round(usage.ru_maxrss / 1024, 1)})
                     last_activity = time.monotonic()
             if not children and time.monotonic() - last_activity > idle_s:
-                print(f"model server: idle for {idle_s:.0f} s, exiting", flush=True)
+                print(f"{'model' if model is not None else 'plot'} server: idle for {idle_s:.0f} s, exiting",
+                      flush=True)
                 return 0
             if not path.exists():  # replaced or removed: stop serving
                 return 0
@@ -255,11 +315,10 @@ def _connect(path: Path) -> socket.socket | None:
         return None
 
 
-def _start_server(model_spec: str, device: str, seed: int, path: Path, log_dir: Path) -> socket.socket | None:
+def _start_server(arguments: list[str], path: Path, log_dir: Path) -> socket.socket | None:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{path.stem}.log", "a")  # noqa: SIM115 - handed to the detached server
-    command = [sys.executable, "-m", "ioi.server", "--spec", model_spec, "--device", device,
-               "--seed", str(seed), "--socket", str(path)]
+    command = [sys.executable, "-m", "ioi.server", *arguments, "--socket", str(path)]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True, close_fds=True, env={**os.environ})
     log.close()
@@ -274,8 +333,7 @@ def _start_server(model_spec: str, device: str, seed: int, path: Path, log_dir: 
     return None
 
 
-def _server_connection(model_spec: str, device: str, seed: int, log_dir: Path) -> socket.socket | None:
-    path = socket_path(server_key(model_spec, device, seed))
+def _server_connection(path: Path, arguments: list[str], log_dir: Path) -> socket.socket | None:
     conn = _connect(path)
     if conn is not None:
         return conn
@@ -284,29 +342,43 @@ def _server_connection(model_spec: str, device: str, seed: int, log_dir: Path) -
         if conn is None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # a dead server's socket
-            conn = _start_server(model_spec, device, seed, path, log_dir)
+            conn = _start_server(arguments, path, log_dir)
     return conn
+
+
+def _connection_for(kind: str, kwargs: dict[str, Any], log_dir: Path) -> socket.socket | None:
+    """A connection to the server for job ``kind``: the plot server, or the model's server."""
+    if kind in PLOT_KINDS:
+        return _server_connection(socket_path(plot_server_key(), "plots"), ["--plots"], log_dir)
+    model_spec, device, seed = kwargs["model_spec"], str(kwargs["device"]), int(kwargs["seed"])
+    return _server_connection(socket_path(server_key(model_spec, device, seed)),
+                              ["--spec", model_spec, "--device", device, "--seed", str(seed)], log_dir)
 
 
 def dispatch(kind: str, *, log: str, use_server: bool | None = True,
              server_log_dir: str = "logs/model-server", **kwargs: Any) -> None:
-    """Run one workflow job through the model server (started if need be), else in this process;
-    exits with the job's status when it fails."""
+    """Run one workflow job through its server (the model's, or for figures and pages the plot
+    server; started if need be), else in this process; exits with the job's status when it fails."""
     conn = None
     if enabled(use_server):
-        conn = _server_connection(kwargs["model_spec"], str(kwargs["device"]), int(kwargs["seed"]),
-                                  Path(server_log_dir))
+        conn = _connection_for(kind, kwargs, Path(server_log_dir))
     if conn is None:
         code = run_job(kind, kwargs, log)
     else:
+        server = "plot" if kind in PLOT_KINDS else "model"
         with conn:
             request = {"kind": kind, "kwargs": kwargs, "log": str(Path(log).resolve()), "cwd": os.getcwd(),
                        "sent": time.time()}
+            if kind in PLOT_KINDS:
+                request["env"] = dict(os.environ)
             conn.sendall((json.dumps(request) + "\n").encode())
-            reply = _read_request(conn)
-        code = int(reply["returncode"])
+            try:
+                code = int(_read_request(conn)["returncode"])
+            except (ValueError, KeyError, OSError):
+                print(f"the {server} server ended before answering; see {server_log_dir}/", file=sys.stderr)
+                code = 1
         if code:
-            print(f"{kind} failed (status {code}) in the model server's child; its log: {log}",
+            print(f"{kind} failed (status {code}) in the {server} server's child; its log: {log}",
                   file=sys.stderr)
             with contextlib.suppress(OSError):
                 sys.stderr.write(Path(log).read_text()[-4000:])
@@ -316,13 +388,18 @@ def dispatch(kind: str, *, log: str, use_server: bool | None = True,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ioi.server", description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", required=True)
+    parser.add_argument("--plots", action="store_true", help="serve figure and page jobs (no model)")
+    parser.add_argument("--spec")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--idle-s", type=float,
                         default=float(os.environ.get("IOI_MODEL_SERVER_IDLE_S", DEFAULT_IDLE_S)))
     args = parser.parse_args(argv)
+    if args.plots:
+        return serve_plots(args.socket, args.idle_s)
+    if not args.spec:
+        parser.error("--spec is required (or --plots)")
     return serve(args.spec, args.device, args.seed, args.socket, args.idle_s)
 
 

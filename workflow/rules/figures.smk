@@ -40,6 +40,7 @@ rule figure:
         # plain text (the report's "Job parameters" panel shows it as is); figure.rst escapes it
         caption=lambda wildcards: FIGURE_SPECS[wildcards.figure].caption,
         model=figure_model_label(),
+        model_server=config["model_server"],  # the plot server (ioi.server), or drawn in the job
     script:
         "../scripts/plot_figure.py"
 
@@ -65,5 +66,7 @@ rule page:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        model_server=config["model_server"],
     script:
         "../scripts/write_page.py"

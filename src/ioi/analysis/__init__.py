@@ -14,10 +14,12 @@ from ioi.analysis.copy_scores import (
     arena_copy_inputs,
     check_value_biases,
     copy_score_definition,
+    copy_score_hits,
     copy_scores,
     copy_scores_both_signs,
     copy_scores_from_resid,
     paper_copy_inputs,
+    score_grid,
 )
 from ioi.analysis.logit_attribution import (
     answer_residual_directions,
@@ -40,6 +42,8 @@ __all__ = [
     "copy_scores",
     "copy_scores_both_signs",
     "copy_scores_from_resid",
+    "copy_score_hits",
+    "score_grid",
     "paper_copy_inputs",
     "arena_copy_inputs",
     "check_value_biases",

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ioi.analysis._common import final_ln_affine, as_index, gather_positions, model_device, run_cache, unembed_bias
@@ -40,6 +40,9 @@ __all__ = [
     "COPY_POSITIONS",
     "copy_scores",
     "copy_scores_from_resid",
+    "copy_scores_both_signs",
+    "copy_score_hits",
+    "score_grid",
     "paper_copy_inputs",
     "arena_copy_inputs",
     "check_value_biases",
@@ -48,9 +51,9 @@ __all__ = [
 
 COPY_POSITIONS = ("IO", "S1", "S2")
 RESID_HOOK = "blocks.0.hook_resid_post"
-# Logits materialised per chunk: 2**22 floats (16 MiB, ~80 samples of GPT-2's vocabulary). Small
+# Logits (products) held per chunk: 3 * 2**20 floats (12 MiB, ~60 samples of GPT-2's vocabulary). Small
 # enough that the rank comparison reads them from cache: ~2x faster on CPU than 256 MiB chunks.
-DEFAULT_MAX_LOGIT_ELEMENTS = 2**22
+DEFAULT_MAX_LOGIT_ELEMENTS = 3 * 2**20
 
 Variant = Literal["paper", "arena"]
 
@@ -151,7 +154,7 @@ def copy_scores_from_resid(
     add_b_V: bool = True,
     ln_layer: int = 1,
     heads: Sequence[tuple[int, int]] | None = None,
-    max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
+    max_logit_elements: int | None = None,
 ) -> Float[Tensor, "n_layers n_heads"]:
     """Steps 2-6 of the copy score for all (or the given) heads at once.
 
@@ -168,6 +171,224 @@ def copy_scores_from_resid(
     return scores[negative]
 
 
+class _ValueLogits:
+    """Per-head factorisation of steps 3-5 for all samples: ``logits = P + c`` (``c - P`` for the
+    negative score) with ``P = (v / sigma) @ M`` (see :func:`copy_score_hits`)."""
+
+    def __init__(self, model, x, selected, add_b_V: bool):
+        device = x.device
+        layer_idx = torch.tensor([layer for layer, _ in selected], device=device, dtype=torch.long)
+        head_idx = torch.tensor([head for _, head in selected], device=device, dtype=torch.long)
+        self.x = x
+        self.W_V = model.W_V[layer_idx, head_idx]  # [K, d_model, d_head]
+        self.b_V = model.b_V[layer_idx, head_idx] if add_b_V else None  # [K, d_head]
+        W_O = model.W_O[layer_idx, head_idx]  # [K, d_head, d_model]
+        self.W_O_c = W_O - W_O.mean(-1, keepdim=True)  # rows centred over d_model
+        self.gamma, beta = final_ln_affine(model)
+        self.eps = float(getattr(model.cfg, "eps", 1e-5))
+        self.const = beta @ model.W_U + unembed_bias(model)  # [vocab]
+
+    def scaled_values(self, index: int) -> Float[Tensor, "sample d_head"]:
+        """``v / sigma``: the head's value (``+ b_V``) over ``ln_final``'s scale of ``v @ W_O_c``."""
+        v = self.x @ self.W_V[index]
+        if self.b_V is not None:
+            v = v + self.b_V[index]
+        out_c = v @ self.W_O_c[index]  # [sample, d_model]
+        sigma = (out_c.pow(2).mean(-1) + self.eps).sqrt()  # [sample]
+        return v / sigma[:, None]
+
+    def readout(self, index: int, W_U: Tensor) -> Float[Tensor, "d_head vocab"]:
+        """``M = (W_O_c * gamma) @ W_U`` (``W_U``'s columns in whatever order it is given)."""
+        return (self.W_O_c[index] * self.gamma) @ W_U
+
+
+def _dense_hits(values: _ValueLogits, W_U, name_ids, signs, k, chunk) -> dict[bool, Tensor]:
+    """Reference kernel: every chunk's full logits, then the rank test on them."""
+    n_heads, n_samples = values.W_V.shape[0], name_ids.shape[0]
+    const = values.const
+    hits = {negative: torch.zeros(n_heads, n_samples, dtype=torch.bool, device=name_ids.device)
+            for negative in signs}
+    for index in range(n_heads):
+        v_scaled, M = values.scaled_values(index), values.readout(index, W_U)
+        for start in range(0, n_samples, chunk):
+            product = v_scaled[start:start + chunk] @ M
+            for negative in signs:
+                logits = const - product if negative else product + const
+                own = logits.gather(-1, name_ids[start:start + chunk, None])
+                hits[negative][index, start:start + chunk] = (logits > own).sum(-1) < k
+    return hits
+
+
+class _SortedVocab:
+    """The vocabulary reordered by ``c`` and cut into blocks of ``BOUND_BLOCK`` columns (with
+    ``-inf``-constant padding columns first), grouped into matmul tiles of ``TILE`` columns."""
+
+    def __init__(self, const: Tensor, W_U: Tensor, block: int, tile: int):
+        vocab = const.shape[0]
+        tile = min(tile, -(-vocab // block) * block)
+        self.block, self.tile = block, tile
+        self.n_tiles = -(-vocab // tile)
+        self.padded = self.n_tiles * tile
+        n_pad = self.padded - vocab
+        order = torch.argsort(const)
+        self.column = torch.empty_like(order)  # token -> its column in the padded order
+        self.column[order] = torch.arange(n_pad, self.padded, device=const.device)
+        self.const = torch.cat([const.new_full((n_pad,), float("-inf")), const[order]])  # [padded]
+        blocks = self.const.view(-1, block)
+        self.c_min, self.c_max = blocks.amin(-1), blocks.amax(-1)  # [n_blocks]
+        # W_U's columns in that order (zero for the padding), keeping W_U's memory layout.
+        if W_U.stride(0) == 1:  # a transposed view (tied embeddings): gather its rows
+            W_U_sorted = W_U.new_zeros(self.padded, W_U.shape[0])
+            W_U_sorted[n_pad:] = W_U.t()[order]
+            self.W_U = W_U_sorted.t()
+        else:
+            self.W_U = W_U.new_zeros(W_U.shape[0], self.padded)
+            self.W_U[:, n_pad:] = W_U[:, order]
+
+
+def _bounded_hits(values: _ValueLogits, W_U, name_ids, signs, k, chunk, block, tile) -> dict[bool, Tensor]:
+    """The rank test without a pass over every logit for most samples (exact; see
+    :func:`copy_score_hits`)."""
+    n_heads, n_samples = values.W_V.shape[0], name_ids.shape[0]
+    device = name_ids.device
+    vocab = _SortedVocab(values.const, W_U, block, tile)
+    n_tiles, width, blocks_per_tile = vocab.n_tiles, vocab.tile, vocab.tile // block
+    n_blocks = n_tiles * blocks_per_tile
+    own_column = vocab.column[name_ids]  # [sample]
+    own_const = values.const[name_ids]  # [sample]
+    hits = {negative: torch.zeros(n_heads, n_samples, dtype=torch.bool, device=device) for negative in signs}
+    chunk = min(chunk, n_samples)
+    product = torch.empty(n_tiles, chunk, width, device=device)  # one chunk's P, tile by tile
+    block_max = torch.empty(n_tiles, chunk, blocks_per_tile, device=device)
+    block_min = torch.empty(n_tiles, chunk, blocks_per_tile, device=device)
+    for index in range(n_heads):
+        v_scaled = values.scaled_values(index)
+        M = values.readout(index, vocab.W_U)  # [d_head, padded]
+        tiles = [M[:, t * width:(t + 1) * width] for t in range(n_tiles)]
+        for start in range(0, n_samples, chunk):
+            stop = min(n_samples, start + chunk)
+            rows = stop - start
+            v_chunk = v_scaled[start:stop]
+            for t, M_tile in enumerate(tiles):  # each tile's P is reduced while it is in cache
+                P_tile = torch.mm(v_chunk, M_tile, out=product[t, :rows])
+                by_block = P_tile.view(rows, blocks_per_tile, block)
+                torch.amax(by_block, -1, out=block_max[t, :rows])
+                torch.amin(by_block, -1, out=block_min[t, :rows])
+            P = product[:, :rows]  # [tile, row, width]
+            column = own_column[start:stop]
+            sample = torch.arange(rows, device=device)
+            P_own = P[column // width, sample, column % width]  # the very product the blocks hold
+            P_max = block_max[:, :rows].permute(1, 0, 2).reshape(rows, n_blocks)
+            P_min = block_min[:, :rows].permute(1, 0, 2).reshape(rows, n_blocks)
+            for negative in signs:
+                if negative:
+                    own = own_const[start:stop] - P_own
+                    lower, upper = vocab.c_min - P_min, vocab.c_max - P_min
+                else:
+                    own = P_own + own_const[start:stop]
+                    lower, upper = P_max + vocab.c_min, P_max + vocab.c_max
+                own = own[:, None]
+                # A block whose lower bound beats the own logit holds a token that does: k such
+                # blocks decide a miss. Tokens above the own logit lie only in blocks whose upper
+                # bound beats it (NaN bounds count as possibly above): those are counted exactly.
+                undecided = (lower > own).sum(-1) < k
+                open_blocks = ~(upper <= own) & undecided[:, None]
+                n_open = open_blocks.sum(-1)
+                # Rows with many open blocks: counted over the whole row (cheaper than segments).
+                whole = n_open * DENSE_ROW_FRACTION > n_blocks
+                open_blocks &= ~whole[:, None]
+                above = torch.zeros(rows, dtype=torch.long, device=device)
+                pair_row, pair_block = open_blocks.nonzero(as_tuple=True)
+                if pair_row.numel():
+                    segment = P.view(n_tiles, rows, blocks_per_tile, block)[
+                        pair_block // blocks_per_tile, pair_row, pair_block % blocks_per_tile]  # [pair, block]
+                    c_segment = vocab.const.view(n_blocks, block)[pair_block]
+                    logits = c_segment - segment if negative else segment + c_segment
+                    above.index_add_(0, pair_row, (logits > own[pair_row]).sum(-1))
+                (dense_row,) = whole.nonzero(as_tuple=True)
+                if dense_row.numel():
+                    c_tiles = vocab.const.view(n_tiles, 1, width)
+                    P_rows = P[:, dense_row]  # [tile, row, width]
+                    logits = c_tiles - P_rows if negative else P_rows + c_tiles
+                    above[dense_row] = (logits > own[dense_row].view(1, -1, 1)).sum((0, 2))
+                hits[negative][index, start:stop] = undecided & (above < k)
+    return hits
+
+
+Method = Literal["bounded", "dense"]
+# Bound blocks of 128 sorted columns, reduced in tiles of 4096 columns (the tile's product stays in
+# the core's cache between the matmul and the block max/min).
+BOUND_BLOCK = 128
+BOUND_TILE = 4096
+# A row with more than 1/DENSE_ROW_FRACTION of its blocks open is counted over all its tokens.
+DENSE_ROW_FRACTION = 3
+
+
+@torch.inference_mode()
+def copy_score_hits(
+    model,
+    resid: Float[Tensor, "sample d_model"],
+    name_ids: Int[Tensor, "sample"],
+    *,
+    signs: Sequence[bool] = (False, True),
+    k: int = 5,
+    ln1_normalise: bool = True,
+    add_b_V: bool = True,
+    ln_layer: int = 1,
+    heads: Sequence[tuple[int, int]] | None = None,
+    max_logit_elements: int | None = None,
+    method: Method = "bounded",
+) -> dict[bool, Bool[Tensor, "head sample"]]:
+    """Per sample and head, whether the sample's own name is among the head's ``k`` largest logits
+    (steps 2-6 of the module docstring), for each ``negative`` in ``signs``: ``{negative: hits}``,
+    rows in the order of ``heads`` (default: every head, layer-major). A copy score is the mean
+    of a row; a group's score is the mean over its samples.
+
+    A hit is ``#{tokens t: logit_t > logit_own} < k`` (strict: a token tied with the own name does
+    not push it out; ``torch.topk`` would break such ties by index).
+
+    Factored, exactly as algebra: the head's output is ``out = v @ W_O`` (``v`` = value ``+ b_V``);
+    its centred version is ``v @ W_O_c`` (each row of ``W_O`` centred over ``d_model``), so
+    ``ln_final(out) @ W_U + b_U = (v @ M) / sigma + c`` with ``M = (W_O_c * gamma) @ W_U``,
+    ``c = beta @ W_U + b_U`` and ``sigma = sqrt(mean(out_c^2) + eps)`` (~12x fewer FLOPs than
+    unembedding each d_model vector). The negative score negates ``v``: ``c - P`` with
+    ``P = (v / sigma) @ M``, both signs from one ``P``.
+
+    ``method="bounded"`` (default) evaluates the same ``P`` (one matmul per head and chunk) and the
+    same rank test, without a pass over all logits of most samples: with the vocabulary sorted by
+    ``c`` in blocks of ``BOUND_BLOCK`` tokens, ``max_block(P) + min_block(c)`` is at most some
+    token's logit (rounding is monotone) and ``max_block(P) + max_block(c)`` at least every token's,
+    so ``k`` blocks whose lower bound beats the own logit decide a miss and only blocks whose upper
+    bound beats it are counted token by token (for the negative sign, ``c - min_block(P)``).
+    ``method="dense"``: the reference kernel (each chunk's full logits, then the test).
+    ``max_logit_elements``: products held at a time (chunk of samples; default 3 * 2**20 on the CPU,
+    2**26 on an accelerator).
+    """
+    device = model_device(model)
+    name_ids = as_index(name_ids, device)
+    if resid.shape[0] != name_ids.shape[0]:
+        raise ValueError(f"{resid.shape[0]} residual samples but {name_ids.shape[0]} name ids.")
+    if method not in ("bounded", "dense"):
+        raise ValueError(f"Unknown copy-score method {method!r}; use 'bounded' or 'dense'.")
+    selected = _select_heads(model, heads)
+    # Block 1's ln1 as the paper code; a 1-layer model falls back to block 0's (identical
+    # normalisation once LN weights are folded).
+    ln_layer = min(ln_layer, model.cfg.n_layers - 1)
+    x = model.blocks[ln_layer].ln1(resid) if ln1_normalise else resid
+    values = _ValueLogits(model, x, selected, add_b_V)
+    W_U = model.W_U
+    if max_logit_elements is None:
+        max_logit_elements = DEFAULT_MAX_LOGIT_ELEMENTS if device.type == "cpu" else 2**26
+    signs = tuple(dict.fromkeys(bool(s) for s in signs))
+    if name_ids.numel() == 0:
+        return {negative: torch.zeros(len(selected), 0, dtype=torch.bool, device=device) for negative in signs}
+    if method == "dense":
+        chunk = max(1, max_logit_elements // max(1, W_U.shape[1]))
+        return _dense_hits(values, W_U, name_ids, signs, k, chunk)
+    chunk = max(1, max_logit_elements // max(1, -(-W_U.shape[1] // BOUND_TILE) * BOUND_TILE))
+    return _bounded_hits(values, W_U, name_ids, signs, k, chunk, BOUND_BLOCK, BOUND_TILE)
+
+
 @torch.inference_mode()
 def copy_scores_both_signs(
     model,
@@ -180,68 +401,29 @@ def copy_scores_both_signs(
     add_b_V: bool = True,
     ln_layer: int = 1,
     heads: Sequence[tuple[int, int]] | None = None,
-    max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
+    max_logit_elements: int | None = None,
+    method: Method = "bounded",
 ) -> dict[bool, Float[Tensor, "n_layers n_heads"]]:
-    """:func:`copy_scores_from_resid` for each ``negative`` in ``signs`` (``{negative: scores}``).
+    """:func:`copy_scores_from_resid` for each ``negative`` in ``signs`` (``{negative: scores}``):
+    the mean of :func:`copy_score_hits` per head (heads not in ``heads`` are NaN)."""
+    hits = copy_score_hits(
+        model, resid, name_ids, signs=signs, k=k, ln1_normalise=ln1_normalise, add_b_V=add_b_V,
+        ln_layer=ln_layer, heads=heads, max_logit_elements=max_logit_elements, method=method,
+    )
+    return {negative: score_grid(model, hit, heads) for negative, hit in hits.items()}
 
-    Negating the value negates the head's centred output and keeps its norm, so both signs share
-    one product: logits = ±P + c with P = (v @ M) / sigma (see below), computed once per chunk.
-    """
-    device = model_device(model)
-    name_ids = as_index(name_ids, device)
-    if resid.shape[0] != name_ids.shape[0]:
-        raise ValueError(f"{resid.shape[0]} residual samples but {name_ids.shape[0]} name ids.")
+
+def score_grid(model, hits: Bool[Tensor, "head sample"],
+               heads: Sequence[tuple[int, int]] | None = None) -> Float[Tensor, "n_layers n_heads"]:
+    """``[n_layers, n_heads]`` grid of the hit fraction of each row of ``hits`` (rows in the order of
+    ``heads``, default every head layer-major); NaN for heads not in ``heads``."""
     selected = _select_heads(model, heads)
-    layer_idx = torch.tensor([layer for layer, _ in selected], device=device)
-    head_idx = torch.tensor([head for _, head in selected], device=device)
-    W_V = model.W_V[layer_idx, head_idx]  # [K, d_model, d_head]
-    b_V = model.b_V[layer_idx, head_idx]  # [K, d_head]
-    W_O = model.W_O[layer_idx, head_idx]  # [K, d_head, d_model]
-    W_U, b_U = model.W_U, unembed_bias(model)
-
-    # Block 1's ln1 as the paper code; a 1-layer model falls back to block 0's (identical
-    # normalisation once LN weights are folded).
-    ln_layer = min(ln_layer, model.cfg.n_layers - 1)
-    x = model.blocks[ln_layer].ln1(resid) if ln1_normalise else resid
-    n_samples = x.shape[0]
-    # ln_final(out) @ W_U + b_U, factored through the head's d_head-dimensional value space:
-    # out = v @ W_O, so its centred version is v @ W_O_c (W_O with each row centred over d_model),
-    # ln_final(out) = (v @ W_O_c) * gamma / sigma + beta with sigma = sqrt(mean(out_c^2) + eps), and
-    # logits = (v @ M) / sigma + c with M = (W_O_c * gamma) @ W_U and c = beta @ W_U + b_U.
-    # Exact algebra; ~12x fewer FLOPs than unembedding each d_model vector. The negative score
-    # negates v, hence P = (v @ M) / sigma, with sigma unchanged.
-    gamma, beta = final_ln_affine(model)
-    eps = float(getattr(model.cfg, "eps", 1e-5))
-    W_O_c = W_O - W_O.mean(-1, keepdim=True)  # [K, d_head, d_model]
-    const = beta @ W_U + b_U  # [vocab]
-    chunk = max(1, max_logit_elements // max(1, W_U.shape[1]))
-    signs = tuple(dict.fromkeys(bool(s) for s in signs))
-    hits = {negative: torch.zeros(len(selected), device=device) for negative in signs}
-    for index in range(len(selected)):
-        v_all = x @ W_V[index]
-        if add_b_V:
-            v_all = v_all + b_V[index]
-        out_c = v_all @ W_O_c[index]  # [s, d_model]
-        sigma = (out_c.pow(2).mean(-1) + eps).sqrt()  # [s]
-        M = (W_O_c[index] * gamma) @ W_U  # [d_head, vocab]
-        v_scaled = v_all / sigma[:, None]
-        for start in range(0, n_samples, chunk):
-            stop = start + chunk
-            product = v_scaled[start:stop] @ M
-            for negative in signs:
-                logits = const - product if negative else product + const
-                own = logits.gather(-1, name_ids[start:stop, None])
-                rank = (logits > own).sum(-1)  # tokens strictly above the sample's own name
-                hits[negative][index] += (rank < k).float().sum()
-                del logits
-            del product
-
-    out = {}
-    for negative in signs:
-        scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), device=device)
-        scores[layer_idx, head_idx] = hits[negative] / max(1, n_samples)
-        out[negative] = scores
-    return out
+    scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), device=hits.device)
+    if selected:
+        layer_idx = torch.tensor([layer for layer, _ in selected], device=hits.device)
+        head_idx = torch.tensor([head for _, head in selected], device=hits.device)
+        scores[layer_idx, head_idx] = hits.sum(-1).float() / max(1, hits.shape[1])
+    return scores
 
 
 @torch.inference_mode()
@@ -255,7 +437,7 @@ def copy_scores(
     k: int = 5,
     variant: Variant = "paper",
     heads: Sequence[tuple[int, int]] | None = None,
-    max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
+    max_logit_elements: int | None = None,
 ) -> Float[Tensor, "n_layers n_heads"]:
     """Copy score (or, with ``negative=True``, negative copy score) of every head, in [0, 1].
 

@@ -26,11 +26,12 @@ from ioi.analysis import (
     attention_projection_frame,
     check_value_biases,
     copy_score_definition,
-    copy_scores_both_signs,
+    copy_score_hits,
     generate_repeated_tokens,
     head_scores,
     paper_copy_inputs,
     scatter_correlations,
+    score_grid,
 )
 from ioi.analysis.attention import attention_to_positions, pattern_hook_name
 from ioi.analysis.repeated_tokens import SCORE_NAMES, repeated_token_hook_names
@@ -281,30 +282,31 @@ PAPER_COPY = {"name_mover_copy_score_above": 0.95, "negative_copy_score": 0.98,
               "average_copy_score_below": 0.20, "average_negative_copy_score": 0.12}
 
 
-def _copy_score_breakdown(model, resid, names, dataset, circuit) -> dict:
+def _copy_score_breakdown(model, hits, dataset, circuit) -> dict:
     """Copy score of each name mover and negative copy score of each negative name mover, on each
     template's and each order's samples (its prompts' IO, S1, S2; Wilson 95% CI over the 3n samples,
-    which treats the three samples of a prompt as independent)."""
+    which treats the three samples of a prompt as independent). ``hits``: ``{negative: [head,
+    sample]}`` per-sample hits of every head (layer-major) from :func:`copy_score_hits`, samples
+    position-major (all IO, then all S1, then all S2); a group's score is the mean of its samples'
+    hits (the same test on the same samples as scoring the group on its own)."""
     from ioi.breakdown import breakdown_many, group_labels, wilson_interval
 
     wanted = {False: _class_heads(circuit, NAME_MOVER), True: _class_heads(circuit, NEGATIVE_NAME_MOVER)}
-    heads = sorted({h for hs in wanted.values() for h in hs})
-    if not heads:
+    if not any(wanted.values()):
         return {}
     n = len(dataset)
+    n_heads = model.cfg.n_heads
+    per_head = {negative: {(l, h): hits[negative][l * n_heads + h].view(-1, n).cpu() for l, h in hs}
+                for negative, hs in wanted.items()}  # [position, prompt] per head
 
     def compute(rows):
-        rows = np.asarray(rows)
-        samples = torch.as_tensor(np.concatenate([rows + k * n for k in range(resid.shape[0] // n)]),
-                                  device=resid.device)
-        grids = {negative: grid.cpu()  # one copy per sign, not one sync per head
-                 for negative, grid in copy_scores_both_signs(model, resid[samples], names[samples],
-                                                              heads=heads).items()}
-        total = int(samples.shape[0])
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
         out = {}
         for negative, hs in wanted.items():
             for l, h in hs:
-                value = float(grids[negative][l, h])
+                chosen = per_head[negative][l, h][:, rows]
+                total = int(chosen.numel())
+                value = float(chosen.sum().float() / max(1, total))
                 key = f"{'negative_copy_score' if negative else 'copy_score'}_{head_key(l, h)}"
                 out[key] = {"value": finite(value), "ci": wilson_interval(value * total, total),
                             "n": int(len(rows))}
@@ -321,8 +323,8 @@ def copy_scores(model, ctx: RunContext) -> ExperimentResult:
     value_biases_unfolded = check_value_biases(model)
     positions = {key: dataset.word_idx[key] for key in ("IO", "S1", "S2")}
     resid, names = paper_copy_inputs(model, dataset.toks, positions)
-    scores = {negative: grid.double().cpu().numpy()
-              for negative, grid in copy_scores_both_signs(model, resid, names).items()}
+    hits = copy_score_hits(model, resid, names)  # {negative: [head, sample]}, every head
+    scores = {negative: score_grid(model, hit).double().cpu().numpy() for negative, hit in hits.items()}
     classes = class_of_heads(circuit, n_layers, n_heads)
     frame = pd.DataFrame(
         {
@@ -348,7 +350,7 @@ def copy_scores(model, ctx: RunContext) -> ExperimentResult:
         "n_samples": int(resid.shape[0]),
         "value_biases_unfolded": bool(value_biases_unfolded),
         "paper": PAPER_COPY,
-        "breakdown": _copy_score_breakdown(model, resid, names, dataset, circuit),
+        "breakdown": _copy_score_breakdown(model, hits, dataset, circuit),
         **_shape_summary(model, circuit),
     }
     meta = {

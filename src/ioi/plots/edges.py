@@ -186,7 +186,7 @@ def draw_edge_circuit(edges: list[str], summary: Mapping, meta: Mapping, title: 
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
                     arrowprops=dict(arrowstyle="-|>", color=style["color"], ls=style["ls"], lw=1.0,
                                     alpha=0.75, shrinkA=7, shrinkB=7, connectionstyle="arc3,rad=0.12"))
-    for node in nodes:
+    for node in sorted(nodes):  # a set of str: its order changes with every process (hash seed)
         x, y = _node_xy(node, n_layers, n_heads)
         if node in ("embed", "logits"):
             ax.scatter([x], [y], s=420, marker="s", color="#dddddd", edgecolor="black", zorder=4)
