@@ -166,6 +166,11 @@ def test_dispatch_hooks_unsupported_and_unserved_go_to_the_bridge(monkeypatch):
     assert float((got - plain).abs().max()) > 1e-2
     with pytest.raises(ValueError, match="forward hooks"):
         end_logits(model, toks, end, fwd_hooks=hooks, engine="plain")
+    # hooks attached to the model (not passed): the bridge, where they run
+    with model.hooks(fwd_hooks=hooks):
+        assert_close(end_logits(model, toks, end), hooked.float())
+        assert float(cache_activations(model, toks, ["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"][:, :, 1]
+                     .abs().max()) == 0.0
     # a name the plain forward does not serve: the whole cache from the bridge
     mixed = cache_activations(model, toks, ["blocks.0.mlp.hook_post", "blocks.0.hook_resid_post"])
     assert mixed["blocks.0.mlp.hook_post"].shape[-1] == model.cfg.d_mlp

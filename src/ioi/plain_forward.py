@@ -18,8 +18,9 @@ kernels for the GELU, LayerNorm and attention). This module holds two such forwa
 
 Both equal the hooked bridge (:mod:`ioi.forward`'s ``engine="bridge"`` path, the slow reference)
 to float32 rounding (tests: <= 1e-4 absolute) on the models :func:`unavailable_reason` accepts:
-GPT-2-architecture float32 models (``ioi.patching._fast_forward.unsupported_reason``). Set the
-environment variable ``IOI_FORWARD=bridge`` to send every forward through the bridge.
+GPT-2-architecture float32 models (``ioi.patching._fast_forward.unsupported_reason``) with no hook
+attached to them (``with model.hooks(...)`` sends the forward to the bridge, where the hooks run).
+Set the environment variable ``IOI_FORWARD=bridge`` to send every forward through the bridge.
 """
 
 from __future__ import annotations
@@ -80,7 +81,24 @@ def unavailable_reason(model) -> str | None:
     dtype = model.W_U.dtype
     if dtype != torch.float32:
         return f"dtype {dtype} (the plain forward computes in float32)"
+    if has_attached_hooks(model):
+        return "hooks are attached to the model (model.hooks(...) / add_hook): they run on the bridge"
     return None
+
+
+def has_attached_hooks(model) -> bool:
+    """Whether a forward (pre-)hook is registered on one of the model's hook points (e.g. by
+    ``with model.hooks(fwd_hooks=...)`` or ``hook_point.add_hook``) or on every module (torch's
+    global hooks): the bridge must then run. (The bridge's own hooks on the wrapped Hugging Face
+    modules, registered at its first forward, are not user hooks and are not looked at.)"""
+    from torch.nn.modules import module as nn_module
+    from transformer_lens.hook_points import HookPoint
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    hook_dict = getattr(model, "hook_dict", None)
+    points = hook_dict.values() if hook_dict else (m for m in model.modules() if isinstance(m, HookPoint))
+    return any(point._forward_hooks or point._forward_pre_hooks for point in points)
 
 
 def weights(model) -> NetWeights:

@@ -56,6 +56,7 @@ from ioi.circuits import NAME_MOVER, S_INHIBITION
 from ioi.experiments.attribution import circuit_summary, finite, head_key
 from ioi.experiments.circuit_eval import EndLogitDiff, mean_and_ci, mean_ci
 from ioi.experiments.core import ExperimentResult, RunContext, batch_size_for
+from ioi.forward import batch_size_for as end_logits_batch_size
 from ioi.forward import cache_activations, end_logits
 from ioi.metrics import logit_diff_from_end_logits
 
@@ -349,8 +350,10 @@ def build_adversarial(dataset, sentences: Sequence[Sequence[str]], name_of: str)
 
 
 def _metrics(model, toks, end, io, s, memory_budget_mb: int) -> dict[str, np.ndarray]:
+    """LD, IO probability and S>IO per prompt at its END (hook-free: the plain forward, in chunks
+    of at most ``memory_budget_mb``; :func:`ioi.forward.end_logits` never unembeds other rows)."""
     device = model.W_U.device
-    step = batch_size_for(model, toks.shape[1], memory_budget_mb)
+    step = end_logits_batch_size(model, toks.shape[1], memory_budget_mb)
     lds, probs = [], []
     for start in range(0, toks.shape[0], step):
         rows = slice(start, start + step)
