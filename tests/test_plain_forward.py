@@ -94,7 +94,13 @@ def test_end_logits_plain_equal_bridge(spec, bos):
     assert plain_forward.unavailable_reason(model) is None
     toks, end, io, s = batch_for(spec, bos)
     assert len(set(end.tolist())) > 1  # right-padded, unequal lengths
-    bridge = lambda m: end_logits(m, toks, end, engine="bridge")  # noqa: E731
+    memo = {}
+
+    def bridge(m):  # each reference forward once
+        if id(m) not in memo:
+            memo[id(m)] = end_logits(m, toks, end, engine="bridge")
+        return memo[id(m)]
+
     got = end_logits(model, toks, end, engine="plain", memory_budget_mb=None)
     check_against_bridge(spec, got, bridge)
     # chunked: one prompt per chunk; and chunks of mixed lengths (cut after their longest END)
@@ -197,3 +203,34 @@ def test_bad_end_positions_are_named():
     toks, end, *_ = batch_for("random-L2-H4-D64", False)
     with pytest.raises(ValueError, match="outside the"):
         end_logits(model, toks, end + toks.shape[1])
+
+
+SIGNALS_CIRCUIT = {"name mover": ((2, 1), (1, 0)), "s-inhibition": ((1, 1), (0, 0), (0, 1))}
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_signals_and_adversarial_plain_equal_the_hooked_bridge(monkeypatch, bos):
+    """``signals`` (z patched at END, name-mover patterns read at END: plain_forward.EndRun against
+    the hooks on the bridge) and ``adversarial`` (END logits), both engines, one sharp model."""
+    from ioi.circuits import Circuit
+    from ioi.experiments import signals as sg
+    from ioi.experiments.core import RunContext
+    from tests.ioi_batches import sharp_model
+
+    model = sharp_model("random-L3-H4-D16")
+    ioi = IOIDataset(N=10, seed=4, prepend_bos=bos)
+    ctx = RunContext(datasets={"ioi": ioi}, circuit=Circuit("t", SIGNALS_CIRCUIT), seed=0, n=len(ioi),
+                     progress=False)
+    results = {}
+    for engine in ("plain", "bridge"):
+        if engine == "bridge":
+            monkeypatch.setenv(plain_forward.ENGINE_ENV, "bridge")
+        results[engine] = (sg.signals(model, ctx), sg.adversarial(model, ctx))
+    monkeypatch.delenv(plain_forward.ENGINE_ENV)
+    (sig, adv), (sig_ref, adv_ref) = results["plain"], results["bridge"]
+    columns = ["logit_diff", "clean_logit_diff", "nm_end_to_io", "nm_end_to_s1", "nm_end_to_s2"]
+    got, want = sig.data[columns].to_numpy(), sig_ref.data[columns].to_numpy()
+    assert abs(got - want).max() <= ATOL
+    assert abs(got[:, 0] - got[:, 1]).max() > 1e-2  # the patches matter
+    assert abs(adv.data["logit_diff"].to_numpy() - adv_ref.data["logit_diff"].to_numpy()).max() <= ATOL
+    assert abs(adv.data["io_prob"].to_numpy() - adv_ref.data["io_prob"].to_numpy()).max() <= ATOL

@@ -291,3 +291,82 @@ def cache(net: NetWeights, toks: Int[Tensor, "batch pos"], names: Sequence[str])
         out = normalized if w is None else normalized * w
         values[None, "final_out"] = out if b is None else out + b
     return {name: values[spec] for name, spec in parsed.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Patches at END only: every other row keeps its clean value
+# ----------------------------------------------------------------------------------------------
+
+
+class EndRun:
+    """A clean plain forward that keeps, per layer, the residual stream at each prompt's END and
+    the keys and values of every position, so that runs changing only END rows (patches of
+    ``hook_z`` at END, :meth:`resume`) recompute one row per prompt and layer: under causal
+    attention a change at END leaves every earlier position as it was, and positions after END
+    are never read.
+    """
+
+    def __init__(self, net: NetWeights, toks: Int[Tensor, "batch pos"], end: Int[Tensor, "batch"]):
+        n, n_pos = toks.shape
+        _check_length(net, n_pos)
+        self.net = net
+        self.end = end.to(net.device)
+        self.rows = torch.arange(n, device=net.device)
+        resid = net.W_E[toks.to(net.device)] + net.W_pos[:n_pos]
+        self.resid_end: list[Tensor] = []  # resid_pre at END, per layer; [n_layers] = final
+        self.kv: list[Tensor] = []  # [batch, pos, 2 * hd] per layer
+        for layer in range(net.n_layers):
+            self.resid_end.append(resid[self.rows, self.end])
+            qkv = net.linear(net.ln(resid, net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
+            self.kv.append(qkv[..., net.hd :].contiguous())
+            z, _ = net.attention(layer, *net.split_qkv(qkv))
+            resid = net.add_mlp_(layer, net.add_attn_out_(layer, resid, z))
+        self.resid_end.append(resid[self.rows, self.end])
+        positions = torch.arange(n_pos, device=net.device)
+        self.mask = positions[None, :] > self.end[:, None]  # [batch, pos]: keys after END
+
+    @torch.no_grad()
+    def resume(
+        self,
+        start_layer: int,
+        z_at_end: dict[int, tuple[Sequence[int], Tensor]] | None = None,
+        pattern_layers: Sequence[int] = (),
+    ) -> tuple[Float[Tensor, "batch d_model"], dict[int, Float[Tensor, "batch n_heads pos"]]]:
+        """The final residual stream at END (before ``ln_final``) when the END rows are recomputed
+        from ``start_layer`` on, with ``z[prompt, END, heads]`` of layer ``l`` replaced by
+        ``z_at_end[l] = (heads, values [batch, len(heads), d_head])``; and the attention pattern
+        from END (``[batch, n_heads, pos]``, post-softmax) of each layer in ``pattern_layers``
+        (which must be >= ``start_layer``; the pattern is read before the layer's z is patched, as
+        the hooks ``attn.hook_pattern`` and ``attn.hook_z`` fire in that order)."""
+        net = self.net
+        z_at_end = z_at_end or {}
+        if any(l < start_layer for l in (*z_at_end, *pattern_layers)):
+            raise ValueError("patched and read layers must be >= start_layer")
+        H, dh, hd = net.n_heads, net.d_head, net.hd
+        resid = self.resid_end[start_layer].clone()
+        patterns: dict[int, Tensor] = {}
+        n = len(self.rows)
+        for layer in range(start_layer, net.n_layers):
+            x = net.ln(resid, net.ln1[layer])
+            qkv = torch.addmm(net.b_qkv[layer], x, net.W_qkv[layer])  # [batch, 3 hd]
+            q = qkv[:, :hd].view(n, H, 1, dh)
+            kv = self.kv[layer].clone()
+            kv[self.rows, self.end] = qkv[:, hd:]
+            k = kv[..., :hd].view(n, -1, H, dh).transpose(1, 2)  # [batch, head, pos, d_head]
+            v = kv[..., hd:].view(n, -1, H, dh).transpose(1, 2)
+            scores = (q @ k.transpose(-1, -2))[:, :, 0] * net.attn_scales[layer]  # [batch, head, pos]
+            pattern = scores.masked_fill(self.mask[:, None, :], float("-inf")).softmax(-1)
+            if layer in pattern_layers:
+                patterns[layer] = pattern
+            z = (pattern[:, :, None, :] @ v)[:, :, 0]  # [batch, head, d_head]
+            if layer in z_at_end:
+                heads, values = z_at_end[layer]
+                z[:, list(heads)] = values.to(z.dtype)
+            resid = resid + torch.addmm(net.b_O[layer], z.reshape(n, hd), net.W_O_flat[layer])
+            resid = net.add_mlp_(layer, resid)
+        return resid, patterns
+
+    def answer_logit_diff(self, final: Float[Tensor, "batch d_model"], io: Tensor, s: Tensor) -> Tensor:
+        """``logit(IO) - logit(S)`` of END rows already through the blocks (``ln_final`` applied)."""
+        io_logit, s_logit = self.net.answer_logits(final, io.to(final.device), s.to(final.device))
+        return io_logit - s_logit
