@@ -159,7 +159,7 @@ def test_dispatch_hooks_unsupported_and_unserved_go_to_the_bridge(monkeypatch):
         return z
 
     hooks = [("blocks.1.attn.hook_z", head_off)]
-    hooked = model.run_with_hooks(toks, fwd_hooks=hooks)[torch.arange(len(end)), end]
+    hooked = model.run_with_hooks(toks, fwd_hooks=hooks)[torch.arange(len(end)), end].float().cpu()
 
     def refuse(*args, **kwargs):
         raise AssertionError("the plain forward must not run here")
@@ -168,13 +168,13 @@ def test_dispatch_hooks_unsupported_and_unserved_go_to_the_bridge(monkeypatch):
     monkeypatch.setattr(plain_forward, "cache", refuse)
     # hooks run on the bridge, and change the result
     got = end_logits(model, toks, end, fwd_hooks=hooks)
-    assert_close(got, hooked.float())
+    assert_close(got, hooked)
     assert float((got - plain).abs().max()) > 1e-2
     with pytest.raises(ValueError, match="forward hooks"):
         end_logits(model, toks, end, fwd_hooks=hooks, engine="plain")
     # hooks attached to the model (not passed): the bridge, where they run
     with model.hooks(fwd_hooks=hooks):
-        assert_close(end_logits(model, toks, end), hooked.float())
+        assert_close(end_logits(model, toks, end), hooked)
         assert float(cache_activations(model, toks, ["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"][:, :, 1]
                      .abs().max()) == 0.0
     # a name the plain forward does not serve: the whole cache from the bridge
@@ -195,7 +195,8 @@ def test_dispatch_hooks_unsupported_and_unserved_go_to_the_bridge(monkeypatch):
     monkeypatch.setattr(plain_forward, "unsupported_reason", lambda m: "an unsupported architecture")
     assert plain_forward.unavailable_reason(model) == "an unsupported architecture"
     assert_close(end_logits(model, toks, end), plain)
-    assert_close(final_residual(model, toks)[torch.arange(len(end)), end] @ model.W_U + model.b_U, plain)
+    rows = torch.arange(len(end), device=model.W_U.device)
+    assert_close((final_residual(model, toks)[rows, end.to(rows.device)] @ model.W_U + model.b_U).cpu(), plain)
 
 
 def test_bad_end_positions_are_named():
