@@ -195,13 +195,15 @@ def _plain_cell(end_run, heads_by_layer: dict[int, list[int]], nm_heads: Sequenc
     return cell
 
 
-def _z_cache(model, dataset, layers: Sequence[int], memory_budget_mb: int) -> dict[int, torch.Tensor]:
+def _z_cache(model, dataset, layers: Sequence[int], memory_budget_mb: int, seq: int) -> dict[int, torch.Tensor]:
+    """``layer -> hook_z [N, seq, n_heads, d_head]`` on ``dataset`` cut to its first ``seq``
+    positions (nothing after the last END is read; causal attention)."""
     names = {f"blocks.{l}.attn.hook_z": l for l in layers}
     device = model.W_U.device
-    step = batch_size_for(model, dataset.max_len, memory_budget_mb)
+    step = batch_size_for(model, seq, memory_budget_mb)
     parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for start in range(0, len(dataset), step):
-        cache = cache_activations(model, dataset.toks[start : start + step].to(device), list(names))
+        cache = cache_activations(model, dataset.toks[start : start + step, :seq].to(device), list(names))
         for name, layer in names.items():
             parts[layer].append(cache[name])
         del cache
@@ -221,7 +223,9 @@ def signals(model, ctx: RunContext) -> ExperimentResult:
     heads_by_layer: dict[int, list[int]] = {}
     for layer, head in sinh:
         heads_by_layer.setdefault(layer, []).append(head)
-    ld_runner = EndLogitDiff(model, ioi, memory_budget_mb=ctx.memory_budget_mb)
+    plain = plain_forward.unavailable_reason(model) is None
+    # (its bridge check is skipped when the plain forward serves every cell: the runner is not run)
+    ld_runner = EndLogitDiff(model, ioi, memory_budget_mb=ctx.memory_budget_mb, fast=not plain)
     end = ioi.word_idx["END"].to(device)
     keys = {k: ioi.word_idx[k].to(device) for k in ("IO", "S1", "S2")}
 
@@ -237,7 +241,6 @@ def signals(model, ctx: RunContext) -> ExperimentResult:
         attention = {k: _mean_attention(store, k) for k in keys} if nm_heads else {}
         return ld, attention
 
-    plain = plain_forward.unavailable_reason(model) is None
     if plain:  # the same numbers without hooks: only END rows change (plain_forward.EndRun)
         end_run = plain_forward.EndRun(plain_forward.weights(model), ld_runner.toks, end)
         plain_cell = _plain_cell(end_run, heads_by_layer, nm_heads, keys, ioi.io_token_ids, ioi.s_token_ids)
@@ -247,8 +250,7 @@ def signals(model, ctx: RunContext) -> ExperimentResult:
     frames, cells, cell_ci, attention_summary = [], {}, {}, {}
     for cell, dataset in datasets.items():
         _, s_tok, s_pos = SIGNAL_CELLS[cell]
-        source_z = _z_cache(model, dataset, list(heads_by_layer), ctx.memory_budget_mb)
-        source_z = {l: z[:, : ld_runner.seq] for l, z in source_z.items()}
+        source_z = _z_cache(model, dataset, list(heads_by_layer), ctx.memory_budget_mb, ld_runner.seq)
         ld, attention = plain_cell(source_z) if plain else run_cell(_patch_z_at_end(heads_by_layer, source_z, end))
         cells[cell] = finite(ld.mean())
         cell_ci[cell] = mean_ci(ld, ctx.seed)
