@@ -195,11 +195,13 @@ def _plain_cell(end_run, heads_by_layer: dict[int, list[int]], nm_heads: Sequenc
     return cell
 
 
-def _z_cache(model, dataset, layers: Sequence[int], memory_budget_mb: int, seq: int) -> dict[int, torch.Tensor]:
+def _z_cache(model, dataset, layers: Sequence[int], memory_budget_mb: int,
+             seq: int | None = None) -> dict[int, torch.Tensor]:
     """``layer -> hook_z [N, seq, n_heads, d_head]`` on ``dataset`` cut to its first ``seq``
-    positions (nothing after the last END is read; causal attention)."""
+    positions (``None``: all; nothing after the last END is read, causal attention)."""
     names = {f"blocks.{l}.attn.hook_z": l for l in layers}
     device = model.W_U.device
+    seq = dataset.toks.shape[1] if seq is None else seq
     step = batch_size_for(model, seq, memory_budget_mb)
     parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for start in range(0, len(dataset), step):
