@@ -10,19 +10,44 @@ residual stream after ``ln_final``) and only the END rows are unembedded, with t
     end_logits(model, toks, end)[i] == model(toks)[i, end[i]]        (up to fp32 rounding; tested)
 
 Any forward hooks (ablations, patches) run as usual on the way.
+
+Without hooks, on the models :func:`ioi.plain_forward.unavailable_reason` accepts (GPT-2
+architecture, float32), ``end_logits``, ``final_residual`` and ``cache_activations`` run the
+plain-tensor forward of :mod:`ioi.plain_forward` (the same numbers, no bridge modules, only END rows
+after the last layer's attention). ``engine="bridge"`` (or ``IOI_FORWARD=bridge`` in the
+environment) forces the hooked bridge pass, which stays the reference the plain forward is tested
+against; ``engine="plain"`` requires the plain forward (an error says why it cannot run).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ioi import plain_forward
 from ioi.validation import check_tokens
 
 UNEMBED_INPUT = "unembed.hook_in"
+
+Engine = Literal["auto", "plain", "bridge"]
+ENGINES = ("auto", "plain", "bridge")
+
+
+def use_plain_forward(model, engine: Engine = "auto", fwd_hooks: Sequence = ()) -> bool:
+    """Whether a forward without the bridge serves the call: no ``fwd_hooks`` and a model the plain
+    forward reproduces (``engine="auto"``); ``"bridge"`` never; ``"plain"`` always, or an error."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}.")
+    if engine == "bridge":
+        return False
+    reason = "forward hooks were given (hooks run on the bridge)" if fwd_hooks else \
+        plain_forward.unavailable_reason(model)
+    if engine == "plain" and reason is not None:
+        raise ValueError(f"engine='plain' cannot run this forward: {reason}. Use engine='auto' or 'bridge'.")
+    return reason is None
 
 
 class _StopForward(Exception):
@@ -31,13 +56,16 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def final_residual(
-    model, toks: Int[Tensor, "batch seq"], *, fwd_hooks: Sequence = ()
+    model, toks: Int[Tensor, "batch seq"], *, fwd_hooks: Sequence = (), engine: Engine = "auto"
 ) -> Float[Tensor, "batch seq d_model"]:
     """The residual stream entering the unembedding (after ``ln_final``), with ``fwd_hooks`` on.
 
-    The forward pass is cut at ``unembed.hook_in``, so no logits are computed.
+    The forward pass is cut at ``unembed.hook_in``, so no logits are computed (without hooks: the
+    plain forward, see the module docstring).
     """
     toks = check_tokens(model, toks, "toks")
+    if use_plain_forward(model, engine, fwd_hooks):
+        return plain_forward.cache(plain_forward.weights(model), toks, [UNEMBED_INPUT])[UNEMBED_INPUT]
     captured: dict[str, Tensor] = {}
 
     def capture(x, hook):
@@ -55,15 +83,31 @@ def final_residual(
 
 @torch.no_grad()
 def cache_activations(
-    model, toks: Int[Tensor, "batch seq"], names: Sequence[str], *, fwd_hooks: Sequence = ()
+    model,
+    toks: Int[Tensor, "batch seq"],
+    names: Sequence[str],
+    *,
+    fwd_hooks: Sequence = (),
+    engine: Engine = "auto",
 ) -> dict[str, Tensor]:
     """The activations at hook points ``names`` (a dict name -> tensor).
 
     The forward pass stops as soon as the last of ``names`` has fired (so caching
     ``blocks.0.hook_resid_post`` runs one block), and never unembeds. ``run_with_cache`` on the
     bridge always computes the full logits (``stop_at_layer`` is not honoured by it).
+
+    Without hooks, when every name is one :mod:`ioi.plain_forward` serves
+    (``plain_forward.SERVED_HOOKS``: residual stream, ``attn_out``/``mlp_out``, ``q``/``k``/``v``/
+    ``z``/``pattern``, embeddings, ``ln_final``), the plain forward computes them (same values,
+    shapes, dtype and device); any other name sends the whole call to the bridge.
     """
     toks = check_tokens(model, toks, "toks")
+    if use_plain_forward(model, engine, fwd_hooks):
+        unserved = [n for n in names if plain_forward.parse_hook(n, model.cfg.n_layers) is None]
+        if not unserved:
+            return plain_forward.cache(plain_forward.weights(model), toks, list(dict.fromkeys(names)))
+        if engine == "plain":
+            raise ValueError(f"engine='plain' does not serve the hook points {unserved[:5]}.")
     wanted = set(names)
     store: dict[str, Tensor] = {}
 
@@ -110,13 +154,16 @@ def end_logits(
     *,
     fwd_hooks: Sequence = (),
     memory_budget_mb: float | None = 2048,
+    engine: Engine = "auto",
 ) -> Float[Tensor, "batch vocab"]:
     """Logits at each prompt's own END, ``[batch, vocab]`` (float32, on CPU).
 
-    Without hooks, prompts are run in chunks that fit ``memory_budget_mb`` (``None``: one chunk),
+    Without hooks, prompts are run in chunks that fit ``memory_budget_mb`` (``None``: no limit),
     grouped by END and each chunk cut after its last END: with causal attention nothing after a
-    prompt's END changes its END logits, so right padding is never computed. Hooks see the batch
-    as given (one chunk, full length), since they may hold per-prompt tensors.
+    prompt's END changes its END logits, so right padding is never computed. The plain forward
+    (module docstring) also ends a chunk where END changes once it is large enough
+    (:func:`ioi.plain_forward.length_chunks`), so each length runs unpadded. Hooks see the batch
+    as given (one chunk, full length, on the bridge), since they may hold per-prompt tensors.
     """
     device = model.W_U.device
     toks = check_tokens(model, toks, "toks")
@@ -124,19 +171,25 @@ def end_logits(
     if end_idx.shape != toks.shape[:1]:
         raise ValueError(f"end_idx must have one entry per prompt: {tuple(end_idx.shape)} vs {tuple(toks.shape)}.")
     n = toks.shape[0]
+    end_cpu = end_idx.cpu()  # chunk lengths are read on the host: one copy, before the loop
+    if n and (int(end_cpu.min()) < 0 or int(end_cpu.max()) >= toks.shape[1]):
+        raise ValueError(f"end_idx holds positions {int(end_cpu.min())}..{int(end_cpu.max())} outside the "
+                         f"{toks.shape[1]} token positions: pass each prompt's END index (word_idx['END']).")
+    if use_plain_forward(model, engine, fwd_hooks):
+        step = n if memory_budget_mb is None else batch_size_for(model, toks.shape[1], memory_budget_mb)
+        return plain_forward.end_logits(plain_forward.weights(model), toks, end_cpu, max(1, step))
     if fwd_hooks:
         resid = final_residual(model, toks.to(device), fwd_hooks=fwd_hooks)
         rows = torch.arange(n, device=device)
         return unembed_rows(model, resid[rows, end_idx.to(device)]).float().cpu()
     step = n if memory_budget_mb is None else batch_size_for(model, toks.shape[1], memory_budget_mb)
-    end_cpu = end_idx.cpu()  # chunk lengths are read on the host: one copy, before the loop
     order = torch.argsort(end_cpu, stable=True)
     out = torch.empty(n, model.cfg.d_vocab, dtype=torch.float32, device="cpu")  # the result is on the CPU
     for start in range(0, n, step):
         chunk = order[start : start + step]
         ends = end_cpu[chunk]
         part = toks[chunk, : int(ends.max()) + 1].to(device)
-        resid = final_residual(model, part)
+        resid = final_residual(model, part, engine="bridge")
         rows = torch.arange(part.shape[0], device=device)
         out[chunk] = unembed_rows(model, resid[rows, ends.to(device)]).float().cpu()
     return out

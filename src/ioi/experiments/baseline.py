@@ -35,13 +35,17 @@ def seed_prompts() -> tuple[list[str], list[tuple[str, str]]]:
 @torch.no_grad()
 def seed_prompt_logits(model) -> torch.Tensor:
     """``[prompt, vocab]`` last-token logits (float32, on the CPU) of :func:`seed_prompts`, BOS
-    prepended, one unpadded forward per prompt (as the notebook does), one copy to the host."""
+    prepended, one unpadded forward per prompt (as the notebook does; only the last position is
+    unembedded: :func:`ioi.forward.end_logits`)."""
+    from ioi.forward import end_logits
+
     prompts, _ = seed_prompts()
     tokenizer = model.tokenizer
-    device = next(model.parameters()).device
-    last = [model(torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt).input_ids], device=device))[0, -1]
-            for prompt in prompts]
-    return torch.stack(last).float().cpu()
+    last = []
+    for prompt in prompts:
+        toks = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt).input_ids], device="cpu")
+        last.append(end_logits(model, toks, torch.tensor([toks.shape[1] - 1]))[0])
+    return torch.stack(last)
 
 
 def per_prompt_scores(end_logits: torch.Tensor, io_ids: torch.Tensor, s_ids: torch.Tensor) -> pd.DataFrame:

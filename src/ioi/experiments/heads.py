@@ -51,7 +51,6 @@ from ioi.experiments.attribution import (
     head_key,
     per_head_dict,
     prompts_per_batch,
-    run_at_end,
 )
 from ioi.experiments.core import ExperimentResult, RunContext
 from ioi.forward import cache_activations
@@ -79,7 +78,7 @@ def attention_arrays(model, dataset, memory_budget_mb: int) -> dict[str, np.ndar
     step = prompts_per_batch(model, dataset.max_len, memory_budget_mb, patterns=True)
     out: dict[str, list[np.ndarray]] = {q: [] for q, _, _ in ATTENTION_QUANTITIES}
     for _, sub in dataset_batches(dataset, step):
-        _, cache, *_ = run_at_end(model, sub, names)
+        cache = cache_activations(model, sub.toks.to(model.W_U.device), names)  # hook-free: plain
         idx = {k: sub.word_idx[k] for k in ("IO", "S1", "S1+1", "S2", "END")}
         per_layer: dict[str, list[torch.Tensor]] = {q: [] for q in out}
         for layer in range(n_layers):
@@ -179,7 +178,8 @@ def _scatter(model, ctx: RunContext, heads: list[tuple[int, int]]) -> pd.DataFra
     step = prompts_per_batch(model, dataset.max_len, ctx.memory_budget_mb, patterns=True)
     frames = []
     for start, sub in dataset_batches(dataset, step):
-        _, cache, *_ = run_at_end(model, sub, names)
+        # the patterns and z of the heads' layers only: the forward stops after the last of them
+        cache = cache_activations(model, sub.toks.to(model.W_U.device), names)
         part = attention_projection_frame(
             model, cache, heads, sub.word_idx["END"], sub.word_idx["IO"], sub.word_idx["S1"],
             sub.word_idx["S2"], sub.io_token_ids, sub.s_token_ids,

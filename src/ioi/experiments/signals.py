@@ -56,6 +56,8 @@ from ioi.circuits import NAME_MOVER, S_INHIBITION
 from ioi.experiments.attribution import circuit_summary, finite, head_key
 from ioi.experiments.circuit_eval import EndLogitDiff, mean_and_ci, mean_ci
 from ioi.experiments.core import ExperimentResult, RunContext, batch_size_for
+from ioi import plain_forward
+from ioi.forward import batch_size_for as end_logits_batch_size
 from ioi.forward import cache_activations, end_logits
 from ioi.metrics import logit_diff_from_end_logits
 
@@ -164,13 +166,46 @@ def _mean_attention(store: dict[tuple[int, int, str], torch.Tensor], key: str) -
     return torch.cat(chunks).mean(1).numpy()
 
 
-def _z_cache(model, dataset, layers: Sequence[int], memory_budget_mb: int) -> dict[int, torch.Tensor]:
+def _plain_cell(end_run, heads_by_layer: dict[int, list[int]], nm_heads: Sequence[tuple[int, int]],
+                keys: dict[str, torch.Tensor], io: torch.Tensor, s: torch.Tensor):
+    """``source_z -> (LD [N], {key: mean name-mover attention END -> key [N]})`` on the plain
+    forward: what ``run_cell`` computes with hooks (z of the S-inhibition heads at END from
+    ``source_z``, or nothing patched; the name movers' patterns read at END), with every row but
+    END taken from the clean run."""
+    rows = end_run.rows
+    nm_layers = sorted({layer for layer, _ in nm_heads})
+
+    def cell(source_z: dict[int, torch.Tensor] | None = None):
+        z_at_end = {}
+        if source_z is not None:
+            for layer, heads in heads_by_layer.items():
+                z = source_z[layer].to(rows.device)
+                z_at_end[layer] = (heads, z[rows, end_run.end][:, heads])
+        start = min([*z_at_end, *nm_layers], default=end_run.net.n_layers)
+        final, patterns = end_run.resume(start, z_at_end, nm_layers)
+        ld = end_run.answer_logit_diff(final, io, s).double().cpu().numpy()
+        attention = {}
+        if nm_heads:
+            for key, positions in keys.items():
+                per_head = [patterns[layer][rows, head, positions.to(rows.device)] for layer, head in
+                            sorted(nm_heads, key=lambda lh: lh[0])]
+                attention[key] = torch.stack(per_head, 1).double().cpu().mean(1).numpy()
+        return ld, attention
+
+    return cell
+
+
+def _z_cache(model, dataset, layers: Sequence[int], memory_budget_mb: int,
+             seq: int | None = None) -> dict[int, torch.Tensor]:
+    """``layer -> hook_z [N, seq, n_heads, d_head]`` on ``dataset`` cut to its first ``seq``
+    positions (``None``: all; nothing after the last END is read, causal attention)."""
     names = {f"blocks.{l}.attn.hook_z": l for l in layers}
     device = model.W_U.device
-    step = batch_size_for(model, dataset.max_len, memory_budget_mb)
+    seq = dataset.toks.shape[1] if seq is None else seq
+    step = batch_size_for(model, seq, memory_budget_mb)
     parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for start in range(0, len(dataset), step):
-        cache = cache_activations(model, dataset.toks[start : start + step].to(device), list(names))
+        cache = cache_activations(model, dataset.toks[start : start + step, :seq].to(device), list(names))
         for name, layer in names.items():
             parts[layer].append(cache[name])
         del cache
@@ -190,7 +225,9 @@ def signals(model, ctx: RunContext) -> ExperimentResult:
     heads_by_layer: dict[int, list[int]] = {}
     for layer, head in sinh:
         heads_by_layer.setdefault(layer, []).append(head)
-    ld_runner = EndLogitDiff(model, ioi, memory_budget_mb=ctx.memory_budget_mb)
+    plain = plain_forward.unavailable_reason(model) is None
+    # (its bridge check is skipped when the plain forward serves every cell: the runner is not run)
+    ld_runner = EndLogitDiff(model, ioi, memory_budget_mb=ctx.memory_budget_mb, fast=not plain)
     end = ioi.word_idx["END"].to(device)
     keys = {k: ioi.word_idx[k].to(device) for k in ("IO", "S1", "S2")}
 
@@ -206,14 +243,17 @@ def signals(model, ctx: RunContext) -> ExperimentResult:
         attention = {k: _mean_attention(store, k) for k in keys} if nm_heads else {}
         return ld, attention
 
-    clean_ld, clean_attention = run_cell()
+    if plain:  # the same numbers without hooks: only END rows change (plain_forward.EndRun)
+        end_run = plain_forward.EndRun(plain_forward.weights(model), ld_runner.toks, end)
+        plain_cell = _plain_cell(end_run, heads_by_layer, nm_heads, keys, ioi.io_token_ids, ioi.s_token_ids)
+
+    clean_ld, clean_attention = plain_cell() if plain else run_cell()
     datasets = signal_datasets(ioi)
     frames, cells, cell_ci, attention_summary = [], {}, {}, {}
     for cell, dataset in datasets.items():
         _, s_tok, s_pos = SIGNAL_CELLS[cell]
-        source_z = _z_cache(model, dataset, list(heads_by_layer), ctx.memory_budget_mb)
-        source_z = {l: z[:, : ld_runner.seq] for l, z in source_z.items()}
-        ld, attention = run_cell(_patch_z_at_end(heads_by_layer, source_z, end))
+        source_z = _z_cache(model, dataset, list(heads_by_layer), ctx.memory_budget_mb, ld_runner.seq)
+        ld, attention = plain_cell(source_z) if plain else run_cell(_patch_z_at_end(heads_by_layer, source_z, end))
         cells[cell] = finite(ld.mean())
         cell_ci[cell] = mean_ci(ld, ctx.seed)
         frames.append(pd.DataFrame({
@@ -349,8 +389,10 @@ def build_adversarial(dataset, sentences: Sequence[Sequence[str]], name_of: str)
 
 
 def _metrics(model, toks, end, io, s, memory_budget_mb: int) -> dict[str, np.ndarray]:
+    """LD, IO probability and S>IO per prompt at its END (hook-free: the plain forward, in chunks
+    of at most ``memory_budget_mb``; :func:`ioi.forward.end_logits` never unembeds other rows)."""
     device = model.W_U.device
-    step = batch_size_for(model, toks.shape[1], memory_budget_mb)
+    step = end_logits_batch_size(model, toks.shape[1], memory_budget_mb)
     lds, probs = [], []
     for start in range(0, toks.shape[0], step):
         rows = slice(start, start + step)
