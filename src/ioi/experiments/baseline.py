@@ -44,7 +44,7 @@ def seed_prompt_logits(model) -> torch.Tensor:
     last = []
     for prompt in prompts:
         toks = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt).input_ids], device="cpu")
-        last.append(end_logits(model, toks, torch.tensor([toks.shape[1] - 1]))[0])
+        last.append(end_logits(model, toks, torch.tensor([toks.shape[1] - 1], device="cpu"))[0])
     return torch.stack(last)
 
 
