@@ -164,13 +164,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--memory-budget-mb", type=int, default=1024)
-    parser.add_argument("--serial-chunks", action="store_true",
-                        help="one chunk at a time on every thread (the engine's parallel_chunks=False), for A/B")
+    parser.add_argument("--parallel-chunks", action="store_true",
+                        help="the engine's opt-in parallel_chunks=True (chunks on one worker thread per torch "
+                             "thread), for A/B against the default serial chunks")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ablation_engine.KnockoutEngine.PARALLEL_CHUNKS = not args.serial_chunks
+    ablation_engine.KnockoutEngine.PARALLEL_CHUNKS = bool(args.parallel_chunks)
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
     model = load_model(args.spec, device=device, seed=0)

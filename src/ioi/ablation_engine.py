@@ -40,17 +40,20 @@ chunk's specs, without copying them per spec.
 Rows are packed (prompt-major lists of (prompt, position)); everything after a prompt's END is
 skipped in LD mode.
 
-Parallel chunks on a CPU
-------------------------
-A pass's chunks are independent (each reads only the shared source streams and stored runs). On a
-CPU with ``T > 1`` torch threads, :meth:`KnockoutEngine.evaluate` runs them on ``T`` worker threads
-with one torch thread each (largest first; a lone chunk of several specs is split so every worker
-has one) instead of one chunk at a time on ``T`` threads: the engine's many small and
-memory-bound operations (windowed attention, row gathers, the activation function) scale far
-better across chunks than within one op (the matmuls alike). Each chunk's arithmetic is then
-single-threaded whatever ``T`` is; results are bit-identical between runs at the same ``T`` (and
-equal to the serial path, ``parallel_chunks=False``, to float32 rounding: tests). The memory budget
-is shared by the workers (each chunk gets ``budget / T``).
+Parallel chunks on a CPU (opt-in)
+---------------------------------
+With ``parallel_chunks=True`` (class default :attr:`KnockoutEngine.PARALLEL_CHUNKS`, off) and
+``T > 1`` torch threads on a CPU, :meth:`KnockoutEngine.evaluate` runs a pass's chunks on ``T``
+worker threads with one torch thread each (largest first; a lone chunk of several specs is split
+so every worker has one), sharing the memory budget (``budget / T`` per chunk), instead of one
+chunk at a time on ``T`` threads. Each chunk's arithmetic is then single-threaded; results are
+bit-identical between runs at the same ``T`` and equal the serial path to float32 rounding
+(tests). Measured at the paper's completeness settings on a quiet 2-core machine
+(``benchmarks/knockouts.py``, ``benchmarks/measured/knockouts_cpu_2threads*.txt``): it needs 10%
+less CPU time (1.48x the FLOP floor per CPU second instead of 1.72x) but takes 16% longer by the
+clock (347 s against 298 s), because the workers idle while one finishes the largest chunk; so it
+is off by default. On a machine shared with other jobs, where OpenMP threads wait on each other,
+it was 1.46x faster by the clock.
 """
 
 from __future__ import annotations
@@ -162,8 +165,8 @@ class _Stream:
 class KnockoutEngine:
     """Knockouts on one batch of prompts (see the module doc).
 
-    ``parallel_chunks`` (default :attr:`PARALLEL_CHUNKS`): on a CPU, run a pass's chunks on one
-    worker thread per torch thread (see "Parallel chunks on a CPU").
+    ``parallel_chunks`` (default :attr:`PARALLEL_CHUNKS`, off): on a CPU, run a pass's chunks on
+    one worker thread per torch thread (see "Parallel chunks on a CPU (opt-in)").
 
     ``toks [N, seq]``; ``end [N]``, ``io_ids``/``s_ids [N]`` for the LD at END (``end=None``: full
     logits at every position instead). ``head_means [N, seq', L, H, d_head]`` with ``seq' >= seq``
@@ -171,7 +174,7 @@ class KnockoutEngine:
     MLP knockouts are asked for. ``memory_budget_mb`` bounds a pass's working set (chunks of specs).
     """
 
-    PARALLEL_CHUNKS = True
+    PARALLEL_CHUNKS = False  # see the module doc: less CPU time, more wall time on a quiet CPU
 
     def __init__(
         self,
