@@ -59,7 +59,6 @@ it was 1.46x faster by the clock.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import copy
 import dataclasses
 import threading
@@ -70,6 +69,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ioi._threads import map_on_workers
 from ioi.patching._fast_forward import NetWeights, net_weights, row_tiles
 
 Source = Literal["clean", "ablated"]
@@ -448,25 +448,16 @@ class KnockoutEngine:
             self.mean_out(0)
         cost = lambda item: int(item[1][1].sum()) * len(item[1][2]) * (self.net.n_layers - min(m[2] for m in item[1][2]))  # noqa: E731
         ordered = sorted(work_items, key=cost, reverse=True)
-        inference = torch.is_inference_mode_enabled()
-        threads = torch.get_num_threads()
         counters: list[FlopCounter] = []
 
         def run(item):
             _, (source, rows, chunk) = item
-            torch.set_num_threads(1)  # this thread's own OpenMP setting
             worker = copy.copy(self)
             worker.flops = FlopCounter()  # merged below: no shared counter updates from threads
             counters.append(worker.flops)
-            with torch.inference_mode(inference):
-                return worker._run_chunk(source, rows, chunk, specs)
+            return worker._run_chunk(source, rows, chunk, specs)
 
-        torch.set_num_threads(1)
-        try:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                results = dict(zip((key for key, _ in ordered), pool.map(run, ordered)))
-        finally:
-            torch.set_num_threads(threads)
+        results = dict(zip((key for key, _ in ordered), map_on_workers(run, ordered, workers)))
         for counter in counters:
             for field in dataclasses.fields(FlopCounter):
                 setattr(self.flops, field.name, getattr(self.flops, field.name) + getattr(counter, field.name))

@@ -32,7 +32,6 @@ between runs at the same ``T`` and equal the serial path to float32 rounding (te
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 from typing import Any, Callable, Literal
 
@@ -41,6 +40,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ioi._threads import map_on_workers
 from ioi.edges._engine import EdgeForward, slot_token_index
 from ioi.edges.graph import EdgeGraph
 from ioi.metrics import LogitDiff
@@ -107,28 +107,6 @@ def _bytes_per_prompt_set(engine: EdgeForward, n_pos: int) -> float:
 def _workers(device: torch.device) -> int:
     """Chunks of sets run at once: the torch thread count on a CPU (``PARALLEL_SETS``), else 1."""
     return max(1, torch.get_num_threads()) if PARALLEL_SETS and device.type == "cpu" else 1
-
-
-def _run_all(fn: Callable[[int], None], items: list[int], workers: int) -> None:
-    """``fn(item)`` for every item: in order here, or on ``workers`` threads with one torch thread
-    each (their grad/inference modes as the caller's)."""
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
-            fn(item)
-        return
-    inference, threads = torch.is_inference_mode_enabled(), torch.get_num_threads()
-
-    def run(item: int) -> None:
-        torch.set_num_threads(1)  # this thread's own OpenMP setting
-        with torch.inference_mode(inference), torch.no_grad():
-            fn(item)
-
-    torch.set_num_threads(1)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(run, items))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -232,7 +210,7 @@ def patch_edges(
                 per_prompt[s0 : s0 + dense.shape[0], rows] = io - s
                 bar.update(dense.shape[0])
 
-            _run_all(ld_of_sets, list(range(0, n_sets, sets_chunk)), workers)
+            map_on_workers(ld_of_sets, range(0, n_sets, sets_chunk), workers)
             continue
         for s0 in range(0, n_sets, sets_chunk):  # any metric on full logits: in order, here
             dense, host = dense_all[s0 : s0 + sets_chunk], host_all[s0 : s0 + sets_chunk]

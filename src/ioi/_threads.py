@@ -1,0 +1,38 @@
+"""Independent chunks of work on CPU worker threads, one torch thread each.
+
+Used by the engines whose passes split into independent chunks (``ioi.edges.patching``'s chunks of
+edge sets; ``ioi.ablation_engine``'s opt-in parallel chunks): ``T`` chunks at once on one torch
+thread each instead of one chunk on ``T`` threads. Each chunk's arithmetic is single-threaded, so
+results do not depend on which worker ran it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def map_on_workers(fn: Callable[[Item], Result], items: Sequence[Item], workers: int) -> list[Result]:
+    """``[fn(item) for item in items]``, in order: here when ``workers <= 1`` or there is one item,
+    else on ``workers`` threads with one torch thread each, under the caller's grad and inference
+    modes (thread-local in torch); the caller's thread count is restored afterwards."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    inference, grad, threads = torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads()
+
+    def run(item: Item) -> Result:
+        torch.set_num_threads(1)  # this thread's own OpenMP setting
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(item)
+
+    torch.set_num_threads(1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(run, items))
+    finally:
+        torch.set_num_threads(threads)
