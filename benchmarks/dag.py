@@ -13,7 +13,12 @@ benchmark of the client cannot see). With ``--json FILE`` it also writes
     {"total_wall_s", "cores", "threads", "device", "rules": [{"rule", "wall_s", "own_s",
      "overhead_s", "max_rss_mb", "mem_mb"}, ...], "settings", "provenance"}
 
-(``mem_mb``: the memory the job declares to the scheduler; the table flags a peak above it.)
+(``mem_mb``: the memory the job declares to the scheduler; the table flags a peak above it), and
+each row's ``threads`` (from the job's device string) and ``start_s``/``end_s`` (seconds after the
+DAG's start: the benchmark file's modification time, minus its wall seconds). ``rest_wall_s`` is
+the whole DAG's wall time minus completeness's, valid because completeness takes every core
+(``ioi.registry`` ``all_cores``) and so runs alone: ``completeness_overlap_s``, the seconds any
+other job ran beside it, says so (0 when it ran alone).
 
 Full scale (the lead runs this on a quiet machine; about an hour on 2 CPU cores):
 
@@ -146,10 +151,10 @@ def declared_mem_mb(rule: str) -> float | None:
     return None
 
 
-def rule_rows(results: Path) -> list[dict[str, Any]]:
+def rule_rows(results: Path, started_at: float | None = None) -> list[dict[str, Any]]:
     """One row per benchmarked job: ``rule`` (``selfcheck``, ``experiment:<name>``,
     ``figure:<name>``, ...), wall seconds (the benchmark), own seconds (``meta.json``), overhead,
-    peak RSS (MB)."""
+    peak RSS (MB); with ``started_at`` (the DAG's start, epoch seconds) its ``start_s``/``end_s``."""
     rows = []
     bench_dir = results / "benchmarks"
     for tsv in sorted(bench_dir.rglob("*.tsv")):
@@ -164,23 +169,49 @@ def rule_rows(results: Path) -> list[dict[str, Any]]:
             rule, meta_path = f"experiment:{relative.name}", results / relative.name / "meta.json"
         row = {"rule": rule, **_tsv_row(tsv), "own_s": None, "overhead_s": None,
                "mem_mb": declared_mem_mb(rule)}
+        if started_at is not None and row["wall_s"] is not None:
+            row["end_s"] = round(tsv.stat().st_mtime - started_at, 2)
+            row["start_s"] = round(row["end_s"] - row["wall_s"], 2)
         if meta_path is not None and meta_path.exists():
             meta = json.loads(meta_path.read_text())
             row["own_s"] = meta.get("seconds")
             if meta.get("max_rss_mb") is not None:
                 row["max_rss_mb"] = max(row["max_rss_mb"] or 0.0, float(meta["max_rss_mb"]))
             row["device"] = meta.get("device")
+            threads = re.search(r"(\d+)threads", str(meta.get("device") or ""))
+            row["threads"] = int(threads.group(1)) if threads else None
         if row["own_s"] is not None and row["wall_s"] is not None:
             row["overhead_s"] = round(row["wall_s"] - row["own_s"], 3)
         rows.append(row)
     return rows
 
 
+def completeness_split(rows: list[dict[str, Any]], total_wall_s: float) -> dict[str, float | None]:
+    """``completeness_wall_s``, ``rest_wall_s`` (the whole DAG minus completeness) and
+    ``completeness_overlap_s``: how many seconds other jobs ran while completeness did (summed over
+    them; 0 = it ran alone, so the rest's wall time is exactly the DAG's minus its own)."""
+    done = next((row for row in rows if row["rule"] == "experiment:completeness"), None)
+    if done is None or done["wall_s"] is None:
+        return {"completeness_wall_s": None, "rest_wall_s": None, "completeness_overlap_s": None}
+    overlap = None
+    if "start_s" in done:
+        overlap = 0.0
+        for row in rows:
+            if row is done or "start_s" not in row:
+                continue
+            overlap += max(0.0, min(row["end_s"], done["end_s"]) - max(row["start_s"], done["start_s"]))
+        overlap = round(overlap, 2)
+    return {"completeness_wall_s": done["wall_s"], "rest_wall_s": round(total_wall_s - done["wall_s"], 2),
+            "completeness_overlap_s": overlap}
+
+
 def format_table(report: dict) -> str:
     lines = [
         f"whole DAG: {report['total_wall_s']:.1f} s wall, {report['cores']} cores, "
-        f"{report['threads']} threads per job, device {report['device']}",
-        f"{'rule':44s} {'wall s':>9s} {'own s':>9s} {'overhead s':>11s} {'max RSS MB':>11s} {'mem_mb':>7s}",
+        f"threads per job: {report['threads']}, device {report['device']}",
+        *([f"everything but completeness: {report['rest_wall_s']:.1f} s wall (completeness {report['completeness_wall_s']:.1f} s; "
+           f"other jobs beside it: {report['completeness_overlap_s']} s)"] if report.get("rest_wall_s") is not None else []),
+        f"{'rule':44s} {'wall s':>9s} {'own s':>9s} {'overhead s':>11s} {'max RSS MB':>11s} {'mem_mb':>7s} {'threads':>7s}",
     ]
 
     def cell(value, width, fmt="{:.1f}"):
@@ -189,7 +220,7 @@ def format_table(report: dict) -> str:
     for row in sorted(report["rules"], key=lambda r: -(r["wall_s"] or 0)):
         lines.append(f"{row['rule']:44s} {cell(row['wall_s'], 9)} {cell(row['own_s'], 9)} "
                      f"{cell(row['overhead_s'], 11)} {cell(row['max_rss_mb'], 11, '{:.0f}')} "
-                     f"{cell(row.get('mem_mb'), 7, '{:.0f}')}"
+                     f"{cell(row.get('mem_mb'), 7, '{:.0f}')} {cell(row.get('threads'), 7, '{:d}')}"
                      + ("  OVER" if (row.get("mem_mb") and (row["max_rss_mb"] or 0) > row["mem_mb"]) else ""))
     overheads = sorted(r["overhead_s"] for r in report["rules"] if r["overhead_s"] is not None)
     over = [r["rule"] for r in report["rules"] if r.get("mem_mb") and (r["max_rss_mb"] or 0) > r["mem_mb"]]
@@ -204,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--threads-per-job", type=int, default=None,
-                        help="torch threads per job (default: the config's, i.e. all cores)")
+                        help="torch threads per experiment job (default: the workflow's, "
+                             "workflow/rules/experiments.smk: completeness every core, the rest half)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--shape", default="gpt2-small", help="checkpoint shape: gpt2-small or L{l}-H{h}-D{d}")
     parser.add_argument("--planted", action="store_true", help="the planted-circuit model instead")
@@ -233,16 +265,19 @@ def main(argv: list[str] | None = None) -> dict:
     experiments = [name for name in args.experiments.split(",") if name]
     targets = targets_for(experiments, model["model_name"])
     try:
+        started_at = time.time()
         total = run_dag(scratch, config, args.cores, targets)
         results = scratch / "results" / model["model_name"]
-        rows = rule_rows(results)
+        rows = rule_rows(results, started_at)
         devices = sorted({row.pop("device") for row in rows if row.get("device")})
         from ioi.provenance import git_commit, package_versions
 
         report = {
             "total_wall_s": round(total, 2),
             "cores": args.cores,
-            "threads": args.threads_per_job or args.cores,
+            "threads": args.threads_per_job or (f"completeness {args.cores}, other experiments "
+                                                f"{max(1, args.cores // 2)} (the workflow's default)"),
+            **completeness_split(rows, total),
             "device": ", ".join(devices) or args.device,
             "rules": rows,
             "settings": {"config": config, "targets": targets, "n_scale": args.n_scale},

@@ -58,9 +58,15 @@ def test_dag_benchmark_smoke(tmp_path, monkeypatch, capsys):
     rules = {row["rule"]: row for row in saved["rules"]}
     assert {"selfcheck", "experiment:baseline", "experiment:example_prompts",
             "figure:baseline_logit_diff", "figure:logit_diff_table"} <= set(rules)
+    base = {"rule", "wall_s", "own_s", "overhead_s", "max_rss_mb", "mem_mb", "start_s", "end_s"}
     for row in saved["rules"]:
-        assert set(row) == {"rule", "wall_s", "own_s", "overhead_s", "max_rss_mb", "mem_mb"}, row
+        assert base <= set(row) <= base | {"threads"}, row
         assert row["wall_s"] > 0 and row["max_rss_mb"] > 0
+        # each job's interval lies inside the DAG's run
+        assert -1.0 <= row["start_s"] <= row["end_s"] <= saved["total_wall_s"] + 1.0, row
+    assert rules["experiment:baseline"]["threads"] == 1
+    # completeness was not run: no split of the DAG's time around it
+    assert saved["rest_wall_s"] is None and saved["completeness_overlap_s"] is None
     from ioi.registry import EXPERIMENTS
 
     # the declared memory is the scheduler's: the registry's for experiments, the rules' otherwise
@@ -69,3 +75,19 @@ def test_dag_benchmark_smoke(tmp_path, monkeypatch, capsys):
     for name in ("selfcheck", "experiment:baseline"):
         assert rules[name]["own_s"] > 0 and rules[name]["overhead_s"] is not None
     assert "whole DAG" in capsys.readouterr().out
+
+
+def test_dag_benchmark_completeness_split(monkeypatch):
+    """rest_wall_s is the DAG minus completeness; the overlap counts other jobs' seconds beside it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("dag", None)
+    import dag
+
+    rows = [{"rule": "experiment:completeness", "wall_s": 100.0, "start_s": 10.0, "end_s": 110.0},
+            {"rule": "experiment:baseline", "wall_s": 10.0, "start_s": 0.0, "end_s": 10.0},
+            {"rule": "figure:x", "wall_s": 5.0, "start_s": 110.0, "end_s": 115.0}]
+    assert dag.completeness_split(rows, 120.0) == {"completeness_wall_s": 100.0, "rest_wall_s": 20.0,
+                                                   "completeness_overlap_s": 0.0}
+    rows[1].update(start_s=5.0, end_s=15.0)  # 5 s beside completeness
+    rows[2].update(start_s=100.0, end_s=105.0)  # 5 more
+    assert dag.completeness_split(rows, 120.0)["completeness_overlap_s"] == 10.0

@@ -105,3 +105,36 @@ def test_git_commit_is_dirty_for_code_changes_only(tmp_path):
     assert git_commit(tmp_path) == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path) == clean + "-dirty"
+
+
+def _dry_run_jobs(*args: str) -> dict[str, dict[str, str]]:
+    """``{experiment: {"threads": ..., "priority": ...}}`` from a forced dry run."""
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", *args], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs: dict[str, dict[str, str]] = {}
+    for block in done.stdout.split("rule experiment:")[1:]:
+        block = block.split("\nrule ", 1)[0].split("\n[", 1)[0]  # this job's lines only
+        fields = dict(line.strip().split(": ", 1) for line in block.splitlines()
+                      if line.startswith("    ") and ": " in line)
+        name = fields["wildcards"].split("experiment=", 1)[1].split(",")[0]
+        jobs[name] = {"threads": fields.get("threads", "1"), "priority": fields.get("priority", "0")}
+    return jobs
+
+
+def test_cpu_threads_completeness_alone_the_rest_two_side_by_side(tmp_path):
+    """threads_per_job null on a CPU: completeness (registry all_cores) takes every core, so it never
+    shares them (benchmarks/dag.py times the rest apart from it); every other experiment half; the
+    longest declared runtime starts first. A set threads_per_job wins."""
+    config = tmp_path / "threads.yaml"
+    config.write_text("threads_per_job: null\ndevice: cpu\nmodel: random-tiny\nmodel_name: threads-test\n")
+    jobs = _dry_run_jobs("--cores", "4", "--configfile", "config/config.yaml", str(config))
+    assert set(jobs) == set(EXPERIMENTS)
+    for name, job in jobs.items():
+        expected = "4" if EXPERIMENTS[name].all_cores else "2"
+        assert job["threads"] == expected, (name, job)
+        assert int(job["priority"]) == EXPERIMENTS[name].runtime_min, (name, job)
+    assert [name for name, spec in EXPERIMENTS.items() if spec.all_cores] == ["completeness"]
+    config.write_text("threads_per_job: 3\ndevice: cpu\nmodel: random-tiny\nmodel_name: threads-test\n")
+    jobs = _dry_run_jobs("--cores", "4", "--configfile", "config/config.yaml", str(config))
+    assert {job["threads"] for job in jobs.values()} == {"3"}
