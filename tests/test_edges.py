@@ -160,6 +160,29 @@ def test_chunking_does_not_change_results(setup):
     torch.testing.assert_close(whole, tiny, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("positions", [None, POSITIONS], ids=["allpos", "allslots"])
+def test_length_grouped_prompt_chunks_match_reference(setup, monkeypatch, positions):
+    """Prompts of three lengths, grouped by length (MIN_CHUNK_ROWS=0: a chunk per length, each cut
+    after its own END; and one prompt per chunk) equal the hook reference on the whole padded batch."""
+    from ioi.edges import patching as edge_patching
+    from ioi.plain_forward import length_chunks
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model, positions=positions)
+    sets = _random_sets(graph, seed=11)
+    monkeypatch.setattr(edge_patching, "MIN_CHUNK_ROWS", 0)
+    chunks = length_chunks(metric.end_idx, len(toks), 0)
+    assert len(chunks) == len(set(metric.end_idx.tolist())) >= 2  # several one-length chunks
+    assert any(len(c) > 1 for c in chunks) and all(len(set(metric.end_idx[c].tolist())) == 1 for c in chunks)
+    ref = patch_edges_reference(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep")
+    grouped = patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep")
+    single = patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep",
+                         memory_budget_mb=0.01)
+    torch.testing.assert_close(grouped, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(single, ref, atol=ATOL, rtol=0)
+    assert float(ref.max() - ref.min()) > 0.05
+
+
 def test_parallel_set_chunks_match_reference_and_repeat(setup):
     """2 torch threads: chunks of sets on 2 worker threads (one torch thread each) equal the hook
     reference and the serial path, and a repeat is bit-identical."""
@@ -278,6 +301,28 @@ def test_eap_is_the_finite_difference_linearisation(setup):
     fd = (plus - minus) / (2 * eps)
     torch.testing.assert_close(scores, fd, atol=1e-3, rtol=1e-3)
     assert float(fd.abs().max()) > 0.02
+
+
+def test_attribution_length_grouped_chunks_equal_one_padded_chunk(setup, monkeypatch):
+    """EAP and EAP-IG with prompts grouped by length (a chunk per length, each cut after its own
+    END) equal the same scores from a generic metric on the whole padded batch (one chunk)."""
+    from ioi.edges import eap_ig_scores, eap_scores
+    from ioi.edges import patching as edge_patching
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model, positions=("S2", "END", "other"))
+    rows = torch.arange(len(toks))
+
+    def padded_ld(logits):  # the same logit difference, read off full logits of the padded batch
+        at_end = logits[rows, metric.end_idx]
+        return metric.reduce(at_end[rows, metric.io_ids] - at_end[rows, metric.s_ids])
+
+    monkeypatch.setattr(edge_patching, "MIN_CHUNK_ROWS", 0)
+    for scores in (eap_scores, lambda *a, **k: eap_ig_scores(*a, steps=2, **k)):
+        grouped = scores(model, toks, new, metric, graph, word_idx=word_idx)
+        padded = scores(model, toks, new, padded_ld, graph, word_idx=word_idx)
+        torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=0)
+        assert float(padded.abs().max()) > 0.02
 
 
 def test_eap_ig_right_rule_one_step_is_eap(setup):

@@ -41,9 +41,11 @@ from tqdm.auto import tqdm
 
 from ioi.edges._engine import EdgeForward, probed_forward, slot_token_index
 from ioi.edges.graph import EdgeGraph
+from ioi.edges import patching as _patching
 from ioi.edges.patching import _BYTES, _budget
 from ioi.patching._fast_forward import NetWeights, net_weights
 from ioi.metrics import LogitDiff
+from ioi.plain_forward import length_chunks
 
 __all__ = ["eap_ig_scores", "eap_scores"]
 
@@ -128,20 +130,24 @@ def _scores_impl(
     means = None
     if mean_activations is not None:
         means = mean_activations.to(device)[:, :, :P].expand(-1, n, -1, -1).clone()
-    chunk = n
-    if is_ld:
-        chunk = max(1, min(n, int(_budget(memory_budget_mb, device) // _grad_bytes_per_prompt(engine, P))))
+    chunks = [torch.arange(n)]
+    if is_ld:  # prompts grouped by length, each chunk cut after its own longest END
+        per_chunk = max(1, min(n, int(_budget(memory_budget_mb, device) // _grad_bytes_per_prompt(engine, P))))
+        end_cpu = metric.end_idx.cpu().long()
+        chunks = length_chunks(end_cpu, per_chunk, _patching.MIN_CHUNK_ROWS)
     grad_total = torch.zeros(1, graph.n_slots, engine.n_receivers, engine.n_senders, device=device)
     points = [1.0] if alphas is None else alphas
-    bar = tqdm(total=len(points) * -(-n // chunk), disable=not progress, desc="attribution")
-    for p0 in range(0, n, chunk):
-        rows = slice(p0, min(n, p0 + chunk))
-        toks = clean[rows]
+    bar = tqdm(total=len(points) * len(chunks), disable=not progress, desc="attribution")
+    for rows in chunks:
+        P_chunk = int(end_cpu[rows].max()) + 1 if is_ld else P
+        rows = rows.to(device)
+        toks = clean[rows, :P_chunk]
         n_rows = toks.shape[0]
-        chunk_idx = None if word_idx is None else {k: torch.as_tensor(v)[rows] for k, v in word_idx.items()}
-        slots = slot_token_index(graph, chunk_idx, n_rows, P, device)
+        chunk_idx = None if word_idx is None else {k: torch.as_tensor(v)[rows.cpu()] for k, v in word_idx.items()}
+        slots = slot_token_index(graph, chunk_idx, n_rows, P_chunk, device)
         with torch.no_grad():
-            target = engine.sender_outputs(corrupted[rows]) if corrupted is not None else means[:, rows]
+            target = (engine.sender_outputs(corrupted[rows, :P_chunk]) if corrupted is not None
+                      else means[:, rows, :P_chunk])
             if alphas is None:  # EAP: the probed clean forward fills in target - clean outputs
                 delta = e_clean = e_corr = None
             else:
@@ -155,7 +161,7 @@ def _scores_impl(
                 final = probed_forward(engine, toks, mask, slots, delta, embed=embed,
                                        target=target if delta is None else None)[None]
                 if is_ld:
-                    m = metric[rows]
+                    m = metric[rows.cpu()]
                     ends = m.end_idx.to(device).long()
                     at_end = final[:, torch.arange(n_rows, device=device), ends]
                     io, s = engine.net.answer_logits(at_end, m.io_ids.to(device), m.s_ids.to(device))

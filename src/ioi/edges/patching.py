@@ -23,6 +23,11 @@ head's output; the empty set is the clean run.
 Position-specific edges (``graph`` built with ``positions``) restrict an edge's difference to that
 label's token position of each prompt (``word_idx[label][n]``).
 
+With a :class:`~ioi.metrics.LogitDiff` metric the prompts are grouped by length (sorted by END,
+:func:`ioi.plain_forward.length_chunks`) and each prompt chunk runs only up to its own longest END:
+causal attention makes the positions after a prompt's END irrelevant to its logit difference, so
+this is exact and computes (almost) no padding.
+
 On a CPU with ``T > 1`` torch threads and a :class:`~ioi.metrics.LogitDiff` metric, the chunks of
 sets run on ``T`` worker threads with one torch thread each (``PARALLEL_SETS``; the memory budget is
 shared by the workers): the engine's many small and memory-bound operations scale far better across
@@ -45,12 +50,17 @@ from ioi.edges._engine import EdgeForward, slot_token_index
 from ioi.edges.graph import EdgeGraph
 from ioi.metrics import LogitDiff
 from ioi.patching._fast_forward import net_weights
+from ioi.plain_forward import length_chunks
 
 Mode = Literal["patch", "keep"]
 DEFAULT_MEMORY_BUDGET_MB = {"cpu": 1024, "cuda": 8192}
 _BYTES = 4
 # Chunks of sets on one worker thread per torch thread on a CPU (see the module docstring).
 PARALLEL_SETS = True
+# Prompt chunks are cut by length (:func:`ioi.plain_forward.length_chunks`, prompts sorted by END):
+# a chunk also ends where END changes once it holds this many rows (prompts x positions), so each
+# chunk is computed up to its own longest END with little or no padding.
+MIN_CHUNK_ROWS = 128
 
 __all__ = ["edge_forward", "mean_sender_outputs", "patch_edges", "sender_outputs", "set_masks"]
 
@@ -191,23 +201,30 @@ def patch_edges(
     dense_all = host_all.to(device)
     results: list[Tensor] = []
     per_prompt = torch.empty(n_sets, n, device=device) if is_ld else None
-    bar = tqdm(total=n_sets * math.ceil(n / prompt_chunk), disable=not progress, desc="edge patching")
-    for p0 in range(0, n, prompt_chunk):
-        rows = slice(p0, min(n, p0 + prompt_chunk))
-        toks = clean[rows]
+    if is_ld:  # prompts grouped by length, each chunk cut after its own longest END
+        end_cpu = metric.end_idx.cpu().long()
+        chunks = length_chunks(end_cpu, prompt_chunk, MIN_CHUNK_ROWS)
+    else:
+        chunks = [torch.arange(n)]
+    bar = tqdm(total=n_sets * len(chunks), disable=not progress, desc="edge patching")
+    for rows in chunks:
+        P_chunk = int(end_cpu[rows].max()) + 1 if is_ld else P_used
+        rows_dev = rows.to(device)
+        toks = clean[rows_dev, :P_chunk]
         n_rows = toks.shape[0]
         chunk_idx = None if word_idx is None else {k: torch.as_tensor(v)[rows] for k, v in word_idx.items()}
-        slots = slot_token_index(graph, chunk_idx, n_rows, P_used, device)
-        target = engine.sender_outputs(corrupted[rows]) if corrupted is not None else means[:, rows].contiguous()
+        slots = slot_token_index(graph, chunk_idx, n_rows, P_chunk, device)
+        target = (engine.sender_outputs(corrupted[rows_dev, :P_chunk]) if corrupted is not None
+                  else means[:, rows_dev, :P_chunk].contiguous())
         if is_ld:
-            m = metric[rows] if n_rows != n else metric
+            m = metric[rows]
             ends, io_ids, s_ids = m.end_idx.to(device).long(), m.io_ids.to(device), m.s_ids.to(device)
 
             def ld_of_sets(s0: int) -> None:  # writes its own [sets, prompts] block of per_prompt
                 dense, host = dense_all[s0 : s0 + sets_chunk], host_all[s0 : s0 + sets_chunk]
                 final, _ = engine.run(toks, dense, slots, target=target, end_pos=ends, host_masks=host)
                 io, s = engine.net.answer_logits(final[:, :, 0], io_ids, s_ids)  # final[:, :, 0]: END rows
-                per_prompt[s0 : s0 + dense.shape[0], rows] = io - s
+                per_prompt[s0 : s0 + dense.shape[0], rows_dev] = io - s
                 bar.update(dense.shape[0])
 
             map_on_workers(ld_of_sets, range(0, n_sets, sets_chunk), workers)
