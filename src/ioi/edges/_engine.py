@@ -87,6 +87,13 @@ class EdgeForward:
         self.mlp_receivers = [None if net.attn_only else graph.receiver_of(f"m{layer}") for layer in range(L)]
         self.n_senders = len(graph.senders)
         self.n_receivers = len(graph.receivers)
+        # how many senders precede each receiver (the columns its mask block has)
+        reads = torch.full((self.n_receivers,), self.n_senders, dtype=torch.long)
+        for layer in range(L):
+            reads[self.head_receivers[layer] : self.head_receivers[layer] + 3 * H] = self.head_senders[layer]
+            if not net.attn_only:
+                reads[self.mlp_receivers[layer]] = self.mlp_senders[layer]
+        self._senders_read = reads
 
     @property
     def device(self) -> torch.device:
@@ -139,6 +146,22 @@ class EdgeForward:
                 total = add if total is None else total + add
         return total
 
+    def senders_read(self, hmasks: Tensor, slot_idx: Sequence[Tensor | None]) -> Tensor:
+        """``BoolTensor[senders]`` (CPU): the senders whose own difference some receiver of some set
+        reads in the grouped (no-autograd) path. A receiver reads the senders its mask row names,
+        or, when the row names more than half of its senders (one slot, every token), the running
+        sum of every difference and the senders the row leaves out (see :meth:`_distinct_inputs`)."""
+        S = hmasks.shape[-1]
+        nonzero = hmasks != 0  # [k, slots, R, S]
+        if hmasks.shape[1] == 1 and slot_idx[0] is None:
+            rows = nonzero[:, 0]
+            n_s = self._senders_read[None, :, None]
+            complement = rows.sum(-1, keepdim=True) > n_s / 2
+            before = torch.arange(S)[None, None, :] < n_s
+            used = torch.where(complement, ~rows & before, rows)
+            return used.any(0).any(0)
+        return nonzero.any(0).any(0).any(0)
+
     # -- the forward ------------------------------------------------------------------------------
 
     def run(
@@ -190,6 +213,9 @@ class EdgeForward:
         deltas = _Deltas(k, self.n_senders, T, D, masks, fixed_delta=fixed_delta, target=target,
                          head_target_sums=None if target is None else self.head_target_sums(target))
         outputs = masks.new_zeros(k, self.n_senders, T, D) if keep_outputs else None
+        # heads whose own difference nobody reads: only their sum is computed (the fused output)
+        read = (self.senders_read(hmasks, slot_idx)
+                if deltas.can_fuse_heads and not keep_outputs and not differentiable else None)
         first_layer, stage = 0, "attn"
         if start is None:
             emb = (self.embed(tokens) if embed is None else embed).reshape(1, T, D)
@@ -246,7 +272,13 @@ class EdgeForward:
                 if deltas.can_fuse_heads and outputs is None and not differentiable:
                     # differences target - z @ W_O straight into the store (one GEMM per set), and
                     # the heads' summed output as sum(target) - sum(differences)
-                    attn_out = deltas.computed_heads(layer, s0, s0 + H, z, net.W_O[layer]) + net.b_O[layer]
+                    heads_read = None if read is None else read[s0 : s0 + H].nonzero()[:, 0].tolist()
+                    if heads_read is not None and len(heads_read) <= H // 2:
+                        z_flat = z.permute(0, 2, 1, 3).reshape(z.shape[0], z.shape[2], H * net.d_head)
+                        attn_out = deltas.computed_heads_sum(layer, s0, s0 + H, z, z_flat, net.W_O[layer],
+                                                             net.W_O_flat[layer], heads_read) + net.b_O[layer]
+                    else:
+                        attn_out = deltas.computed_heads(layer, s0, s0 + H, z, net.W_O[layer]) + net.b_O[layer]
                 elif deltas.needs_outputs or outputs is not None:
                     head_out = torch.matmul(z, net.W_O[layer])  # [kz, H, T, D]
                     deltas.computed(s0, s0 + H, head_out)
@@ -437,6 +469,8 @@ class _Deltas:
         self.target = None if target is None else target.reshape(n_senders, T, d)
         self.needs_outputs = self.target is not None
         self.n_shared = 0
+        # senders whose store entry was never written (no receiver reads them on their own)
+        self.unwritten = torch.zeros(n_senders, dtype=torch.bool)
         self.shared: Tensor | None = None
         self.perk: Tensor | None = None
         self.total: Tensor | None = None
@@ -504,8 +538,12 @@ class _Deltas:
             inside = used[(used >= lo) & (used < hi)]
             if not len(inside):
                 continue
-            a, b = int(inside[0]), int(inside[-1]) + 1
-            out.addmm_(coef[:, a:b].to(out.device), store[a - offset : b - offset].reshape(b - a, Td))
+            # contiguous runs of used senders with no unwritten store entry between them
+            gaps = torch.cumsum(self.unwritten.long(), 0)[inside]
+            cuts = (gaps[1:] != gaps[:-1]).nonzero()[:, 0] + 1
+            for run in torch.tensor_split(inside, cuts):
+                a, b = int(run[0]), int(run[-1]) + 1
+                out.addmm_(coef[:, a:b].to(out.device), store[a - offset : b - offset].reshape(b - a, Td))
         return out
 
     def columns(self, kk: int, idx: Tensor) -> Tensor:
@@ -569,6 +607,29 @@ class _Deltas:
         if self.total is not None or s0 == 0:
             self.total = added if self.total is None else self.total + added
         return self.head_sums[layer] - added
+
+    def computed_heads_sum(self, layer: int, s0: int, s1: int, z: Tensor, z_flat: Tensor, W_O: Tensor,
+                           W_O_flat: Tensor, heads_read: list[int]) -> Tensor:
+        """As :meth:`computed_heads` when only the heads ``heads_read`` (offsets from ``s0``) have
+        a difference some receiver reads on its own: their differences are stored (one GEMM each per
+        set), the others' store entries are left unwritten (never read: :attr:`unwritten`), and the
+        heads' summed output is one fused GEMM ``z_flat [b, T, H * d_head] @ W_O_flat``."""
+        b = z.shape[0]
+        dst = self._store(s0, s1, b)
+        target = self.target[s0:s1]
+        for h in heads_read:
+            for kk in range(b):
+                torch.addmm(target[h], z[kk, h], W_O[h], alpha=-1.0, out=dst[kk, h])
+            if dst.shape[0] > b:
+                dst[b:, h].copy_(dst[:b, h].expand(dst.shape[0] - b, -1, -1))
+        unread = [s0 + h for h in range(s1 - s0) if h not in heads_read]
+        if unread:
+            self.unwritten[unread] = True
+        summed = torch.matmul(z_flat, W_O_flat)  # [b, T, d]
+        added = self.head_sums[layer] - summed
+        if self.total is not None or s0 == 0:
+            self.total = added if self.total is None else self.total + added
+        return summed
 
     def mix_add(self, masks: Tensor, slot_idx, differentiable: bool) -> Tensor | None:
         n_s = masks.shape[-1]
