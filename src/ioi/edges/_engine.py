@@ -368,18 +368,18 @@ class EdgeForward:
                 proj = torch.baddbmm(b.index_select(0, order)[:, None], y, W.index_select(0, order))
                 out[kk].index_copy_(0, order, proj)
                 continue
-            if x.shape[0] > H:  # mostly distinct inputs: one batched projection
-                out[kk] = torch.baddbmm(b[:, None], y.index_select(0, inverse.to(y.device)), W)
-                continue
             counts = torch.bincount(inverse, minlength=x.shape[0])
             largest = int(counts.argmax())
-            if int(counts[largest]) > 1:
-                # the largest group takes the fused projection of every receiver (no weight copy);
-                # the other groups then overwrite their receivers
+            fuse = 2 * int(counts[largest]) >= 3 * H
+            if fuse:
+                # a group of at least half the receivers takes the fused projection of every
+                # receiver (no weight copy); the other groups then overwrite their receivers
                 fused = torch.addmm(net.b_qkv[layer], y[largest], net.W_qkv[layer])  # [T, (3, H, dh)]
                 out[kk].view(H, 3, T, dh).copy_(fused.view(T, 3, H, dh).permute(2, 1, 0, 3))
+            # else one projection per distinct input with its receivers' weights (the weights are
+            # gathered: smaller than the inputs, which are never copied)
             for u in range(x.shape[0]):
-                if u == largest and int(counts[largest]) > 1:
+                if u == largest and fuse:
                     continue
                 members = (inverse == u).nonzero()[:, 0].to(y.device)
                 W_u = W.index_select(0, members).permute(1, 0, 2).reshape(D, -1)
