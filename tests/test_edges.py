@@ -266,6 +266,24 @@ def test_empty_and_full_sets(setup):
     torch.testing.assert_close(kept, torch.tensor([corrupted, clean]), atol=ATOL, rtol=0)
 
 
+def test_repeated_sets_are_evaluated_once_and_returned_in_place(setup, monkeypatch):
+    from ioi.edges import patching as edge_patching
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model, positions=("S2", "END"))
+    sets = _random_sets(graph, seed=13)
+    repeated = torch.cat([sets[3:], sets, sets[:2]])  # every set twice or more, out of order
+    seen = []
+    run = edge_patching.EdgeForward.run
+    monkeypatch.setattr(edge_patching.EdgeForward, "run",
+                        lambda self, toks, masks, *a, **k: (k.get("end_pos") is not None and seen.append(masks.shape[0]))
+                        or run(self, toks, masks, *a, **k))
+    values = patch_edges(model, toks, new, repeated, metric, graph=graph, word_idx=word_idx, mode="keep")
+    assert sum(seen) == len(sets)  # one prompt chunk (the corrupted run not counted): each distinct set once
+    ref = patch_edges_reference(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep")
+    torch.testing.assert_close(values, torch.cat([ref[3:], ref, ref[:2]]), atol=ATOL, rtol=0)
+
+
 def test_patching_errors(setup):
     model, toks, new, word_idx, metric, _ = setup
     graph = EdgeGraph.from_model(model, positions=("END",))

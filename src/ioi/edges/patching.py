@@ -102,6 +102,19 @@ def mean_sender_outputs(
     return means
 
 
+def _distinct_sets(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(distinct rows of mask in order of first appearance, LongTensor[n_sets] row of each set)``."""
+    uniq, inverse = torch.unique(mask, dim=0, return_inverse=True)
+    if len(uniq) == len(mask):
+        return mask, torch.arange(len(mask))
+    first = torch.full((len(uniq),), len(mask), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(mask)), reduce="amin")
+    order = torch.argsort(first)  # distinct sets by first appearance
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    return mask[first[order]], position[inverse]
+
+
 def _budget(memory_budget_mb: float | None, device: torch.device) -> float:
     mb = DEFAULT_MEMORY_BUDGET_MB.get(device.type, 1024) if memory_budget_mb is None else memory_budget_mb
     return float(mb) * 2**20
@@ -175,6 +188,8 @@ def patch_edges(
                              f"got {tuple(means.shape)}: use ioi.edges.mean_sender_outputs.")
         means = means[:, :, :P].expand(-1, n, -1, -1)
     mask = set_masks(graph, edge_sets, mode)
+    # each distinct set once (in order of first appearance); repeats take its value
+    mask, repeat_of = _distinct_sets(mask)
     n_sets = mask.shape[0]
     is_ld = isinstance(metric, LogitDiff)
     if is_ld:
@@ -238,5 +253,5 @@ def patch_edges(
             bar.update(dense.shape[0])
     bar.close()
     if is_ld:
-        return metric.reduce(per_prompt).cpu()
-    return torch.stack(results).cpu()
+        return metric.reduce(per_prompt).cpu()[repeat_of]
+    return torch.stack(results).cpu()[repeat_of]

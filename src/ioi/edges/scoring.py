@@ -306,6 +306,17 @@ def faithfulness_curve(
     ``m(empty)`` with none, so the normalisation shares the engine's arithmetic."""
     from ioi.edges.patching import patch_edges
 
+    counts, edge_sets = curve_edge_sets(graph, scores, counts=counts, fractions=fractions, absolute=absolute)
+    values = patch_edges(model, clean_tokens, corrupted_tokens, edge_sets, metric, graph=graph,
+                         word_idx=word_idx, mean_activations=mean_activations, mode="keep",
+                         **patch_kwargs)
+    return curve_from_values(counts, values, len(graph))
+
+
+def curve_edge_sets(graph: "EdgeGraph", scores, *, counts: Sequence[int] | None = None,
+                    fractions: Sequence[float] = MIB_FRACTIONS, absolute: bool = True) -> tuple[list[int], list]:
+    """``(counts, edge sets)`` of :func:`faithfulness_curve`: the top-``k`` edges of ``scores`` for
+    each ``k`` (0 and every edge included), to evaluate in keep mode (e.g. batched with other sets)."""
     n_edges = len(graph)
     if len(_as_numpy(scores, "scores")) != n_edges:
         raise ValueError(f"{len(_as_numpy(scores, 'scores'))} scores for a graph of {n_edges} edges.")
@@ -314,10 +325,11 @@ def faithfulness_curve(
         counts = counts + [n_edges]
     order = top_k_order(scores, absolute=absolute)
     edges = graph.edges
-    edge_sets = [[edges[i] for i in order[:k]] for k in counts]
-    values = patch_edges(model, clean_tokens, corrupted_tokens, edge_sets, metric, graph=graph,
-                         word_idx=word_idx, mean_activations=mean_activations, mode="keep",
-                         **patch_kwargs)
+    return counts, [[edges[i] for i in order[:k]] for k in counts]
+
+
+def curve_from_values(counts: Sequence[int], values, n_edges: int) -> FaithfulnessCurve:
+    """The :class:`FaithfulnessCurve` of the keep-mode metric ``values`` of :func:`curve_edge_sets`."""
     values = np.asarray(values.detach().cpu().double() if isinstance(values, torch.Tensor) else values,
                         dtype=float)
     corrupted, clean = float(values[0]), float(values[-1])

@@ -40,8 +40,9 @@ from ioi.edges.graph import Circuit, EdgeGraph
 from ioi.edges.patching import patch_edges
 from ioi.edges.scoring import (
     circuit_confusion,
+    curve_edge_sets,
+    curve_from_values,
     edge_counts,
-    faithfulness_curve,
     head_overlap,
     normalise,
     precision_at_k,
@@ -131,6 +132,34 @@ def acdc_decision(setting: str | bool | None, n_edges: int, device: str) -> tupl
                    "is hours on a CPU; run on a GPU or set acdc: true")
 
 
+class _KeepEvaluator:
+    """Keep-mode :func:`patch_edges` values (float, by edge set), each distinct set computed once:
+    :meth:`prefetch` evaluates the sets not yet known in one batched call."""
+
+    def __init__(self, model, clean, corrupted, metric, graph: EdgeGraph, budget):
+        self.model, self.clean, self.corrupted, self.metric, self.graph, self.budget = (
+            model, clean, corrupted, metric, graph, budget)
+        self.values: dict[bytes, float] = {}
+
+    def _keys(self, sets) -> tuple[torch.Tensor, list[bytes]]:
+        mask = self.graph.edge_mask(sets)
+        return mask, [bytes(row.numpy().tobytes()) for row in mask.cpu()]
+
+    def prefetch(self, sets) -> None:
+        mask, keys = self._keys(sets)
+        todo = [i for i, key in enumerate(keys) if key not in self.values]
+        if not todo:
+            return
+        got = patch_edges(self.model, self.clean, self.corrupted, mask[todo], self.metric, graph=self.graph,
+                          mode="keep", memory_budget_mb=self.budget)
+        for i, value in zip(todo, got.tolist()):
+            self.values[keys[i]] = float(value)
+
+    def __call__(self, sets) -> list[float]:
+        self.prefetch(sets)
+        return [self.values[key] for key in self._keys(sets)[1]]
+
+
 def edge_circuits(model, ctx: RunContext) -> ExperimentResult:
     from ioi.edges.discovery import acdc, threshold, top_n
 
@@ -147,11 +176,16 @@ def edge_circuits(model, ctx: RunContext) -> ExperimentResult:
     started = time.perf_counter()
     scores = _attribution(model, ioi, abc, metric, graph, progress=ctx.progress, memory_budget_mb=budget)
     seconds["attribution"] = time.perf_counter() - started
-    base = patch_edges(model, ioi.toks, abc.toks, [list(graph.edges), []], metric, graph=graph,
-                       mode="keep", memory_budget_mb=budget)
-    clean_ld, corrupted_ld = float(base[0]), float(base[1])
-    tau = TAU_FRACTION * abs(clean_ld)
+    evaluate = _KeepEvaluator(model, ioi.toks, abc.toks, metric, graph, budget)
     n_top = len(truth) if truth is not None else max(1, round(TOP_N_FRACTION * len(graph)))
+    started = time.perf_counter()
+    # the sets known before tau, in one batched evaluation (each distinct set once)
+    evaluate.prefetch([list(graph.edges), []] + [top_n(scores[name], graph, n_top) for name in RANKINGS]
+                      + [c for name in RANKINGS for c in curve_edge_sets(
+                          graph, scores[name], counts=edge_counts(len(graph), extra=[n_top]))[1]])
+    seconds["circuit_evaluation"] = time.perf_counter() - started
+    clean_ld, corrupted_ld = evaluate([list(graph.edges), []])
+    tau = TAU_FRACTION * abs(clean_ld)
     circuits: dict[str, Circuit] = {}
     for name in RANKINGS:
         circuits[f"{name}_top_n"] = top_n(scores[name], graph, n_top)
@@ -162,20 +196,21 @@ def edge_circuits(model, ctx: RunContext) -> ExperimentResult:
         circuits["acdc"] = acdc(model, ioi.toks, abc.toks, metric, graph, tau, memory_budget_mb=budget,
                                 progress=ctx.progress)
         seconds["acdc"] = time.perf_counter() - started
-    started = time.perf_counter()
+    started = time.perf_counter() - seconds["circuit_evaluation"]
 
-    # every circuit in one batched keep-mode evaluation
+    # every circuit and both faithfulness curves, the sets not yet evaluated in one batched call
     names = list(circuits)
-    kept = patch_edges(model, ioi.toks, abc.toks, [circuits[n] for n in names], metric, graph=graph,
-                       mode="keep", memory_budget_mb=budget)
-    faith = normalise(kept.double().numpy(), clean_ld, corrupted_ld)
-
     extra_counts = [n_top] + ([len(circuits["acdc"])] if run_acdc else [])
+    curve_sets = {name: curve_edge_sets(graph, scores[name], counts=edge_counts(len(graph), extra=extra_counts))
+                  for name in RANKINGS}
+    evaluate.prefetch([circuits[n] for n in names] + [c for name in RANKINGS for c in curve_sets[name][1]])
+    kept = np.asarray(evaluate([circuits[n] for n in names]), dtype=float)
+    faith = normalise(kept, clean_ld, corrupted_ld)
+
     curves, areas = {}, {}
     for name in RANKINGS:
-        curve = faithfulness_curve(model, ioi.toks, abc.toks, metric, graph, scores[name],
-                                   counts=edge_counts(len(graph), extra=extra_counts),
-                                   memory_budget_mb=budget)
+        counts, sets = curve_sets[name]
+        curve = curve_from_values(counts, evaluate(sets), len(graph))
         curves[name] = {"k": [int(k) for k in curve.k], "fraction": [float(f) for f in curve.fraction],
                         "logit_diff": [float(m) for m in curve.metric],
                         "faithfulness": [float(f) for f in curve.faithfulness]}
