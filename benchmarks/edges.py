@@ -76,6 +76,17 @@ def forward_flops(cfg, end_idx: torch.Tensor) -> float:
     return tokens * per_token + attention + unembed
 
 
+def log_sizes(n_edges: int, count: int) -> list[int]:
+    """``count`` distinct circuit sizes from 1 to ``n_edges``, log-spaced (each at least one more
+    than the last: :func:`ioi.edges.patch_edges` evaluates a repeated set only once, so repeats
+    would not be timed)."""
+    sizes: list[int] = []
+    for k in range(count):
+        target = round(n_edges ** (k / max(1, count - 1)))
+        sizes.append(min(n_edges, max(target, sizes[-1] + 1 if sizes else 1)))
+    return sizes
+
+
 _CPU_SECONDS: list[float] = []
 
 
@@ -120,7 +131,7 @@ def main(argv=None) -> list[dict]:
                      "seconds": seconds, "target": TARGETS["eap_all_edges"],
                      "max_abs_score": float(scores.abs().max())})
     if "circuits" not in args.skip:
-        sizes = torch.logspace(0, math.log10(len(graph)), args.circuits).round().long().tolist()
+        sizes = log_sizes(len(graph), args.circuits)
         floor = args.circuits * forward_flops(model.cfg, metric.end_idx) / (gflops * 1e9)
         circuits = [top_n(scores, graph, int(n)) for n in sizes]
         values, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, circuits, metric, graph=graph,
