@@ -30,6 +30,11 @@ wall time and by this process's CPU time (the CPU row is the one to read on a sh
     python benchmarks/knockouts.py                          # paper settings (the lead's full run)
     python benchmarks/knockouts.py --n 20 --greedy-runs 1   # a small run
     python benchmarks/knockouts.py --json benchmarks/measured/knockouts_cpu_2threads.json
+    python benchmarks/knockouts.py --threads 2 --parallel serial   # A/B: chunks on 2 OpenMP threads
+
+``--parallel`` says how a pass uses T > 1 threads on a CPU: ``prompts`` (default: the prompts cut
+into T parts, each part's pass on its own worker thread), ``chunks`` (a pass's chunks on T worker
+threads) or ``serial`` (one chunk at a time on T OpenMP threads); see ioi.ablation_engine.
 
 A CPU user who wants completeness in minutes sets fewer greedy runs (``--greedy-runs 2`` here,
 ``GREEDY_RUNS`` in ioi.experiments.circuit_eval for the workflow): the cost is linear in it.
