@@ -30,6 +30,11 @@ wall time and by this process's CPU time (the CPU row is the one to read on a sh
     python benchmarks/knockouts.py                          # paper settings (the lead's full run)
     python benchmarks/knockouts.py --n 20 --greedy-runs 1   # a small run
     python benchmarks/knockouts.py --json benchmarks/measured/knockouts_cpu_2threads.json
+    python benchmarks/knockouts.py --threads 2 --parallel serial   # A/B: chunks on 2 OpenMP threads
+
+``--parallel`` says how a pass uses T > 1 threads on a CPU: ``prompts`` (default: the prompts cut
+into T parts, each part's pass on its own worker thread), ``chunks`` (a pass's chunks on T worker
+threads) or ``serial`` (one chunk at a time on T OpenMP threads); see ioi.ablation_engine.
 
 A CPU user who wants completeness in minutes sets fewer greedy runs (``--greedy-runs 2`` here,
 ``GREEDY_RUNS`` in ioi.experiments.circuit_eval for the workflow): the cost is linear in it.
@@ -53,6 +58,10 @@ from ioi.experiments import circuit_eval as ce  # noqa: E402
 from ioi.experiments.core import RunContext  # noqa: E402
 from ioi.models import load_model  # noqa: E402
 from ioi.provenance import device_description, provenance, write_json  # noqa: E402
+
+
+PARALLEL_MODES = ("prompts", "chunks", "serial")
+PARALLEL_NOTES = {"prompts": "parallel prompt parts", "chunks": "parallel chunks", "serial": "serial chunks"}
 
 
 def matmul_gflops(net, device: torch.device, repeats: int = 5) -> tuple[float, float]:
@@ -164,14 +173,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--memory-budget-mb", type=int, default=1024)
-    parser.add_argument("--parallel-chunks", action="store_true",
-                        help="the engine's opt-in parallel_chunks=True (chunks on one worker thread per torch "
-                             "thread), for A/B against the default serial chunks")
+    parser.add_argument("--parallel", choices=PARALLEL_MODES, default="prompts",
+                        help="how a pass uses T > 1 threads on a CPU: 'prompts' (default, the engine's "
+                             "parallel_prompts=True: the prompts cut into T parts, one worker thread each), "
+                             "'chunks' (parallel_chunks=True: a pass's chunks on T worker threads), 'serial' "
+                             "(one chunk at a time on T torch threads)")
+    parser.add_argument("--parallel-chunks", action="store_const", const="chunks", dest="parallel",
+                        help="the same as --parallel chunks")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ablation_engine.KnockoutEngine.PARALLEL_CHUNKS = bool(args.parallel_chunks)
+    ablation_engine.KnockoutEngine.PARALLEL_PROMPTS = args.parallel == "prompts"
+    ablation_engine.KnockoutEngine.PARALLEL_CHUNKS = args.parallel == "chunks"
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
     model = load_model(args.spec, device=device, seed=0)
@@ -232,6 +246,7 @@ def main(argv=None) -> dict:
         "ratio_cpu": cpu_seconds / (floor / (gflops_cpu * 1e9)) if floor else None,
         "threads": torch.get_num_threads(), "device": device_description(device),
         "parallel_chunks": ablation_engine.KnockoutEngine.PARALLEL_CHUNKS,
+        "parallel": args.parallel,
     }
     print(_table(row))
     if args.json:
@@ -254,7 +269,7 @@ def _table(row: dict) -> str:
     note = (f"completeness, {row['spec']}, N={row['n']}, {c['GREEDY_RUNS']} greedy runs x "
             f"{c['GREEDY_ITERATIONS']} iterations x {c['GREEDY_CANDIDATES']} candidates, "
             f"{c['N_RANDOM_SETS']} random sets; {row['evaluated_sets']} knockout evaluations; "
-            f"{row['threads']} threads ({'parallel' if row.get('parallel_chunks', True) else 'serial'} chunks), "
+            f"{row['threads']} threads ({PARALLEL_NOTES[row['parallel']]}), "
             f"{row['device']}")
     legend = ("wall: seconds and matmul GFLOPS per wall second; cpu: per CPU second of this process "
               "(all threads), which other jobs on a shared machine do not distort")

@@ -204,10 +204,22 @@ def test_bad_input_is_named():
         KnockoutEngine(model, batch.toks, end=batch.word_idx["END"])
 
 
-def test_parallel_chunks_match_reference_and_repeat_bit_identically():
-    """On a CPU with 2 torch threads a pass's chunks run on 2 worker threads (one torch thread
-    each; a lone chunk is split): the values equal the hooked reference, a repeat is bit-identical,
-    and the FLOP counts equal the serial path's."""
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    assert torch.get_num_threads() == 2  # restored after the parallel passes
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("mode", ["prompts", "chunks"])
+def test_parallel_paths_match_reference_and_repeat_bit_identically(mode, two_threads):
+    """On a CPU with 2 torch threads a pass runs on 2 worker threads (one torch thread each):
+    ``prompts``: the prompts cut in 2 parts, each part's pass on its own worker (later passes resume
+    from the earlier ones' parts); ``chunks``: a pass's chunks on the workers (a lone chunk is
+    split). The values equal the hooked reference, a repeat is bit-identical, and the FLOP counts
+    equal the serial path's."""
     model = sharp_model("random-L3-H4-D16")
     batch = _Batch(7, True)
     means = fast.compute_template_means(model, batch.abc, batch.groups)
@@ -215,30 +227,80 @@ def test_parallel_chunks_match_reference_and_repeat_bit_identically():
     heads = list(circuit)
     sets = [frozenset({heads[0]}), frozenset({heads[2]}), frozenset({heads[1], heads[3]}),
             frozenset({heads[3]}), frozenset({heads[0], heads[4]})]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        values, flops = [], []
-        for parallel in (True, True, False):
-            clean = ce.CleanRun.build(model, batch, memory_budget_mb=64)
-            clean.engine.parallel_chunks = parallel
-            evaluator = clean.evaluator(means, circuit, batch)
-            assert evaluator.engine._workers() == (2 if parallel else 1)
-            lone = [frozenset({heads[0]}), frozenset({heads[4]})]  # one window (from END): one chunk, split
-            evaluator.prefetch(lone, kinds=("M",))
-            evaluator.prefetch(sets)
-            values.append(torch.stack([evaluator.without(k) for k in sets] + [evaluator.model_without(k) for k in sets]))
-            flops.append(dataclasses.astuple(evaluator.engine.flops))  # mlp qkv attn_out attention unembed streams evaluated passes
-        assert torch.get_num_threads() == 2  # restored after the parallel passes
-    finally:
-        torch.set_num_threads(previous)
+    values, flops = [], []
+    for parallel in (True, True, False):
+        clean = ce.CleanRun.build(model, batch, memory_budget_mb=64)
+        clean.engine.parallel_chunks = parallel and mode == "chunks"
+        clean.engine.parallel_prompts = parallel and mode == "prompts"
+        evaluator = clean.evaluator(means, circuit, batch)
+        assert evaluator.engine._workers() == (2 if parallel and mode == "chunks" else 1)
+        assert len(evaluator.engine._prompt_parts()) == (2 if parallel and mode == "prompts" else 1)
+        lone = [frozenset({heads[0]}), frozenset({heads[4]})]  # one window (from END): one chunk, split
+        evaluator.prefetch(lone, kinds=("M",))
+        evaluator.prefetch(sets)  # {heads[0], heads[4]} resumes from {heads[0]} (per part in "prompts")
+        values.append(torch.stack([evaluator.without(k) for k in sets] + [evaluator.model_without(k) for k in sets]))
+        flops.append(dataclasses.astuple(evaluator.engine.flops))  # mlp qkv attn_out attention unembed streams evaluated passes
+        if parallel and mode == "prompts":
+            assert set(evaluator._runs[("M", lone[0])].parts) == set(evaluator.engine._prompt_parts())
     assert torch.equal(values[0], values[1])
     # same MLP, unembedding and stream FLOPs and spec count (smaller parallel chunks may project
     # fewer heads: a chunk computes the heads kept somewhere in it)
     parallel_flops, serial_flops = flops[0], flops[2]
-    assert [parallel_flops[i] for i in (0, 4, 5, 6)] == [serial_flops[i] for i in (0, 4, 5, 6)]
-    assert sum(parallel_flops[:6]) <= sum(serial_flops[:6])
+    assert [parallel_flops[i] for i in (0, 4, 5, 6)] == pytest.approx([serial_flops[i] for i in (0, 4, 5, 6)])
+    assert sum(parallel_flops[:6]) <= sum(serial_flops[:6]) * (1 + 1e-9)
     expected = torch.stack([_reference(model, batch, means, circuit, k, "all_positions") for k in sets]
                            + [_reference(model, batch, means, circuit, k, "relevant_positions") for k in sets])
     torch.testing.assert_close(values[0], expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(values[0], values[2], atol=1e-6, rtol=0)
+
+
+def test_prompt_parts_resume_from_serial_runs_and_back(two_threads):
+    """Runs made on all prompts at once are bases for prompt parts (views of their captured rows)
+    and runs made in parts are ignored as bases by a serial pass (or by other parts): the values
+    stay exact and the parts resume where they can."""
+    model = sharp_model("random-L3-H4-D16")
+    batch = _Batch(7, False)
+    means = fast.compute_template_means(model, batch.abc, batch.groups)
+    circuit = _circuit(3, 4, batch.word_idx)
+    ld = {"end": batch.word_idx["END"], "io_ids": batch.io_token_ids, "s_ids": batch.s_token_ids}
+    engine = KnockoutEngine(model, batch.toks, head_means=means, memory_budget_mb=64, **ld)
+    keep = fast.circuit_keep_mask(circuit, 7, engine.seq, 3, 4)
+
+    def without(mask, *heads):
+        mask = mask.clone()
+        for layer, head in heads:
+            mask[:, :, layer, head] = False
+        return mask
+
+    engine.parallel_prompts = False
+    serial = engine.evaluate([KnockoutSpec(without(keep, (0, 2)), "ablated", capture=True)])[0]
+    engine.parallel_prompts = True
+    assert len(engine._prompt_parts()) == 2
+    parted = engine.evaluate([KnockoutSpec(without(keep, (0, 2), (1, 1)), "ablated", capture=True)], bases=[serial])[0]
+    assert parted.parts is not None and all(p.start == 1 and p.base is not None for p in parted.parts.values())
+    engine.parallel_prompts = False
+    last = engine.evaluate([KnockoutSpec(without(keep, (0, 2), (1, 1), (2, 0)), "ablated")], bases=[parted])[0]
+    assert last.base is None  # the parts' run cannot be resumed from here
+    knocked = [[(0, 2)], [(0, 2), (1, 1)], [(0, 2), (1, 1), (2, 0)]]
+    want = torch.stack([_reference(model, batch, means, circuit, k, "all_positions") for k in knocked])
+    torch.testing.assert_close(torch.stack([serial.ld, parted.ld, last.ld]), want, atol=ATOL, rtol=0)
+
+
+def test_prompt_parts_full_logits_and_mlp_knockouts_match_reference(two_threads, monkeypatch):
+    """Head and MLP knockouts and full logits (no END) in prompt parts equal the hooked reference."""
+    passes = []
+    in_parts = KnockoutEngine._evaluate_parts
+    monkeypatch.setattr(KnockoutEngine, "_evaluate_parts", lambda self, *a: passes.append(a[-1]) or in_parts(self, *a))
+    model = sharp_model("random-L3-H4-D16")
+    batch = _Batch(6, True)
+    wi = batch.word_idx
+    means = fast.compute_template_means(model, batch.abc, batch.groups)
+    mlp_means = fast.compute_template_means(model, batch.abc, batch.groups, component="mlp_out")
+    metric = LogitDiff(wi["END"], batch.io_token_ids, batch.s_token_ids, per_prompt=True)
+    heads = {(2, 0): wi["END"], (1, 2): [wi["S2"], wi["S1+1"]], (0, 1): None}
+    torch.testing.assert_close(fast.knockout_heads(model, batch.toks, metric, means, heads),
+                               ref.knockout_heads(model, batch.toks, metric, means, heads), atol=ATOL, rtol=0)
+    both = fast.head_knockout(means, heads).combine(fast.mlp_knockout(mlp_means, [1], wi["S2"]))
+    torch.testing.assert_close(fast.run_with_ablation(model, batch.toks, both),
+                               ref.run_with_ablation(model, batch.toks, both), atol=ATOL, rtol=0)
+    assert len(passes) >= 2 and all(len(parts) == 2 for parts in passes)

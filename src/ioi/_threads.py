@@ -1,7 +1,7 @@
 """Independent chunks of work on CPU worker threads, one torch thread each.
 
 Used by the engines whose passes split into independent chunks (``ioi.edges.patching``'s chunks of
-edge sets; ``ioi.ablation_engine``'s opt-in parallel chunks): ``T`` chunks at once on one torch
+edge sets; ``ioi.ablation_engine``'s prompt parts and opt-in parallel chunks): ``T`` chunks at once on one torch
 thread each instead of one chunk on ``T`` threads. Each chunk's arithmetic is single-threaded, so
 results do not depend on which worker ran it.
 """

@@ -40,20 +40,35 @@ chunk's specs, without copying them per spec.
 Rows are packed (prompt-major lists of (prompt, position)); everything after a prompt's END is
 skipped in LD mode.
 
+Parallel prompt parts on a CPU (default)
+----------------------------------------
+Prompts never read each other (attention is within a prompt), so a pass splits exactly along
+prompts. With ``parallel_prompts=True`` (class default :attr:`KnockoutEngine.PARALLEL_PROMPTS`, on)
+and ``T > 1`` torch threads on a CPU, :meth:`KnockoutEngine.evaluate` cuts the prompts into ``T``
+contiguous parts with about equal rows up to END and runs each part's whole pass (its groups and
+chunks in turn, ``budget / T`` of memory) on its own worker thread with one torch thread, on views
+of the shared streams; the results are joined along prompts. Captured runs keep their rows per
+part, so a later pass in the same parts resumes from them part by part (a run made on all prompts
+at once is a base for the parts too, through a view; a run made in parts is not a base for a
+serial pass, which then starts from its source: exact either way). Every part does the same work
+on half the rows, so the workers finish together (measured: the slower part's CPU time is 2.6%
+above the mean at N = 60), where one chunk at a time on ``T`` OpenMP threads loses CPU time to
+thread synchronisation and the serial parts of small ops. Each part's arithmetic is
+single-threaded: results are bit-identical between runs at the same ``T`` and equal the serial path
+to float32 rounding (tests).
+
 Parallel chunks on a CPU (opt-in)
 ---------------------------------
-With ``parallel_chunks=True`` (class default :attr:`KnockoutEngine.PARALLEL_CHUNKS`, off) and
-``T > 1`` torch threads on a CPU, :meth:`KnockoutEngine.evaluate` runs a pass's chunks on ``T``
+With ``parallel_chunks=True`` (class default :attr:`KnockoutEngine.PARALLEL_CHUNKS`, off),
+``parallel_prompts=False`` and ``T > 1`` torch threads on a CPU, a pass's chunks run on ``T``
 worker threads with one torch thread each (largest first; a lone chunk of several specs is split
 so every worker has one), sharing the memory budget (``budget / T`` per chunk), instead of one
-chunk at a time on ``T`` threads. Each chunk's arithmetic is then single-threaded; results are
-bit-identical between runs at the same ``T`` and equal the serial path to float32 rounding
-(tests). Measured at the paper's completeness settings on a quiet 2-core machine
-(``benchmarks/knockouts.py``, ``benchmarks/measured/knockouts_cpu_2threads*.txt``): it needs 10%
-less CPU time (1.48x the FLOP floor per CPU second instead of 1.72x) but takes 16% longer by the
-clock (347 s against 298 s), because the workers idle while one finishes the largest chunk; so it
-is off by default. On a machine shared with other jobs, where OpenMP threads wait on each other,
-it was 1.46x faster by the clock.
+chunk at a time on ``T`` threads. Same guarantees as above. Measured at the paper's completeness
+settings on a quiet 2-core machine (``benchmarks/knockouts.py``,
+``benchmarks/measured/knockouts_cpu_2threads*.txt``): it needs 10% less CPU time than serial
+chunks (1.48x the FLOP floor per CPU second instead of 1.72x) but takes 16% longer by the clock
+(347 s against 298 s), because the workers idle while one finishes the largest chunk (a pass has
+few chunks of very different cost).
 """
 
 from __future__ import annotations
@@ -108,12 +123,16 @@ class KnockoutRun:
     rows: Tensor | None = None  # flat row indices (n * seq + p) of the captured residuals
     row_index: Tensor | None = None  # [N * seq] -> index in ``rows`` or -1
     resid: list[Tensor] | None = None  # resid[l - start]: [n_rows, d_model]
+    # parallel prompt parts: {(first prompt, end prompt): the run on those prompts}
+    parts: "dict[tuple[int, int], KnockoutRun] | None" = None
 
     @property
     def source(self) -> Source:
         return self.spec.source
 
     def nbytes(self) -> int:
+        if self.parts is not None:
+            return sum(part.nbytes() for part in self.parts.values())
         return 0 if self.resid is None else sum(t.numel() * t.element_size() for t in self.resid)
 
 
@@ -150,6 +169,7 @@ class _Stream:
         self.logits = logits
         self.kv_cache: dict[tuple, Tensor] = {}  # (layer, heads) -> keys and values of those heads
         self._lock = threading.Lock()  # parallel chunks project a layer's q|k|v once
+        self._parts: dict[tuple[int, int], "_StreamPart"] = {}
 
     def qkv(self, layer: int) -> Tensor:
         if self._qkv[layer] is None:
@@ -161,12 +181,48 @@ class _Stream:
                                                   net.b_qkv[layer])
         return self._qkv[layer]
 
+    def part(self, first: int, end: int, seq: int) -> "_StreamPart":
+        """The stream on prompts ``first .. end - 1`` (views; kept for later passes)."""
+        key = (first, end)
+        if key not in self._parts:
+            self._parts[key] = _StreamPart(self, first, end, seq)
+        return self._parts[key]
+
+
+class _StreamPart(_Stream):
+    """A :class:`_Stream` on a contiguous range of prompts (for parallel prompt parts): views of the
+    whole stream's rows; a layer's ``q|k|v`` not projected on the whole stream is projected here on
+    these rows only (so the parts project theirs at once, each on its own worker)."""
+
+    def __init__(self, whole: _Stream, first: int, end: int, seq: int):
+        rows = slice(first * seq, end * seq)
+        super().__init__(whole.net, [r[rows] for r in whole.resid], [None] * len(whole._qkv),
+                         None if whole.ld is None else whole.ld[first:end],
+                         None if whole.logits is None else whole.logits[first:end], whole.flops)
+        self.whole, self.rows = whole, rows
+
+    def qkv(self, layer: int) -> Tensor:
+        if self._qkv[layer] is None:
+            whole = self.whole._qkv[layer]
+            if whole is not None:
+                self._qkv[layer] = whole[self.rows]
+            else:
+                net = self.net
+                self._qkv[layer] = net.linear(net.ln(self.resid[layer], net.ln1[layer]), net.W_qkv[layer],
+                                              net.b_qkv[layer])
+                with self.whole._lock:  # one counter for every part
+                    self.flops.streams += 6.0 * self.resid[layer].shape[0] * net.d_model * net.hd
+        return self._qkv[layer]
+
 
 class KnockoutEngine:
     """Knockouts on one batch of prompts (see the module doc).
 
-    ``parallel_chunks`` (default :attr:`PARALLEL_CHUNKS`, off): on a CPU, run a pass's chunks on
-    one worker thread per torch thread (see "Parallel chunks on a CPU (opt-in)").
+    ``parallel_prompts`` (default :attr:`PARALLEL_PROMPTS`, on): on a CPU with ``T > 1`` torch
+    threads, cut the prompts into ``T`` parts, each part's pass on its own worker thread (see
+    "Parallel prompt parts on a CPU"). ``parallel_chunks`` (default :attr:`PARALLEL_CHUNKS`, off;
+    used only with ``parallel_prompts`` off): run a pass's chunks on one worker thread per torch
+    thread (see "Parallel chunks on a CPU (opt-in)"). Both off: one chunk at a time on ``T`` threads.
 
     ``toks [N, seq]``; ``end [N]``, ``io_ids``/``s_ids [N]`` for the LD at END (``end=None``: full
     logits at every position instead). ``head_means [N, seq', L, H, d_head]`` with ``seq' >= seq``
@@ -175,6 +231,7 @@ class KnockoutEngine:
     """
 
     PARALLEL_CHUNKS = False  # see the module doc: less CPU time, more wall time on a quiet CPU
+    PARALLEL_PROMPTS = True  # see the module doc: "Parallel prompt parts on a CPU"
 
     def __init__(
         self,
@@ -188,6 +245,7 @@ class KnockoutEngine:
         mlp_means: Float[Tensor, "batch seq layer d_model"] | None = None,
         memory_budget_mb: int = 1024,
         parallel_chunks: bool | None = None,
+        parallel_prompts: bool | None = None,
     ):
         net = model_or_net if isinstance(model_or_net, NetWeights) else net_weights(model_or_net)
         self.net = net
@@ -218,6 +276,7 @@ class KnockoutEngine:
         self.mlp_means = None if mlp_means is None else self._check_means(mlp_means, "MLP", 4)
         self.memory_budget_mb = int(memory_budget_mb)
         self.parallel_chunks = self.PARALLEL_CHUNKS if parallel_chunks is None else bool(parallel_chunks)
+        self.parallel_prompts = self.PARALLEL_PROMPTS if parallel_prompts is None else bool(parallel_prompts)
         positions = torch.arange(self.seq, device=device)
         self.valid = positions[None, :] <= self.last[:, None]  # [N, seq] rows that can matter
         self.flops = FlopCounter()
@@ -398,6 +457,119 @@ class KnockoutEngine:
         """Run every spec (batched, chunked to the memory budget); results in spec order.
 
         Each spec resumes from the run in ``bases`` it agrees with longest (or from its source)."""
+        parts = self._prompt_parts()
+        if len(parts) > 1 and specs:
+            return self._evaluate_parts(specs, bases, parts)
+        return self._evaluate_here(specs, bases)
+
+    # -- parallel prompt parts ------------------------------------------------------------------
+
+    def _prompt_parts(self) -> list[tuple[int, int]]:
+        """Contiguous prompt ranges ``[(first, end), ...]``, one per worker (see "Parallel prompt
+        parts"): ``[(0, N)]`` unless ``parallel_prompts`` is on, the device a CPU and ``T > 1``.
+        The cuts balance the rows up to END (the cost of a pass is about proportional to them)."""
+        workers = max(1, torch.get_num_threads()) if self.parallel_prompts and self.net.device.type == "cpu" else 1
+        workers = min(workers, self.n)
+        if workers <= 1:
+            return [(0, self.n)]
+        key = ("parts", workers)
+        if key not in self._weight_cache:
+            rows = torch.cumsum(self.valid.sum(1).cpu().double(), 0)
+            cuts = [0]
+            for w in range(1, workers):
+                cut = int(torch.searchsorted(rows, rows[-1] * w / workers)) + 1
+                cuts.append(min(max(cut, cuts[-1] + 1), self.n - (workers - w)))
+            cuts.append(self.n)
+            self._weight_cache[key] = list(zip(cuts[:-1], cuts[1:]))
+        return self._weight_cache[key]
+
+    def _part_engine(self, first: int, end: int, sources: set) -> "KnockoutEngine":
+        """This engine on prompts ``first .. end - 1``: views of its inputs and of its streams (which
+        are built here first), its own FLOP counter, serial chunks, ``budget / parts`` of memory."""
+        for source in sources:
+            self.stream(source)
+        if self.head_means is not None:
+            self.mean_out(0)
+        part = object.__new__(KnockoutEngine)
+        part.__dict__.update(self.__dict__)
+        part.n = end - first
+        part.toks = self.toks[first:end]
+        part.last, part.valid = self.last[first:end], self.valid[first:end]
+        if self.ld_mode:
+            part.end, part.io, part.s = self.end[first:end], self.io[first:end], self.s[first:end]
+        part.head_means = None if self.head_means is None else self.head_means[first:end]
+        part.mlp_means = None if self.mlp_means is None else self.mlp_means[first:end]
+        part.parallel_prompts = part.parallel_chunks = False
+        part.memory_budget_mb = max(1, self.memory_budget_mb * part.n // self.n)
+        part.flops = FlopCounter()
+        part._streams = {source: {"stream": self.stream(source).part(first, end, self.seq)} for source in sources}
+        rows = slice(first * self.seq, end * self.seq)
+        part._mean_out_holder = {} if self.head_means is None else {"out": [o[rows] for o in self._mean_out_holder["out"]]}
+        part._ablated_holders = []
+        return part
+
+    @staticmethod
+    def _spec_part(spec: KnockoutSpec, first: int, end: int) -> KnockoutSpec:
+        return dataclasses.replace(spec, head_keep=spec.head_keep[first:end],
+                                   mlp_keep=None if spec.mlp_keep is None else spec.mlp_keep[first:end])
+
+    def _run_part(self, run: KnockoutRun | None, first: int, end: int) -> KnockoutRun | None:
+        """``run`` on prompts ``first .. end - 1`` as a base for a part: its part when it was run in
+        these parts, else a view of it (its captured rows, re-indexed); ``None`` when it cannot be
+        resumed from there (run in other parts)."""
+        if run is None:
+            return None
+        if run.parts is not None:
+            return run.parts.get((first, end))
+        base = None
+        if run.base is not None:
+            base = self._run_part(run.base, first, end)
+            if base is None:
+                return None
+        S = self.seq
+        view = KnockoutRun(spec=self._spec_part(run.spec, first, end), start=run.start, base=base,
+                           ld=None if run.ld is None else run.ld[first:end],
+                           logits=None if run.logits is None else run.logits[first:end])
+        if run.resid is not None:
+            view.row_index, view.resid = run.row_index[first * S : end * S], run.resid
+        return view
+
+    def _evaluate_parts(self, specs: Sequence[KnockoutSpec], bases: Sequence[KnockoutRun],
+                        parts: list[tuple[int, int]]) -> list[KnockoutRun]:
+        """:meth:`evaluate` with the prompts cut into ``parts``, each part's pass (its chunks in
+        turn) on its own worker thread with one torch thread; the runs are joined along prompts
+        (``ld``/``logits`` concatenated; captured rows kept per part, for later passes in the same
+        parts)."""
+        for spec in specs:
+            self.check_spec(spec)
+        sources = {spec.source for spec in specs}
+        engines = [self._part_engine(first, end, sources) for first, end in parts]
+
+        def run(index: int) -> list[KnockoutRun]:
+            first, end = parts[index]
+            part_bases = [b for b in (self._run_part(base, first, end) for base in bases) if b is not None]
+            return engines[index]._evaluate_here([self._spec_part(spec, first, end) for spec in specs], part_bases)
+
+        done = map_on_workers(run, list(range(len(parts))), len(parts))
+        for engine in engines:
+            for field in dataclasses.fields(FlopCounter):
+                if field.name != "evaluated":
+                    setattr(self.flops, field.name, getattr(self.flops, field.name) + getattr(engine.flops, field.name))
+        self.flops.evaluated += len(specs)
+        out = []
+        for j, spec in enumerate(specs):
+            pieces = [runs[j] for runs in done]
+            run = KnockoutRun(spec=spec, start=min(p.start for p in pieces), base=None,
+                              parts=dict(zip(parts, pieces)) if spec.capture else None)
+            if self.ld_mode:
+                run.ld = torch.cat([p.ld for p in pieces])
+            else:
+                run.logits = torch.cat([p.logits for p in pieces])
+            out.append(run)
+        return out
+
+    def _evaluate_here(self, specs: Sequence[KnockoutSpec], bases: Sequence[KnockoutRun]) -> list[KnockoutRun]:
+        """:meth:`evaluate` on this engine's prompts at once (chunks serial, or in parallel)."""
         runs: list[KnockoutRun | None] = [None] * len(specs)
         groups: dict[tuple, list[tuple[int, KnockoutRun | None, int, Tensor]]] = collections.defaultdict(list)
         for index, spec in enumerate(specs):
