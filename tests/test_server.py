@@ -108,3 +108,23 @@ def test_served_figures_equal_figures_drawn_in_their_own_process(server_dir, mon
     assert "exp/missing/data.csv" in (server_dir / "logs" / "bad.log").read_text()
     assert "plot server's child" in capsys.readouterr().err
     assert not (server_dir / "bad" / "f.png").exists()
+
+
+def test_warm_plain_weights_caches_the_weights_a_job_builds(tiny_model):
+    """The server builds the plain-tensor weights before forking: a job then gets the cached
+    object, equal tensor by tensor to the weights it would build itself (the slow twin)."""
+    import dataclasses
+
+    import torch
+
+    from ioi import plain_forward
+    from ioi.patching._fast_forward import NetWeights
+
+    server.warm_plain_weights(tiny_model)
+    cached = plain_forward.weights(tiny_model)
+    assert plain_forward.weights(tiny_model) is cached
+    fresh = NetWeights.from_bridge(tiny_model, tiny_model.W_U.device)
+    for field in dataclasses.fields(NetWeights):
+        a, b = getattr(cached, field.name), getattr(fresh, field.name)
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), field.name
