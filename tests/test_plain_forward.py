@@ -235,3 +235,46 @@ def test_signals_and_adversarial_plain_equal_the_hooked_bridge(monkeypatch, bos)
     assert abs(got[:, 0] - got[:, 1]).max() > 1e-2  # the patches matter
     assert abs(adv.data["logit_diff"].to_numpy() - adv_ref.data["logit_diff"].to_numpy()).max() <= ATOL
     assert abs(adv.data["io_prob"].to_numpy() - adv_ref.data["io_prob"].to_numpy()).max() <= ATOL
+
+
+def _prompt_sets_sharing_prefixes(d_vocab: int, seed: int):
+    """Three right-padded token sets of 9 prompts whose prompt i share its first prefix_len[i]
+    tokens (1..5), with different continuations and END positions."""
+    g = torch.Generator().manual_seed(seed)
+    n = 9
+    prefix_len = torch.randint(1, 6, (n,), generator=g)
+    sets, ends = [], []
+    for extra in (1, 4, 9):
+        end = prefix_len - 1 + torch.randint(1, extra + 1, (n,), generator=g)
+        toks = torch.randint(0, d_vocab, (n, int(end.max()) + 3), generator=g)
+        if sets:
+            for i in range(n):
+                toks[i, : prefix_len[i]] = sets[0][i, : prefix_len[i]]
+        sets.append(toks)
+        ends.append(end)
+    return sets, ends, prefix_len
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("max_prompts", [2, 100])
+def test_end_logits_shared_prefix_equal_each_set_on_its_own(spec, max_prompts):
+    """end_logits_shared_prefix (the prefix's keys and values computed once, every set's suffix
+    against them) equals the hooked bridge's END logits of each set on its own."""
+    model = model_for(spec)
+    sets, ends, prefix_len = _prompt_sets_sharing_prefixes(model.cfg.d_vocab, seed=len(spec))
+    fast = plain_forward.end_logits_shared_prefix(plain_forward.weights(model), sets, ends, prefix_len,
+                                                  max_prompts)
+    for toks, end, got in zip(sets, ends, fast):
+        want = end_logits(model, toks, end, engine="bridge")
+        assert (got - want).abs().max() <= ATOL
+
+
+def test_end_logits_shared_prefix_checks_the_prefixes():
+    model = model_for("random-L2-H4-D64")
+    net = plain_forward.weights(model)
+    sets, ends, prefix_len = _prompt_sets_sharing_prefixes(model.cfg.d_vocab, seed=0)
+    sets[1][0, 0] = (sets[0][0, 0] + 1) % model.cfg.d_vocab
+    with pytest.raises(ValueError, match="differ within a prompt's prefix"):
+        plain_forward.end_logits_shared_prefix(net, sets, ends, prefix_len, 4)
+    with pytest.raises(ValueError, match="1..END tokens"):
+        plain_forward.end_logits_shared_prefix(net, sets[:1], [prefix_len - 1], prefix_len, 4)

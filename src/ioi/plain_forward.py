@@ -207,6 +207,139 @@ def end_logits(
 
 
 # ----------------------------------------------------------------------------------------------
+# END rows of several continuations of one shared prefix per prompt
+# ----------------------------------------------------------------------------------------------
+
+PrefixKV = list[tuple[Tensor, Tensor]]  # per layer: keys, values [batch, n_heads, prefix_pos, d_head]
+
+
+@torch.no_grad()
+def prefix_keys_values(net: NetWeights, prefix: Int[Tensor, "batch prefix_pos"]) -> PrefixKV:
+    """Every layer's keys and values at the prefix positions (a plain causal forward of ``prefix``;
+    the last layer's attention output and every layer's queries of the last layer are not needed).
+
+    Right padding of ``prefix`` is harmless: causal attention keeps a position's keys and values
+    independent of later positions, and :func:`end_residual_after_prefix` masks the padded ones.
+    """
+    n, n_pos = prefix.shape
+    _check_length(net, n_pos)
+    resid = net.W_E[prefix] + net.W_pos[:n_pos]
+    last = net.n_layers - 1
+    out: PrefixKV = []
+    for layer in range(net.n_layers):
+        x = net.ln(resid, net.ln1[layer])
+        if layer == last:
+            kv = net.linear(x, net.W_kv[layer], net.b_kv[layer]).view(n, n_pos, 2, net.n_heads, net.d_head)
+            out.append((kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)))
+            break
+        q, k, v = net.split_qkv(net.linear(x, net.W_qkv[layer], net.b_qkv[layer]))
+        out.append((k.transpose(1, 2), v.transpose(1, 2)))
+        z, _ = net.attention(layer, q, k, v)
+        resid = net.add_mlp_(layer, net.add_attn_out_(layer, resid, z))
+    return out
+
+
+@torch.no_grad()
+def end_residual_after_prefix(
+    net: NetWeights,
+    prefix_kv: PrefixKV,
+    prefix_len: Int[Tensor, "batch"],
+    suffix: Int[Tensor, "batch suffix_pos"],
+    end: Int[Tensor, "batch"],
+) -> Float[Tensor, "batch d_model"]:
+    """The final residual stream at END of the prompts ``prefix[i, :prefix_len[i]] + suffix[i]``,
+    ``end`` indexing into ``suffix`` (the prompt's END is at ``prefix_len + end``).
+
+    The same numbers as :func:`end_residual` on the spliced prompts (to float32 rounding: causal
+    attention makes the prefix's keys and values those of any continuation): the suffix rows run
+    every layer at positions ``prefix_len + j``, attending to the prefix's cached keys and values
+    (:func:`prefix_keys_values`; its padded positions masked) and causally to the suffix; the last
+    layer runs END's query, attention output and MLP only. Right padding of ``suffix`` is never
+    attended to by a row at or before its END.
+    """
+    n, n_suffix = suffix.shape
+    device = suffix.device
+    prefix_len, end = prefix_len.to(device), end.to(device)
+    n_prefix = prefix_kv[0][0].shape[2]
+    steps = torch.arange(n_suffix, device=device)
+    positions = prefix_len[:, None] + steps  # [batch, suffix_pos]
+    _check_length(net, int(positions.gather(1, end[:, None]).max()) + 1)
+    positions = positions.clamp(max=net.W_pos.shape[0] - 1)  # right padding only
+    in_prefix = torch.arange(n_prefix, device=device)[None, :] < prefix_len[:, None]  # [batch, prefix_pos]
+    causal = steps[None, :] <= steps[:, None]  # [suffix_pos (query), suffix_pos (key)]
+    mask = torch.cat([in_prefix[:, None, :].expand(n, n_suffix, n_prefix),
+                      causal[None].expand(n, -1, -1)], -1)[:, None]  # [batch, 1, query, key]
+    H, dh = net.n_heads, net.d_head
+    resid = net.W_E[suffix] + net.W_pos[positions]
+    last = net.n_layers - 1
+    for layer in range(last):
+        q, k, v = (t.transpose(1, 2) for t in net.split_qkv(
+            net.linear(net.ln(resid, net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])))
+        k_prefix, v_prefix = prefix_kv[layer]
+        z = F.scaled_dot_product_attention(q, torch.cat([k_prefix, k], 2), torch.cat([v_prefix, v], 2),
+                                           attn_mask=mask, scale=net.attn_scales[layer])
+        resid = net.add_mlp_(layer, net.add_attn_out_(layer, resid, z.transpose(1, 2)))
+    x = net.ln(resid, net.ln1[last])
+    kv = net.linear(x, net.W_kv[last], net.b_kv[last]).view(n, n_suffix, 2, H, dh)
+    rows = torch.arange(n, device=device)
+    q = torch.addmm(net.b_q[last], x[rows, end], net.W_q[last]).view(n, H, 1, dh)
+    k_prefix, v_prefix = prefix_kv[last]
+    end_mask = torch.cat([in_prefix, steps[None, :] <= end[:, None]], -1).view(n, 1, 1, -1)
+    z = F.scaled_dot_product_attention(q, torch.cat([k_prefix, kv[:, :, 0].transpose(1, 2)], 2),
+                                       torch.cat([v_prefix, kv[:, :, 1].transpose(1, 2)], 2),
+                                       attn_mask=end_mask, scale=net.attn_scales[last])
+    at_end = resid[rows, end] + torch.addmm(net.b_O[last], z.reshape(n, net.hd), net.W_O_flat[last])
+    return net.add_mlp_(last, at_end)
+
+
+@torch.no_grad()
+def end_logits_shared_prefix(
+    net: NetWeights,
+    toks: Sequence[Int[Tensor, "batch seq"]],
+    end: Sequence[Int[Tensor, "batch"]],
+    prefix_len: Int[Tensor, "batch"],
+    max_prompts: int,
+) -> list[Float[Tensor, "batch vocab"]]:
+    """END logits (float32, on the CPU, in the order given) of several prompt sets ``toks[j]``
+    (right-padded, END at ``end[j]``) whose prompt ``i`` all begin with the same
+    ``prefix_len[i]`` tokens (checked), each set as :func:`end_logits` computes it (to float32
+    rounding), with the shared prefix run once per prompt (:func:`prefix_keys_values`) instead of
+    once per set. Prompts run in :func:`length_chunks` of at most ``max_prompts`` by prefix length
+    (the prefix pass), each set's rows of a chunk regrouped by suffix length (the suffix passes), so
+    little padding is computed."""
+    prefix_len = torch.as_tensor(prefix_len).cpu().long()
+    n = len(prefix_len)
+    ends = [torch.as_tensor(e).cpu().long() for e in end]
+    if any(len(e) != n or t.shape[0] != n for t, e in zip(toks, ends)) or len(toks) != len(ends):
+        raise ValueError("end_logits_shared_prefix: one END and one prefix length per prompt of every set.")
+    if n and any(bool(((prefix_len < 1) | (prefix_len > e)).any()) for e in ends):
+        raise ValueError("end_logits_shared_prefix: each prefix must hold 1..END tokens of its prompt.")
+    width = int(prefix_len.max()) if n else 0
+    shared = toks[0][:, :width].cpu()
+    keep = torch.arange(width)[None, :] < prefix_len[:, None]
+    for t in toks[1:]:
+        if not bool(((t[:, :width].cpu() == shared) | ~keep).all()):
+            raise ValueError("end_logits_shared_prefix: the prompt sets differ within a prompt's prefix.")
+    outs = [torch.empty(n, net.W_U.shape[1], dtype=torch.float32, device="cpu") for _ in toks]
+    for chunk in length_chunks(prefix_len - 1, max(1, max_prompts)) if n else []:
+        lens = prefix_len[chunk]
+        kv = prefix_keys_values(net, toks[0][chunk, : int(lens.max())].to(net.device))
+        for t, e, out in zip(toks, ends, outs):
+            suffix_end = e[chunk] - lens
+            # each set's rows of the chunk regrouped by their suffix length (no suffix padding)
+            for part in length_chunks(suffix_end, len(chunk)):
+                part_lens, part_end = lens[part], suffix_end[part]
+                index = (part_lens[:, None] + torch.arange(int(part_end.max()) + 1)).clamp(max=t.shape[1] - 1)
+                suffix = t[chunk[part]].cpu().gather(1, index).to(net.device)
+                on_device = part.to(net.device)
+                part_kv = [(k.index_select(0, on_device), v.index_select(0, on_device)) for k, v in kv]
+                resid = end_residual_after_prefix(net, part_kv, part_lens.to(net.device), suffix,
+                                                  part_end.to(net.device))
+                out[chunk[part]] = net.logits(resid).float().cpu()
+    return outs
+
+
+# ----------------------------------------------------------------------------------------------
 # Activation caches
 # ----------------------------------------------------------------------------------------------
 

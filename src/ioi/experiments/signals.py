@@ -58,7 +58,7 @@ from ioi.experiments.circuit_eval import EndLogitDiff, mean_and_ci, mean_ci
 from ioi.experiments.core import ExperimentResult, RunContext, batch_size_for
 from ioi import plain_forward
 from ioi.forward import batch_size_for as end_logits_batch_size
-from ioi.forward import cache_activations, end_logits
+from ioi.forward import cache_activations, end_logits, use_plain_forward
 from ioi.metrics import logit_diff_from_end_logits
 
 # ------------------------------------------------------------------------------------------------
@@ -388,6 +388,18 @@ def build_adversarial(dataset, sentences: Sequence[Sequence[str]], name_of: str)
             "texts": texts}
 
 
+def _chunk_metrics(at_end, io, s) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LD, IO probability) per prompt from its END logits, as float64 on the CPU."""
+    idx = torch.arange(at_end.shape[0], device=at_end.device)
+    return (logit_diff_from_end_logits(at_end, io, s).double().cpu(),
+            at_end.softmax(-1)[idx, io.to(at_end.device)].double().cpu())
+
+
+def _as_metrics(lds, probs) -> dict[str, np.ndarray]:
+    ld = torch.cat(lds).numpy()
+    return {"logit_diff": ld, "io_prob": torch.cat(probs).numpy(), "s_over_io": (ld < 0).astype(float)}
+
+
 def _metrics(model, toks, end, io, s, memory_budget_mb: int) -> dict[str, np.ndarray]:
     """LD, IO probability and S>IO per prompt at its END (hook-free: the plain forward, in chunks
     of at most ``memory_budget_mb``; :func:`ioi.forward.end_logits` never unembeds other rows)."""
@@ -397,11 +409,36 @@ def _metrics(model, toks, end, io, s, memory_budget_mb: int) -> dict[str, np.nda
     for start in range(0, toks.shape[0], step):
         rows = slice(start, start + step)
         at_end = end_logits(model, toks[rows], end[rows], memory_budget_mb=None).to(device)
-        idx = torch.arange(at_end.shape[0], device=device)
-        lds.append(logit_diff_from_end_logits(at_end, io[rows], s[rows]).double().cpu())
-        probs.append(at_end.softmax(-1)[idx, io[rows].to(device)].double().cpu())
-    ld = torch.cat(lds).numpy()
-    return {"logit_diff": ld, "io_prob": torch.cat(probs).numpy(), "s_over_io": (ld < 0).astype(float)}
+        ld, prob = _chunk_metrics(at_end, io[rows], s[rows])
+        lds.append(ld)
+        probs.append(prob)
+    return _as_metrics(lds, probs)
+
+
+def _metrics_shared_prefix(model, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix_len, io, s,
+                           memory_budget_mb: int) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`_metrics` of every prompt set in ``sets`` (``name -> (toks, end)``), whose prompt
+    ``i`` all begin with the first clause of p_IOI's prompt ``i`` (``prefix_len[i]`` tokens): the
+    plain forward runs that prefix once per prompt for all sets
+    (:func:`ioi.plain_forward.end_logits_shared_prefix`; the same logits to float32 rounding)."""
+    device = model.W_U.device
+    net = plain_forward.weights(model)
+    names = list(sets)
+    # The budget's prompts count a full vocabulary row per position; here every set's END row of a
+    # chunk exists at once (len(sets) rows per prompt, fewer than the positions counted).
+    step = end_logits_batch_size(model, max(t.shape[1] for t, _ in sets.values()), memory_budget_mb)
+    lds: dict[str, list] = {name: [] for name in names}
+    probs: dict[str, list] = {name: [] for name in names}
+    for start in range(0, len(prefix_len), step):
+        rows = slice(start, start + step)
+        logits = plain_forward.end_logits_shared_prefix(
+            net, [sets[name][0][rows] for name in names], [sets[name][1][rows] for name in names],
+            prefix_len[rows], step)
+        for name, at_end in zip(names, logits):
+            ld, prob = _chunk_metrics(at_end.to(device), io[rows], s[rows])
+            lds[name].append(ld)
+            probs[name].append(prob)
+    return {name: _as_metrics(lds[name], probs[name]) for name in names}
 
 
 def _variant_summary(values: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
@@ -411,6 +448,31 @@ def _variant_summary(values: dict[str, np.ndarray], seed: int) -> dict[str, Any]
         **mean_and_ci("s_over_io_rate", values["s_over_io"], seed),
         "n": int(len(values["logit_diff"])),
     }
+
+
+def adversarial_metrics(model, ioi, built: dict[str, dict[str, Any]], memory_budget_mb: int,
+                        shared_prefix: bool | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`_metrics` of p_IOI (``"clean"``) and of each :func:`build_adversarial` variant.
+
+    Every variant of prompt ``i`` begins with p_IOI's first clause (its tokens up to
+    ``insert_at[i]``, the same in every variant): with the plain forward (``shared_prefix=None``:
+    when it serves the model) that prefix is run once for all five sets, about a third of the
+    forward's rows (:func:`_metrics_shared_prefix`); ``shared_prefix=False`` runs each set on its
+    own (the reference: the same numbers to float32 rounding, tests)."""
+    io, s = ioi.io_token_ids, ioi.s_token_ids
+    if shared_prefix is None:
+        shared_prefix = use_plain_forward(model)
+    if not shared_prefix or not built:
+        results = {"clean": _metrics(model, ioi.toks, ioi.word_idx["END"], io, s, memory_budget_mb)}
+        for variant, parts in built.items():
+            results[variant] = _metrics(model, parts["toks"], parts["end"], io, s, memory_budget_mb)
+        return results
+    prefix_len = next(iter(built.values()))["insert_at"]
+    if any(not torch.equal(parts["insert_at"], prefix_len) for parts in built.values()):
+        raise ValueError("adversarial variants insert at different positions: no shared prefix.")
+    sets = {"clean": (ioi.toks, ioi.word_idx["END"]),
+            **{variant: (parts["toks"], parts["end"]) for variant, parts in built.items()}}
+    return _metrics_shared_prefix(model, sets, prefix_len, io, s, memory_budget_mb)
 
 
 def adversarial(model, ctx: RunContext) -> ExperimentResult:
@@ -424,16 +486,13 @@ def adversarial(model, ctx: RunContext) -> ExperimentResult:
     single = [[ADVERSARIAL_SENTENCES[int(k)]] for k in rng.integers(len(ADVERSARIAL_SENTENCES), size=n)]
     double = [[ADVERSARIAL_SENTENCES[int(a)], ADVERSARIAL_SENTENCES[int(b)]]
               for a, b in rng.integers(len(ADVERSARIAL_SENTENCES), size=(n, 2))]
-    io, s = ioi.io_token_ids, ioi.s_token_ids
     built = {
         "extra_io": build_adversarial(ioi, single, "io"),
         "extra_s": build_adversarial(ioi, single, "s"),
         "extra_io_double": build_adversarial(ioi, double, "io"),
         "extra_s_double": build_adversarial(ioi, double, "s"),
     }
-    results = {"clean": _metrics(model, ioi.toks, ioi.word_idx["END"], io, s, ctx.memory_budget_mb)}
-    for variant, parts in built.items():
-        results[variant] = _metrics(model, parts["toks"], parts["end"], io, s, ctx.memory_budget_mb)
+    results = adversarial_metrics(model, ioi, built, ctx.memory_budget_mb)
     frames = []
     clean_texts = ioi.prompts_without_answer
     for variant in VARIANTS:
