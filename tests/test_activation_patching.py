@@ -363,6 +363,22 @@ def test_results_do_not_depend_on_batching_or_shortcuts(models, batches, caches)
             _close(_fast(name, model, batch, cache, batch.ld, **options), reference)
 
 
+@pytest.mark.parametrize("bos", [False, True])
+def test_window_attention_equals_the_full_layout(bos, models, batches, caches, monkeypatch):
+    """The resume forward's window attention (queries of the changed rows only, unchanged keys
+    shared by the patches) equals its full layout of every patch (every query, unchanged rows
+    copied per patch), on sweeps that patch every position and one position per prompt."""
+    from ioi.patching import _fast_forward
+
+    spec = "random-L2-H4-D16"
+    model, batch, cache = models[spec], batches[bos], caches[(spec, bos)]
+    for name in ("get_act_patch_attn_head_by_pos_every", "get_act_patch_block_every"):
+        monkeypatch.setattr(_fast_forward, "WINDOW_ATTENTION", False)
+        reference = _fast(name, model, batch, cache, batch.ld, verify=False)
+        monkeypatch.setattr(_fast_forward, "WINDOW_ATTENTION", True)
+        _close(_fast(name, model, batch, cache, batch.ld, verify=False), reference)
+
+
 def test_positions_select_columns_of_the_full_sweep(models, batches, caches):
     spec, bos = "random-L2-H4-D16", True
     model, batch, cache = models[spec], batches[bos], caches[(spec, bos)]

@@ -579,6 +579,12 @@ def normalise_entry(entry: Entry, n_layers: int) -> Entry:
     return entry
 
 
+# Recomputed rows attend through :meth:`ResumeForward._window_attention` (queries of the changed
+# rows only, the unchanged keys shared by every patch); False: the full layout of every patch
+# (every row's query, the unchanged rows copied per patch), kept as the reference in tests.
+WINDOW_ATTENTION = True
+
+
 class ResumeForward:
     """Resume the corrupted forward with batches of patched residual streams (see module doc)."""
 
@@ -608,11 +614,56 @@ class ResumeForward:
         full.index_copy_(1, rs.other_rows, other.expand(k, -1, -1))
         return full
 
+    def _window_layout(self) -> tuple[Tensor, Tensor, int, Tensor]:
+        """The rowset as padded windows: (active prompts ``[a]``, each row's index in the padded
+        ``[a * width]`` layout ``[rows]``, ``width``, each active prompt's window start ``[a]``)."""
+        if getattr(self, "_windows", None) is None:
+            rs = self.rowset
+            active = rs.active.nonzero()[:, 0]
+            lengths = (rs.stop - rs.start + 1).clamp(min=0)[active]
+            width = int(lengths.max())
+            prompt = torch.repeat_interleave(torch.arange(len(active), device=active.device), lengths)
+            offsets = torch.cumsum(lengths, 0) - lengths
+            within = torch.arange(len(prompt), device=active.device) - offsets[prompt]
+            self._windows = (active, prompt * width + within, width, rs.start[active])
+        return self._windows
+
+    def _window_attention(self, layer: int, qkv: Tensor) -> Tensor:
+        """``z [k, rows, hd]`` of the recomputed rows: each window's queries attend to the corrupted
+        run's keys/values before the window (cached, shared by the ``k`` patches) and causally to
+        the window's own recomputed keys/values (the attention of the full layout, for the rows
+        that changed only; one softmax over both parts)."""
+        net = self.net
+        H, dh, hd = net.n_heads, net.d_head, net.hd
+        k = qkv.shape[0]
+        active, pad_index, width, start = self._window_layout()
+        a = len(active)
+        padded = qkv.new_zeros(k, a * width, 3 * hd)
+        padded.index_copy_(1, pad_index, qkv)
+        q, kw, vw = (t.view(k, a, width, H, dh).permute(0, 1, 3, 2, 4)
+                     for t in padded.view(k, a, width, 3, hd).unbind(3))  # [k, a, H, width, dh]
+        cached = self.corrupted.qkv[layer].index_select(0, active).view(a, self.n_pos, 3, H, dh)
+        k_pre = cached[:, :, 1].permute(0, 2, 3, 1)  # [a, H, dh, pos]
+        v_pre = cached[:, :, 2].permute(0, 2, 1, 3)  # [a, H, pos, dh]
+        scale = net.attn_scales[layer]
+        positions = torch.arange(self.n_pos, device=qkv.device)
+        pre_ok = positions[None, :] < start[:, None]  # [a, pos]
+        steps = torch.arange(width, device=qkv.device)
+        win_ok = steps[None, :] <= steps[:, None]  # [query, key]
+        s_pre = torch.matmul(q, k_pre).mul_(scale).masked_fill_(~pre_ok[None, :, None, None, :], float("-inf"))
+        s_win = torch.matmul(q, kw.transpose(-1, -2)).mul_(scale).masked_fill_(~win_ok, float("-inf"))
+        pattern = torch.cat([s_pre, s_win], -1).softmax(-1)
+        z = torch.matmul(pattern[..., : self.n_pos], v_pre) + torch.matmul(pattern[..., self.n_pos:], vw)
+        z = z.permute(0, 1, 3, 2, 4).reshape(k, a * width, hd)  # [k, a * width, hd]
+        return z.index_select(1, pad_index)
+
     def _attention_block(self, layer: int, resid: Tensor) -> Tensor:
         """``resid`` [k, rows, d] -> ``resid_mid`` at the same rows."""
         net = self.net
         k = resid.shape[0]
         qkv = net.linear(net.ln(resid, net.ln1[layer]), net.W_qkv[layer], net.b_qkv[layer])
+        if WINDOW_ATTENTION and not self.rowset.covers_everything:
+            return net.add_attn_out_(layer, resid, self._window_attention(layer, qkv))
         full = self._full_layout(layer, qkv, slice(0, 3 * net.hd))
         full = full.view(k * self.n_batch, self.n_pos, 3 * net.hd)
         z, _ = net.attention(layer, *net.split_qkv(full))
