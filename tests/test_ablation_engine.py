@@ -102,8 +102,16 @@ def test_resume_skips_layers_and_chunking_changes_nothing():
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("bos", [False, True])
-def test_head_mlp_knockouts_and_full_logits_match_reference(bos):
+@pytest.mark.parametrize("bos, parts", [(False, False), (True, False), (True, True)])
+def test_head_mlp_knockouts_and_full_logits_match_reference(bos, parts, request, monkeypatch):
+    """Head and MLP knockouts, the MLP sweep and full logits (no END) equal the hooked reference;
+    with ``parts`` on 2 torch threads, in prompt parts (a spy checks that every pass ran in 2)."""
+    passes = []
+    if parts:
+        request.getfixturevalue("two_threads")
+        in_parts = KnockoutEngine._evaluate_parts
+        monkeypatch.setattr(KnockoutEngine, "_evaluate_parts",
+                            lambda self, *a: passes.append(a[-1]) or in_parts(self, *a))
     model = sharp_model("random-L3-H4-D16")
     batch = _Batch(6, bos)
     wi = batch.word_idx
@@ -126,6 +134,8 @@ def test_head_mlp_knockouts_and_full_logits_match_reference(bos):
     for ablation in (both, circuit, None):  # full logits at every position (generic metrics)
         torch.testing.assert_close(fast.run_with_ablation(model, toks, ablation),
                                    ref.run_with_ablation(model, toks, ablation), atol=ATOL, rtol=0)
+    if parts:
+        assert len(passes) >= 2 and all(len(part) == 2 for part in passes)
 
 
 def test_planted_model_matches_reference():
@@ -286,21 +296,3 @@ def test_prompt_parts_resume_from_serial_runs_and_back(two_threads):
     torch.testing.assert_close(torch.stack([serial.ld, parted.ld, last.ld]), want, atol=ATOL, rtol=0)
 
 
-def test_prompt_parts_full_logits_and_mlp_knockouts_match_reference(two_threads, monkeypatch):
-    """Head and MLP knockouts and full logits (no END) in prompt parts equal the hooked reference."""
-    passes = []
-    in_parts = KnockoutEngine._evaluate_parts
-    monkeypatch.setattr(KnockoutEngine, "_evaluate_parts", lambda self, *a: passes.append(a[-1]) or in_parts(self, *a))
-    model = sharp_model("random-L3-H4-D16")
-    batch = _Batch(6, True)
-    wi = batch.word_idx
-    means = fast.compute_template_means(model, batch.abc, batch.groups)
-    mlp_means = fast.compute_template_means(model, batch.abc, batch.groups, component="mlp_out")
-    metric = LogitDiff(wi["END"], batch.io_token_ids, batch.s_token_ids, per_prompt=True)
-    heads = {(2, 0): wi["END"], (1, 2): [wi["S2"], wi["S1+1"]], (0, 1): None}
-    torch.testing.assert_close(fast.knockout_heads(model, batch.toks, metric, means, heads),
-                               ref.knockout_heads(model, batch.toks, metric, means, heads), atol=ATOL, rtol=0)
-    both = fast.head_knockout(means, heads).combine(fast.mlp_knockout(mlp_means, [1], wi["S2"]))
-    torch.testing.assert_close(fast.run_with_ablation(model, batch.toks, both),
-                               ref.run_with_ablation(model, batch.toks, both), atol=ATOL, rtol=0)
-    assert len(passes) >= 2 and all(len(parts) == 2 for parts in passes)
