@@ -2,12 +2,12 @@
 
 * :mod:`ioi.edges.graph`: :class:`Edge`, :class:`EdgeGraph`, :class:`Circuit` (JSON save/load);
 * :mod:`ioi.edges.patching`: :func:`patch_edges` (many edge sets per batched pass, exact);
-* :mod:`ioi.edges.attribution`: :func:`eap_scores`, :func:`eap_ig_scores`;
+* :mod:`ioi.edges.attribution`: :func:`eap_scores`, :func:`eap_ig_scores`, :func:`eap_and_eap_ig_scores` (both, shared runs);
 * :mod:`ioi.edges.discovery`: :func:`acdc`, :func:`top_n`, :func:`threshold`, :func:`rollup_to_heads`;
 * :mod:`ioi.edges.reference`: :func:`patch_edges_reference` (hooks on the bridge, one set a pass).
 """
 
-from ioi.edges.attribution import eap_ig_scores, eap_scores
+from ioi.edges.attribution import eap_and_eap_ig_scores, eap_ig_scores, eap_scores
 from ioi.edges.discovery import acdc, rollup_to_heads, threshold, top_n
 from ioi.edges.graph import POSITION_LABELS, Circuit, Edge, EdgeGraph
 from ioi.edges.patching import mean_sender_outputs, patch_edges, sender_outputs
@@ -19,6 +19,7 @@ __all__ = [
     "Edge",
     "EdgeGraph",
     "acdc",
+    "eap_and_eap_ig_scores",
     "eap_ig_scores",
     "eap_scores",
     "mean_sender_outputs",

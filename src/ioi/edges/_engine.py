@@ -706,7 +706,8 @@ class _InputProbe(torch.autograd.Function):
 
 
 def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, delta: Tensor | None,
-                   embed: Tensor | None = None, target: Tensor | None = None) -> Tensor:
+                   embed: Tensor | None = None, target: Tensor | None = None,
+                   return_delta: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The plain forward on ``tokens`` (embedding ``embed`` when given) whose receivers read
     ``resid + mask . delta`` with ``mask`` ``[slots, receivers, senders]`` = 0: the forward is the
     unpatched one, and ``d metric / d mask`` is the EAP table. Returns the final residual
@@ -714,7 +715,8 @@ def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, 
 
     ``delta=None`` with ``target`` (``[senders, n, pos, d]``): the differences are
     ``target - this forward's sender outputs``, filled in as the forward computes them (EAP: no
-    separate clean forward; only with ``embed=None``, the clean run)."""
+    separate clean forward; only with ``embed=None``, the clean run). ``return_delta``: also
+    return the differences ``[senders, n, pos, d]`` (the filled ones: EAP-IG reuses them)."""
     net = engine.net
     H, D = net.n_heads, net.d_model
     n, P = tokens.shape
@@ -755,4 +757,6 @@ def probed_forward(engine: EdgeForward, tokens: Tensor, mask: Tensor, slot_idx, 
                     torch.sub(target[sm], mlp_out.detach(), out=delta[sm])
             resid = resid + mlp_out
     final = _InputProbe.apply(resid, mask[:, -1, :][:, None], delta, tuple(slot_idx))
+    if return_delta:
+        return final.view(n, P, D), delta.view(engine.n_senders, n, P, D)
     return final.view(n, P, D)

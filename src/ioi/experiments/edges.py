@@ -81,19 +81,16 @@ def _heads_text(heads: list[str]) -> str:
 
 def _attribution(model, ioi, abc, metric, graph, *, progress: bool,
                  memory_budget_mb: float | None = None) -> dict[str, torch.Tensor]:
-    from ioi.edges.attribution import eap_ig_scores, eap_scores
+    from ioi.edges.attribution import eap_and_eap_ig_scores
 
     word_idx = ioi.word_idx if graph.positions is not None else None
     with torch.inference_mode(False), torch.enable_grad():
         clean, corrupted = ioi.toks.clone(), abc.toks.clone()
         fresh_metric = LogitDiff.from_dataset(ioi)
-        return {
-            "eap": eap_scores(model, clean, corrupted, fresh_metric, graph, word_idx=word_idx,
-                              memory_budget_mb=memory_budget_mb, progress=progress).detach().double(),
-            "eap_ig": eap_ig_scores(model, clean, corrupted, fresh_metric, graph, steps=EAP_IG_STEPS,
-                                    word_idx=word_idx, memory_budget_mb=memory_budget_mb,
-                                    progress=progress).detach().double(),
-        }
+        # one pass: EAP-IG shares EAP's corrupted run and its differences (no second clean run)
+        both = eap_and_eap_ig_scores(model, clean, corrupted, fresh_metric, graph, steps=EAP_IG_STEPS,
+                                     word_idx=word_idx, memory_budget_mb=memory_budget_mb, progress=progress)
+        return {name: both[name].detach().double() for name in RANKINGS}
 
 
 def _circuit_summary(circuit: Circuit, graph: EdgeGraph, truth, reference: HeadCircuit,
