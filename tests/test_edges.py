@@ -555,3 +555,18 @@ def test_eap_under_inference_mode_after_patching(setup):
         patch_edges(model, toks.clone(), new.clone(), [[]], metric, graph=graph)
         got = eap_scores(model, toks.clone(), new.clone(), metric, graph)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_ln_projection_vjp_equals_the_layer_norm_vjp_of_the_projected_gradient():
+    """The folded backward (LayerNorm weight in W, 1/std in the small gradient) equals the plain
+    LayerNorm VJP of grad_out @ W^T, with and without a LayerNorm weight."""
+    from ioi.edges._engine import _ln_projection_vjp, _ln_vjp
+
+    gen = torch.Generator().manual_seed(0)
+    for has_weight in (False, True):
+        x = torch.randn(50, 64, generator=gen) * 3 + 1
+        W, grad_out = torch.randn(12, 64, 16, generator=gen), torch.randn(12, 50, 16, generator=gen)
+        weight = torch.rand(64, generator=gen) + 0.5 if has_weight else None
+        expected = _ln_vjp(x, torch.bmm(grad_out, W.transpose(1, 2)), weight, 1e-5)
+        torch.testing.assert_close(_ln_projection_vjp(x, grad_out, W, weight, 1e-5), expected, atol=1e-5, rtol=0)
+        assert float(expected.abs().max()) > 1

@@ -656,6 +656,25 @@ def _ln_vjp(x: Tensor, grad_y: Tensor, weight: Tensor | None, eps: float) -> Ten
     return inv * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
 
 
+def _ln_projection_vjp(x: Tensor, grad_out: Tensor, W: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """``_ln_vjp(x, grad_out @ W^T, weight, eps)`` ``[R, T, d]`` for the projections
+    ``out_r = layer_norm(x) @ W_r + b_r`` with fewer passes over the big tensor: the LayerNorm
+    weight is folded into ``W``, ``1 / std`` into ``grad_out`` (``[R, T, dh]``, d/dh times smaller),
+    and the two means of the LayerNorm VJP come from small products (``mean_d(g)`` =
+    ``grad_out . mean_d(W)``; ``mean_d(g * x_hat)`` = ``grad_out . (x_hat @ W) / d``)."""
+    d = x.shape[-1]
+    var, mean = torch.var_mean(x, -1, unbiased=False, keepdim=True)
+    inv = torch.rsqrt(var + eps)  # [T, 1]
+    x_hat = (x - mean) * inv
+    Wf = W if weight is None else W * weight[:, None]  # [R, d, dh]
+    go = grad_out * inv
+    grad_x = torch.bmm(go, Wf.transpose(1, 2))  # inv * g
+    mean_g = torch.bmm(go, Wf.mean(1)[:, :, None])  # [R, T, 1]
+    mean_gx = (go * torch.matmul(x_hat, Wf)).sum(-1, keepdim=True) / d
+    grad_x.sub_(mean_g)
+    return grad_x.addcmul_(mean_gx, x_hat, value=-1)
+
+
 def _mask_grad(grad_x: Tensor, delta: Tensor, slot_idx) -> Tensor:
     """``[slots, R, S]``: sum over each slot's tokens of ``grad_x[r] . delta[s]``."""
     R, T, d = grad_x.shape
@@ -685,8 +704,7 @@ class _HeadInputsProbe(torch.autograd.Function):
     def backward(ctx, grad_out):
         resid, W, ln_w = ctx.saved_tensors
         delta = ctx.delta
-        grad_y = torch.bmm(grad_out, W.transpose(1, 2))  # [R, T, d]
-        grad_x = _ln_vjp(resid, grad_y, ln_w, ctx.eps)
+        grad_x = _ln_projection_vjp(resid, grad_out, W, ln_w, ctx.eps)
         grad_mask = _mask_grad(grad_x, delta, ctx.slot_idx)
         return grad_x.sum(0), grad_mask, None, None, None, None, None, None, None
 
