@@ -28,6 +28,10 @@ The receiver inputs are the engine's (:mod:`ioi.edges._engine`): each receiver r
 (AutoCircuit's mask-gradient formulation). The forward is the plain one (M = 0); the backward
 takes each receiver's input gradient through its own LayerNorm by hand
 (:func:`ioi.edges._engine.probed_forward`) and contracts it with the differences.
+
+:func:`eap_and_eap_ig_scores` gives both tables from one pass over the prompt chunks (one
+corrupted run per chunk; EAP-IG's differences are those the EAP pass fills in): what
+``edge_circuits`` calls.
 """
 
 from __future__ import annotations
