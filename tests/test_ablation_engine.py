@@ -181,6 +181,24 @@ def test_bit_identical_between_runs():
     assert torch.equal(values[0], values[1])
 
 
+def test_head_weight_blocks_equal_the_column_gather():
+    """``_weights(layer, heads)``: the q columns, k|v columns (k block then v block), their biases
+    and the W_O rows of ``heads``, gathered per d_head block, equal the per-column gather of the
+    fused weights (unsorted and partial head sets)."""
+    model = sharp_model("random-L2-H4-D16")
+    engine = KnockoutEngine(model, torch.zeros(2, 5, dtype=torch.long))
+    net = engine.net
+    dh, hd = net.d_head, net.hd
+    for layer, heads in ((0, [0, 1, 2, 3]), (1, [2]), (1, [3, 0])):
+        heads = torch.tensor(heads)
+        within = (heads[:, None] * dh + torch.arange(dh)[None, :]).reshape(-1)
+        kv_cols = torch.cat([within + hd, within + 2 * hd])
+        expected = (net.W_qkv[layer][:, within], net.b_qkv[layer][within], net.W_qkv[layer][:, kv_cols],
+                    net.b_qkv[layer][kv_cols], net.W_O_flat[layer][within])
+        for got, want in zip(engine._weights(layer, heads), expected):
+            assert torch.equal(got, want)
+
+
 def test_all_ablated_stream_shared_only_between_the_same_means():
     """Two circuits on the same means share one all-ablated run (its F(C) equals the reference's);
     other means get their own."""

