@@ -720,13 +720,20 @@ def _window_attention(
     qh = q.permute(1, 3, 0, 2, 4) / net.scale  # [n, h, bq, w, dh]
     kh = kk.permute(1, 3, 0, 4, 2)  # [n, h, bk, dh, W]
     vh = v.permute(1, 3, 0, 2, 4)  # [n, h, bv, W, dh]
-    s_pre = torch.matmul(qh, K_preT.unsqueeze(2)) + pre_bias[:, None, None, None, :]
-    s_win = torch.matmul(qh, kh) + win_bias
+    n, h, bq, w, _ = qh.shape
+    S = K_preT.shape[-1]
+    # The prefix is the same for every sender: the senders' rows are stacked into one
+    # [bq * w, dh] operand per (prompt, head) instead of broadcasting (copying) K/V bq times.
+    qh = qh.reshape(n, h, bq * w, -1)
+    s_pre = torch.matmul(qh, K_preT).view(n, h, bq, w, S) + pre_bias[:, None, None, None, :]
+    s_win = torch.matmul(qh.view(n, h, bq, w, -1), kh) + win_bias
     m = torch.maximum(s_pre.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True))
     e_pre = (s_pre - m).exp_()
     e_win = (s_win - m).exp_()
     denom = e_pre.sum(dim=-1, keepdim=True) + e_win.sum(dim=-1, keepdim=True)
-    zh = (torch.matmul(e_pre, V_pre.unsqueeze(2)) + torch.matmul(e_win, vh)) / denom
+    B = e_pre.shape[2]  # max(bq, bk): the window's keys may differ per sender where the queries do not
+    z_pre = torch.matmul(e_pre.view(n, h, B * w, S), V_pre).view(n, h, B, w, -1)
+    zh = (z_pre + torch.matmul(e_win, vh)) / denom
     return zh.permute(2, 0, 3, 1, 4)  # [b, n, w, h, dh]
 
 
