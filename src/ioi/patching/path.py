@@ -438,6 +438,10 @@ def _forward_cache(
             z = z.reshape(N * S, H, dh) if dense else z[n_idx, p_idx]  # [T, H, dh]
         z = knocked_z(z, layer, rows_n, rows_p)
         keep(f"blocks.{layer}.attn.hook_z", z, only_last)
+        if layer == L - 1 and not any(
+            f"blocks.{layer}.{name}" in names for name in ("hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+        ):
+            break  # nothing after the last layer's z is kept (e.g. x_new for head senders): no W_O, no MLP
         x = x + net._linear(z.reshape(len(z), H * dh), net.W_O_flat[layer], net.b_O[layer])
         keep(f"blocks.{layer}.hook_resid_mid", x, only_last)
         if net.has_mlps:
