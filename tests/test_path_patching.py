@@ -416,3 +416,36 @@ def test_window_shortcuts_planted_model_equal_reference_and_repeat_bit_identical
         rows, cols = zip(*subset)
         assert_close(fast[list(rows), list(cols)], ref[list(rows), list(cols)])
         assert spread(ref[list(rows), list(cols)]) > 1e-3
+
+
+@pytest.mark.parametrize("bq,bk,heads", [(1, 3, [0, 2]), (3, 1, None), (3, 3, None), (1, 1, [1])])
+def test_window_attention_equals_one_softmax_over_prefix_and_window(bq, bk, heads):
+    """Step 3's window attention (prefix keys/values from the cache shared by every sender, the
+    window's own per sender) equals a plain causal softmax over the concatenated keys, whichever
+    of queries or keys/values carry the senders' batch axis."""
+    import types
+
+    from ioi.patching.path import _Cache, _Gather, _window_attention
+
+    g = torch.Generator().manual_seed(0)
+    n, S, H, dh, W = 2, 7, 3, 4, 3
+    a = torch.tensor([2, 4])  # each prompt's first window position (its prefix length)
+    K_pre, V_pre = torch.randn(n, S, H, dh, generator=g), torch.randn(n, S, H, dh, generator=g)
+    oc = _Gather(_Cache({"blocks.0.attn.hook_k": K_pre, "blocks.0.attn.hook_v": V_pre}, None), torch.arange(n))
+    h = H if heads is None else len(heads)
+    q = torch.randn(bq, n, W, h, dh, generator=g)
+    kk, v = torch.randn(bk, n, W, h, dh, generator=g), torch.randn(bk, n, W, h, dh, generator=g)
+    pre_bias = torch.zeros(n, S).masked_fill(torch.arange(S)[None] >= a[:, None], float("-inf"))
+    win_bias = torch.zeros(W, W).masked_fill(~torch.ones(W, W, dtype=torch.bool).tril(), float("-inf"))
+    z = _window_attention(types.SimpleNamespace(scale=2.0), oc, 0, heads, q, kk, v, pre_bias, win_bias)
+    B = max(bq, bk)
+    assert z.shape == (B, n, W, h, dh)
+    cols = list(range(H)) if heads is None else heads
+    for b in range(B):
+        for i in range(n):
+            keys = torch.cat([K_pre[i, : a[i], cols], kk[min(b, bk - 1), i]])  # [a + W, h, dh]
+            vals = torch.cat([V_pre[i, : a[i], cols], v[min(b, bk - 1), i]])
+            for r in range(W):
+                scores = torch.einsum("he,khe->hk", q[min(b, bq - 1), i, r], keys[: a[i] + r + 1]) / 2.0
+                want = torch.einsum("hk,khe->he", scores.softmax(-1), vals[: a[i] + r + 1])
+                torch.testing.assert_close(z[b, i, r], want, atol=1e-5, rtol=0)

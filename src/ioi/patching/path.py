@@ -438,6 +438,10 @@ def _forward_cache(
             z = z.reshape(N * S, H, dh) if dense else z[n_idx, p_idx]  # [T, H, dh]
         z = knocked_z(z, layer, rows_n, rows_p)
         keep(f"blocks.{layer}.attn.hook_z", z, only_last)
+        if layer == L - 1 and not any(
+            f"blocks.{layer}.{name}" in names for name in ("hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+        ):
+            break  # nothing after the last layer's z is kept (e.g. x_new for head senders): no W_O, no MLP
         x = x + net._linear(z.reshape(len(z), H * dh), net.W_O_flat[layer], net.b_O[layer])
         keep(f"blocks.{layer}.hook_resid_mid", x, only_last)
         if net.has_mlps:
@@ -720,13 +724,20 @@ def _window_attention(
     qh = q.permute(1, 3, 0, 2, 4) / net.scale  # [n, h, bq, w, dh]
     kh = kk.permute(1, 3, 0, 4, 2)  # [n, h, bk, dh, W]
     vh = v.permute(1, 3, 0, 2, 4)  # [n, h, bv, W, dh]
-    s_pre = torch.matmul(qh, K_preT.unsqueeze(2)) + pre_bias[:, None, None, None, :]
-    s_win = torch.matmul(qh, kh) + win_bias
+    n, h, bq, w, _ = qh.shape
+    S = K_preT.shape[-1]
+    # The prefix is the same for every sender: the senders' rows are stacked into one
+    # [bq * w, dh] operand per (prompt, head) instead of broadcasting (copying) K/V bq times.
+    qh = qh.reshape(n, h, bq * w, -1)
+    s_pre = torch.matmul(qh, K_preT).view(n, h, bq, w, S) + pre_bias[:, None, None, None, :]
+    s_win = torch.matmul(qh.view(n, h, bq, w, -1), kh) + win_bias
     m = torch.maximum(s_pre.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True))
     e_pre = (s_pre - m).exp_()
     e_win = (s_win - m).exp_()
     denom = e_pre.sum(dim=-1, keepdim=True) + e_win.sum(dim=-1, keepdim=True)
-    zh = (torch.matmul(e_pre, V_pre.unsqueeze(2)) + torch.matmul(e_win, vh)) / denom
+    B = e_pre.shape[2]  # max(bq, bk): the window's keys may differ per sender where the queries do not
+    z_pre = torch.matmul(e_pre.view(n, h, B * w, S), V_pre).view(n, h, B, w, -1)
+    zh = (z_pre + torch.matmul(e_win, vh)) / denom
     return zh.permute(2, 0, 3, 1, 4)  # [b, n, w, h, dh]
 
 
