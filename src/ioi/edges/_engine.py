@@ -88,7 +88,7 @@ class EdgeForward:
         self.n_senders = len(graph.senders)
         self.n_receivers = len(graph.receivers)
         # how many senders precede each receiver (the columns its mask block has)
-        reads = torch.full((self.n_receivers,), self.n_senders, dtype=torch.long)
+        reads = torch.full((self.n_receivers,), self.n_senders, dtype=torch.long, device="cpu")
         for layer in range(L):
             reads[self.head_receivers[layer] : self.head_receivers[layer] + 3 * H] = self.head_senders[layer]
             if not net.attn_only:
@@ -157,7 +157,7 @@ class EdgeForward:
             rows = nonzero[:, 0]
             n_s = self._senders_read[None, :, None]
             complement = rows.sum(-1, keepdim=True) > n_s / 2
-            before = torch.arange(S)[None, None, :] < n_s
+            before = torch.arange(S, device="cpu")[None, None, :] < n_s  # host masks
             used = torch.where(complement, ~rows & before, rows)
             return used.any(0).any(0)
         return nonzero.any(0).any(0).any(0)
@@ -470,7 +470,7 @@ class _Deltas:
         self.needs_outputs = self.target is not None
         self.n_shared = 0
         # senders whose store entry was never written (no receiver reads them on their own)
-        self.unwritten = torch.zeros(n_senders, dtype=torch.bool)
+        self.unwritten = torch.zeros(n_senders, dtype=torch.bool, device="cpu")
         self.shared: Tensor | None = None
         self.perk: Tensor | None = None
         self.total: Tensor | None = None

@@ -140,7 +140,7 @@ def _scores_impl(
     means = None
     if mean_activations is not None:
         means = mean_activations.to(device)[:, :, :P].expand(-1, n, -1, -1).clone()
-    chunks = [torch.arange(n)]
+    chunks = [torch.arange(n, device="cpu")]  # prompt indices (CPU, as length_chunks gives)
     if is_ld:  # prompts grouped by length, each chunk cut after its own longest END
         per_chunk = max(1, min(n, int(_budget(memory_budget_mb, device) // _grad_bytes_per_prompt(engine, P))))
         end_cpu = metric.end_idx.cpu().long()

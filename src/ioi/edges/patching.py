@@ -106,12 +106,12 @@ def _distinct_sets(mask: Tensor) -> tuple[Tensor, Tensor]:
     """``(distinct rows of mask in order of first appearance, LongTensor[n_sets] row of each set)``."""
     uniq, inverse = torch.unique(mask, dim=0, return_inverse=True)
     if len(uniq) == len(mask):
-        return mask, torch.arange(len(mask))
-    first = torch.full((len(uniq),), len(mask), dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(len(mask)), reduce="amin")
+        return mask, torch.arange(len(mask), device="cpu")
+    first = torch.full((len(uniq),), len(mask), dtype=torch.long, device="cpu").scatter_reduce(
+        0, inverse, torch.arange(len(mask), device="cpu"), reduce="amin")
     order = torch.argsort(first)  # distinct sets by first appearance
     position = torch.empty_like(order)
-    position[order] = torch.arange(len(order))
+    position[order] = torch.arange(len(order), device="cpu")
     return mask[first[order]], position[inverse]
 
 
@@ -220,7 +220,7 @@ def patch_edges(
         end_cpu = metric.end_idx.cpu().long()
         chunks = length_chunks(end_cpu, prompt_chunk, MIN_CHUNK_ROWS)
     else:
-        chunks = [torch.arange(n)]
+        chunks = [torch.arange(n, device="cpu")]  # prompt indices (CPU, as length_chunks gives)
     bar = tqdm(total=n_sets * len(chunks), disable=not progress, desc="edge patching")
     for rows in chunks:
         P_chunk = int(end_cpu[rows].max()) + 1 if is_ld else P_used
