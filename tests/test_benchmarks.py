@@ -71,7 +71,7 @@ def test_dag_benchmark_smoke(tmp_path, monkeypatch, capsys):
 
     # the declared memory is the scheduler's: the registry's for experiments, the rules' otherwise
     assert rules["experiment:baseline"]["mem_mb"] == EXPERIMENTS["baseline"].mem_mb
-    assert rules["selfcheck"]["mem_mb"] == 4000 and rules["figure:logit_diff_table"]["mem_mb"] == 1000
+    assert rules["selfcheck"]["mem_mb"] == 5000 and rules["figure:logit_diff_table"]["mem_mb"] == 1000
     for name in ("selfcheck", "experiment:baseline"):
         assert rules[name]["own_s"] > 0 and rules[name]["overhead_s"] is not None
     assert "whole DAG" in capsys.readouterr().out
