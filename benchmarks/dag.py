@@ -5,8 +5,11 @@ timings, never GPT-2 results), saves it with ``save_pretrained`` into a scratch 
 whole workflow there (``snakemake --cores C --configfile <scratch config>`` with ``model_path`` =
 the checkpoint, the paper's N from ``config/config.yaml`` unless scaled), and prints one table per
 rule from Snakemake's benchmark files (``results/{model}/benchmarks/*.tsv``: wall seconds, max RSS)
-and the jobs' own work seconds (``meta.json`` ``seconds``; ``overhead_s`` = wall - own: imports,
-model loading, the script's start). Peak memory is the larger of the benchmark's and the job's own
+and the jobs' own work seconds (``meta.json`` ``seconds``, the self-check's ``selfcheck.json``, the
+model load's ``model/model.json``; ``overhead_s`` = wall - own: the script's start, the connection
+to the model server, imports). The model is loaded once per run by the ``load_model`` rule: its own
+seconds are that load (with the model server on, the server's start: Python and torch's imports,
+the load, the plain weights), so no later job counts it as overhead. Peak memory is the larger of the benchmark's and the job's own
 ``max_rss_mb`` (a job served by the model server, ``ioi.server``, is a forked child whose memory the
 benchmark of the client cannot see). With ``--json FILE`` it also writes
 
@@ -103,10 +106,18 @@ def run_dag(scratch: Path, config: dict, cores: int, targets: list[str]) -> floa
     config_path.write_text(yaml.safe_dump(config, sort_keys=True))
     command = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile",
                str(config_path), "--rerun-incomplete", *targets]
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    # Servers of this run only (ioi.server): a model server left running by an earlier run of the
+    # same model and library would serve the load job, which would then load nothing. A short
+    # folder in /tmp: a Unix socket's path has at most 107 characters. Removing it stops them.
+    server_dir = tempfile.mkdtemp(prefix="ioi-srv-", dir="/tmp")
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           "IOI_MODEL_SERVER_DIR": server_dir}
     t0 = time.perf_counter()
-    with open(scratch / "dag.log", "w") as log:
-        done = subprocess.run(command, cwd=scratch, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        with open(scratch / "dag.log", "w") as log:
+            done = subprocess.run(command, cwd=scratch, stdout=log, stderr=subprocess.STDOUT, env=env)
+    finally:
+        shutil.rmtree(server_dir, ignore_errors=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         tail = (scratch / "dag.log").read_text()[-4000:]
@@ -144,15 +155,15 @@ def declared_mem_mb(rule: str) -> float | None:
 
         spec = EXPERIMENTS.get(rule.split(":", 1)[1])
         return float(spec.mem_mb) if spec else None
-    if rule == "selfcheck":
-        return _smk_mem_mb("model.smk", "selfcheck")
+    if rule in ("selfcheck", "load_model"):
+        return _smk_mem_mb("model.smk", rule)
     if rule.startswith("figure:"):
         return _smk_mem_mb("figures.smk", "figure")
     return None
 
 
 def rule_rows(results: Path, started_at: float | None = None) -> list[dict[str, Any]]:
-    """One row per benchmarked job: ``rule`` (``selfcheck``, ``experiment:<name>``,
+    """One row per benchmarked job: ``rule`` (``load_model``, ``selfcheck``, ``experiment:<name>``,
     ``figure:<name>``, ...), wall seconds (the benchmark), own seconds (``meta.json``), overhead,
     peak RSS (MB); with ``started_at`` (the DAG's start, epoch seconds) its ``start_s``/``end_s``."""
     rows = []
@@ -163,6 +174,8 @@ def rule_rows(results: Path, started_at: float | None = None) -> list[dict[str, 
             rule, meta_path = f"figure:{relative.name}", None
         elif relative.name == "selfcheck":
             rule, meta_path = "selfcheck", results / "selfcheck" / "selfcheck.json"
+        elif relative.name == "load_model":
+            rule, meta_path = "load_model", results / "model" / "model.json"
         elif relative.name == "comparison":
             rule, meta_path = "comparison", None
         else:

@@ -56,7 +56,7 @@ def test_dag_benchmark_smoke(tmp_path, monkeypatch, capsys):
     assert {"total_wall_s", "cores", "threads", "device", "rules"} <= set(saved)
     assert saved["cores"] == 2 and saved["threads"] == 1 and saved["device"].startswith("cpu")
     rules = {row["rule"]: row for row in saved["rules"]}
-    assert {"selfcheck", "experiment:baseline", "experiment:example_prompts",
+    assert {"load_model", "selfcheck", "experiment:baseline", "experiment:example_prompts",
             "figure:baseline_logit_diff", "figure:logit_diff_table"} <= set(rules)
     base = {"rule", "wall_s", "own_s", "overhead_s", "max_rss_mb", "mem_mb", "start_s", "end_s"}
     for row in saved["rules"]:
@@ -72,8 +72,15 @@ def test_dag_benchmark_smoke(tmp_path, monkeypatch, capsys):
     # the declared memory is the scheduler's: the registry's for experiments, the rules' otherwise
     assert rules["experiment:baseline"]["mem_mb"] == EXPERIMENTS["baseline"].mem_mb
     assert rules["selfcheck"]["mem_mb"] == 5000 and rules["figure:logit_diff_table"]["mem_mb"] == 1000
-    for name in ("selfcheck", "experiment:baseline"):
+    assert rules["load_model"]["mem_mb"] == 3000
+    for name in ("load_model", "selfcheck", "experiment:baseline"):
         assert rules[name]["own_s"] > 0 and rules[name]["overhead_s"] is not None
+    # the model's load is the load job's own work (the model server's start), not the self-check's:
+    # the self-check starts after it and is served by that server
+    assert rules["selfcheck"]["start_s"] >= rules["load_model"]["end_s"] - 1.0
+    assert rules["load_model"]["own_s"] <= rules["load_model"]["wall_s"]
+    selfcheck_log = (tmp_path / "scratch" / "logs" / "bench-planted-ioi" / "selfcheck.log").read_text()
+    assert "served by the model server" in selfcheck_log
     assert "whole DAG" in capsys.readouterr().out
 
 

@@ -1,6 +1,8 @@
 """The model server (ioi.server): jobs served by one process per model give the same files as jobs
 run in their own process, a second job reuses the running server, and a failing job's status
-reaches the client."""
+reaches the client. The load job (workflow rule load_model) starts the server and counts its start
+as its own seconds; with the server off it loads the model itself; a missing model fails it with
+the one-paragraph message; a job that finds the server gone (idled out) starts one and says so."""
 
 from __future__ import annotations
 
@@ -13,6 +15,12 @@ import pytest
 from ioi import server
 
 SPEC = "random-L2-H4-D16"
+
+
+def _load(tmp_path: Path, name: str, spec: str = SPEC) -> dict:
+    server.dispatch("load_model", log=f"logs/{name}.log", model_spec=spec, model_label="x",
+                    out_path=f"out/{name}.json", seed=0, device="cpu", dtype="float32", threads=1)
+    return json.loads((tmp_path / "out" / f"{name}.json").read_text())
 
 
 def _selfcheck(tmp_path: Path, name: str) -> dict:
@@ -32,14 +40,29 @@ def server_dir(tmp_path, monkeypatch):
         sock.unlink()  # the server stops when its socket goes
 
 
-def test_served_jobs_equal_jobs_in_their_own_process(server_dir, monkeypatch):
+def test_served_jobs_equal_jobs_in_their_own_process(server_dir, monkeypatch, capsys):
     monkeypatch.setenv("IOI_MODEL_SERVER", "1")
+    loaded = _load(server_dir, "load")  # starts the server: its start is this job's own seconds
+    assert loaded["load"]["served"] and loaded["load"]["started_by_this_job"], loaded["load"]
+    started = loaded["load"]["server"]
+    assert loaded["seconds"] > 0 and started["ready_s"] > 0 and started["pid"] > 0
+    assert set(started["parts_s"]) == {"python_and_torch_imports", "load_model",
+                                       "runner_imports_and_plain_weights"}
+    assert loaded["model"]["spec"] == SPEC and loaded["dtype"] == "float32"
+    assert {"git_commit", "packages", "device", "max_rss_mb"} <= set(loaded)
     first = _selfcheck(server_dir, "first")
     t0 = time.perf_counter()
     second = _selfcheck(server_dir, "second")
     served_wall = time.perf_counter() - t0
+    again = _load(server_dir, "again")  # the server runs: nothing loaded, no seconds
+    assert again["load"]["served"] and not again["load"]["started_by_this_job"]
+    assert again["seconds"] == 0 and again["load"]["server"]["pid"] == started["pid"]
+    assert "no model server was running" not in capsys.readouterr().err  # the load job started it
     monkeypatch.setenv("IOI_MODEL_SERVER", "0")
     alone = _selfcheck(server_dir, "alone")
+    in_process = _load(server_dir, "in-process")  # server off: loaded in the job, its seconds the load
+    assert not in_process["load"]["served"] and "model_server off" in in_process["load"]["reason"]
+    assert in_process["seconds"] > 0 and in_process["model"] == loaded["model"]
     for record in (second, alone):
         assert record["engine"]["comparisons"] == first["engine"]["comparisons"]  # bit-identical
         assert record["identity"]["ours"] == first["identity"]["ours"]
@@ -128,3 +151,46 @@ def test_warm_plain_weights_caches_the_weights_a_job_builds(tiny_model):
         a, b = getattr(cached, field.name), getattr(fresh, field.name)
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), field.name
+
+
+def test_a_missing_model_fails_the_load_job_with_its_message(server_dir, monkeypatch, capsys):
+    """The server cannot load a missing checkpoint and exits; the load job then loads in its own
+    process and ends with the loader's one-paragraph message naming the fix (exit status 2, no
+    traceback) and no model.json."""
+    monkeypatch.setenv("IOI_MODEL_SERVER", "1")
+    missing = str(server_dir / "no-such-checkpoint")
+    with pytest.raises(SystemExit) as exit_:
+        _load(server_dir, "missing", spec=missing)
+    assert exit_.value.code == 2
+    log = (server_dir / "logs" / "missing.log").read_text()
+    assert f"Unknown model spec {missing!r}" in log and "no such path exists" in log
+    assert "Traceback" not in log and "no such path exists" in capsys.readouterr().err
+    assert not (server_dir / "out" / "missing.json").exists()
+
+
+def test_a_job_after_the_server_idled_out_starts_one_and_says_so(server_dir, monkeypatch, capsys):
+    """IOI_MODEL_SERVER_IDLE_S: the server the load job started exits when idle; the next model job
+    finds none, starts one (it pays the load) and says so on its stderr; its result is the same."""
+    monkeypatch.setenv("IOI_MODEL_SERVER", "1")
+    monkeypatch.setenv("IOI_MODEL_SERVER_IDLE_S", "0.5")
+    loaded = _load(server_dir, "load")
+    sock = Path(loaded["load"]["server"]["socket"])
+    deadline = time.monotonic() + 30
+    while sock.exists() and time.monotonic() < deadline:  # the idle server removes its socket
+        time.sleep(0.2)
+    assert not sock.exists()
+    capsys.readouterr()
+    record = _selfcheck(server_dir, "after-idle")
+    assert "no model server was running" in capsys.readouterr().err
+    assert record["engine"]["passed"]
+    logs = list((server_dir / "logs" / "model-server").glob("ioi-model-*.log"))
+    assert len(logs) == 1 and logs[0].read_text().count("loaded in") == 2  # two servers, one after the other
+
+
+def test_a_socket_path_too_long_runs_jobs_in_their_own_process(tmp_path, capsys):
+    """A Unix socket's path holds at most 107 bytes: no server is started (it could never bind),
+    so the job runs in its own process at once instead of after a failed server start."""
+    path = tmp_path / ("x" * 120 + ".sock")
+    assert server._server_connection(path, ["--spec", SPEC], tmp_path / "logs") == (None, None)
+    assert "IOI_MODEL_SERVER_DIR" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()

@@ -202,11 +202,14 @@ def test_demo_on_slurm_matches_the_local_run(planted_demo, slurm_env, tmp_path):
         PAGES[name].experiment for name in PAGES_ON_CLUSTER}
     for folder in (SLURM, SLURM_FIGURES):
         shutil.rmtree(folder, ignore_errors=True)
-    # first the self-check (every experiment's input: made later, it would put all of them out of date)
+    # first the model load and the self-check (every experiment's inputs: made later, they would
+    # put all of them out of date)
     returncode, log = run_on_cluster(slurm_command("results/planted-ioi-slurm/selfcheck/selfcheck.json"),
                                      slurm_env, tmp_path / "selfcheck.log")
     assert returncode == 0, log[-6000:]
-    assert log.count("submitted with SLURM jobid") == 1, log[-4000:]
+    assert log.count("submitted with SLURM jobid") == 2, log[-4000:]
+    loaded = json.loads((SLURM / "model" / "model.json").read_text())
+    assert loaded["model"]["spec"] == "planted-ioi" and loaded["seconds"] > 0, loaded
     copied = [name for name in EXPERIMENTS if name not in ON_CLUSTER]
     for name in copied:
         (SLURM / name).mkdir(parents=True)
@@ -254,13 +257,13 @@ def test_demo_on_slurm_matches_the_local_run(planted_demo, slurm_env, tmp_path):
 
 @pytest.mark.slow
 def test_a_job_the_node_cannot_run_fails_fast(slurm_env, tmp_path):
-    """A self-check asking for one CPU more than the node has stays PENDING (PartitionConfig) for
-    ever: the watchdog stops the run and fails within seconds, naming the job."""
+    """A model load (the run's first job) asking for one CPU more than the node has stays PENDING
+    (PartitionConfig) for ever: the watchdog stops the run and fails within seconds, naming the job."""
     cpus = int(_run(["sinfo", "-h", "-N", "-o", "%c"], slurm_env).split()[0])
     name = "planted-ioi-slurm-stuck"
     command = slurm_command(f"results/{name}/selfcheck/selfcheck.json", model_name=name)
     # (--set-threads would not do: Snakemake caps a job's threads at --cores)
-    command += ["--set-resources", f"selfcheck:cpus_per_task={cpus + 1}"]
+    command += ["--set-resources", f"load_model:cpus_per_task={cpus + 1}"]
     started = time.monotonic()
     try:
         with pytest.raises(pytest.fail.Exception, match="SLURM can never start") as failure:

@@ -28,6 +28,7 @@ def test_dry_run_lists_every_figure_for_gpt2():
     for name in FIGURES:
         assert f"figures/gpt2-small/{name}.png" in listed, name
     assert "paper_comparison.md" in listed
+    assert "results/gpt2-small/model/model.json" in listed  # the model, loaded by a job of its own
 
 
 @pytest.mark.slow
@@ -138,3 +139,61 @@ def test_cpu_threads_completeness_alone_the_rest_two_side_by_side(tmp_path):
     config.write_text("threads_per_job: 3\ndevice: cpu\nmodel: random-tiny\nmodel_name: threads-test\n")
     jobs = _dry_run_jobs("--cores", "4", "--configfile", "config/config.yaml", str(config))
     assert {job["threads"] for job in jobs.values()} == {"3"}
+
+
+def _scratch_workflow(folder: Path) -> Path:
+    """A working folder that runs this repository's workflow (its results stay out of the repo)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "workflow", "config", "src", "profiles"):
+        (folder / name).symlink_to(REPO / name)
+    return folder
+
+
+def test_every_model_job_comes_after_the_load_job():
+    """The forced dry run has one load_model job, whose model.json every model job (the self-check
+    and each experiment) takes as an input, with the model server on or off."""
+    for server in ("True", "False"):
+        done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--config",
+                               "model=random-L2-H4-D64", "model_name=load-dag", f"model_server={server}"],
+                              cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        blocks = ["rule " + block for block in done.stdout.split("\nrule ")[1:]]
+        loaded = "results/load-dag/model/model.json"
+        load_jobs = [block for block in blocks if block.startswith("rule load_model:")]
+        assert len(load_jobs) == 1 and f"output: {loaded}" in load_jobs[0]
+        model_jobs = [block for block in blocks if block.startswith(("rule selfcheck:", "rule experiment:"))]
+        assert len(model_jobs) == len(EXPERIMENTS) + 1
+        for block in model_jobs:
+            inputs = next(line for line in block.splitlines() if line.strip().startswith("input:"))
+            assert loaded in inputs, block[:300]
+
+
+def test_the_load_job_fails_early_once_and_reruns_for_a_new_model(tmp_path):
+    """Model server off: the load job loads the model itself (model.json, its seconds the load). A
+    changed seed re-runs it (params); the same config does not. A missing model fails the run at
+    the load job, with the loader's message, before any other model job starts."""
+    scratch = _scratch_workflow(tmp_path / "run")
+    target = "results/load-test/model/model.json"
+    config = ["--config", "model=random-L2-H4-D64", "model_name=load-test", "model_server=False"]
+
+    def snakemake(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args], cwd=scratch,
+                              capture_output=True, text=True)
+
+    done = snakemake(target, *config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((scratch / target).read_text())
+    assert record["model"]["spec"] == "random-L2-H4-D64" and record["seconds"] > 0
+    assert record["load"]["served"] is False and {"git_commit", "packages", "device", "dtype"} <= set(record)
+    same = snakemake("-n", target, *config)
+    assert "Nothing to be done" in same.stdout + same.stderr
+    rerun = snakemake("-n", target, *config, "seed=1")
+    assert "rule load_model" in rerun.stdout and "params" in rerun.stdout.lower(), rerun.stdout[-2000:]
+
+    missing = str(tmp_path / "no-checkpoint")
+    failed = snakemake("results/load-missing/selfcheck/selfcheck.json", "--config", f"model_path={missing}",
+                       "model_name=load-missing", "model_server=False")
+    assert failed.returncode != 0
+    log = (scratch / "logs" / "load-missing" / "load_model.log").read_text()
+    assert "no such path exists" in log and "Traceback" not in log
+    assert not (scratch / "logs" / "load-missing" / "selfcheck.log").exists()  # never started

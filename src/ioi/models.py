@@ -61,6 +61,11 @@ class ModelNotAvailableError(RuntimeError):
     """The requested weights are not on this machine and cannot be downloaded."""
 
 
+class ModelSpecError(ValueError):
+    """A model spec, checkpoint or device that cannot be used as given; the message names the fix.
+    (A ValueError, as before; the workflow prints its message alone, without a traceback.)"""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """Provenance of a loaded model, recorded in every result's metadata."""
@@ -91,7 +96,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise ModelSpecError(
             f"device={device!s} was asked for but no CUDA GPU is visible; use device='cpu' or 'auto'."
         )
     return device
@@ -132,13 +137,13 @@ def parse_random_spec(spec: str) -> tuple[int, int, int]:
     match = _RANDOM_PATTERN.match(shape)
     if match is None:
         known = ", ".join(f"random-{name}" for name in RANDOM_SHAPES)
-        raise ValueError(
+        raise ModelSpecError(
             f"Unknown random model spec {spec!r}. Use one of {known}, or "
             "'random-L{layers}-H{heads}-D{d_head}' (e.g. 'random-L3-H4-D16')."
         )
     n_layers, n_heads, d_head = (int(g) for g in match.groups())
     if min(n_layers, n_heads, d_head) < 1:
-        raise ValueError(f"Random model spec {spec!r} needs layers, heads and d_head >= 1.")
+        raise ModelSpecError(f"Random model spec {spec!r} needs layers, heads and d_head >= 1.")
     return n_layers, n_heads, d_head
 
 
@@ -207,7 +212,7 @@ def _load_local_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedToken
         )
     config = GPT2Config.from_pretrained(str(path), local_files_only=True)
     if config.model_type != "gpt2":
-        raise ValueError(
+        raise ModelSpecError(
             f"{str(path)!r} holds a {config.model_type!r} model; only GPT-2-architecture "
             "checkpoints are supported."
         )
@@ -255,7 +260,7 @@ def build_hf_model(
     if path.exists():
         model, tokenizer = _load_local_checkpoint(path)
         return model, tokenizer, f"local:{path.resolve()}"
-    raise ValueError(
+    raise ModelSpecError(
         f"Unknown model spec {spec_str!r}: use 'gpt2-small', 'planted-ioi', "
         "'random-gpt2-small', 'random-tiny', 'random-L{layers}-H{heads}-D{d_head}', "
         "or the path of a local GPT-2 checkpoint directory (no such path exists)."

@@ -89,10 +89,11 @@ def make_datasets(
 
 
 def load_workflow_model(spec: str, *, device: str = "auto", seed: int = 0, **processing):
-    """The configured model, with a clear one-paragraph error (no stack trace) when unavailable."""
+    """The configured model, with a clear one-paragraph error (no stack trace, exit status 2) when
+    it is unavailable or its spec, checkpoint or device cannot be used."""
     import torch
 
-    from ioi.models import ModelNotAvailableError, load_model
+    from ioi.models import ModelNotAvailableError, ModelSpecError, load_model
 
     # One thread while the weights are processed, whatever the job's thread count: the processed
     # weights are then bit-identical in every job and in the model server (ioi.server).
@@ -100,11 +101,68 @@ def load_workflow_model(spec: str, *, device: str = "auto", seed: int = 0, **pro
     torch.set_num_threads(1)
     try:
         return load_model(spec, device=None if device == "auto" else device, seed=seed, **processing)
-    except ModelNotAvailableError as err:
+    except (ModelNotAvailableError, ModelSpecError) as err:
         print(str(err), file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         torch.set_num_threads(threads)
+
+
+def run_load_model_job(
+    *,
+    model_spec: str,
+    model_label: str,
+    out_path: str,
+    seed: int,
+    device: str,
+    dtype: str = "float32",
+    threads: int | None = None,
+    started_s: float | None = None,
+    server_wanted: bool = False,
+    server: dict[str, Any] | None = None,
+    model=None,
+) -> None:
+    """The run's model load, as a job of its own (workflow rule ``load_model``) -> ``model.json``.
+
+    Served (``model`` and ``server`` given: a child of the model server, :mod:`ioi.server`): the
+    load is the server's start, which this job's client waited for (``started_s``: from starting
+    the server to its first answer; None when a server was already running, and then this job's
+    ``seconds`` are 0). Not served (``model_server: false``, ``IOI_MODEL_SERVER=0``, or a server
+    that did not start): the model is loaded here and ``seconds`` is that load (the imports
+    included), which checks that it loads and gives its one-paragraph error (exit status 2) once,
+    before any other model job. Either way ``model.json`` records the model (spec, source, shape,
+    device, dtype, processing), the versions and commit, ``seconds`` and ``load``: whether and by
+    which server (pid, host, its start's parts) it was served."""
+    import socket
+    import time
+
+    t0 = time.perf_counter()
+    if model is None:
+        set_threads(threads)
+        model = load_workflow_model(model_spec, device=device, seed=seed)
+        seconds = time.perf_counter() - t0
+        reason = ("the model server did not start (see logs/model-server/): loaded in this job"
+                  if server_wanted else "model_server off (config model_server: false or "
+                  "IOI_MODEL_SERVER=0): loaded in this job; every model job loads it again")
+        load = {"served": False, "reason": reason, "host": socket.gethostname()}
+    else:
+        server = dict(server or {})
+        seconds = started_s or 0.0
+        load = {"served": True, "started_by_this_job": started_s is not None, "server": server,
+                "host": server.get("host", socket.gethostname()),
+                "reason": ("this job started the model server: its seconds are the server's start "
+                           "(imports, the load, the plain weights)") if started_s is not None else
+                          "a model server for this model was already running: nothing loaded here"}
+    from ioi.experiments.core import peak_rss_mb
+
+    record = provenance(model, experiment="load_model", seed=seed, model_label=model_label,
+                        config_device=device, config_dtype=dtype, seconds=round(seconds, 3),
+                        max_rss_mb=(server or {}).get("max_rss_mb") if load["served"] else peak_rss_mb(),
+                        load=load)
+    write_json(out_path, record)
+    where = (f"by the model server (pid {load['server'].get('pid')})" if load["served"] else "in this job")
+    print(f"model {model_spec} loaded {where} on {record.get('device')}: {seconds:.1f} s "
+          f"({load['reason']})")
 
 
 def run_experiment_job(
@@ -206,8 +264,10 @@ def run_selfcheck_job(
             print(str(err), file=sys.stderr)
             raise SystemExit(1) from None
         identity = identity_check(model, model_label=model_label, model_spec=model_spec)
+    from ioi.experiments.core import peak_rss_mb  # a served job's peak, which Snakemake cannot see
+
     write_json(out_path, provenance(model, experiment="selfcheck", seed=seed, N=n,
-                                    seconds=round(timer.seconds, 3),
+                                    seconds=round(timer.seconds, 3), max_rss_mb=peak_rss_mb(),
                                     engine=report.as_dict(), identity=identity))
     print(f"self-check passed: max |fast - reference| = {report.max_abs_diff:.3g} over "
           f"{len(report.comparisons)} comparisons (tolerance {report.tolerance:g})")

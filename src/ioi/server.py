@@ -7,11 +7,16 @@ that starts its own Python pays ``import torch`` (~2.5 s CPU), ``transformers`` 
 Memory-mapping the processed weights would remove only the last part; the imports alone exceed the
 3 s target. So the imports and the model are paid once, by a **model server**:
 
-* the first job of a run (client, :func:`dispatch`) finds no server for its model and starts one
-  (``python -m ioi.server``, detached, its output in ``logs/model-server/``), under a file lock so
-  parallel jobs start exactly one; the server imports the library, loads the model once
-  (:func:`ioi.pipeline.load_workflow_model`, every real loading path: hub, HF cache, model_path)
-  and listens on a Unix socket;
+* the first job of a run, the workflow's ``load_model`` rule (workflow/rules/model.smk; kind
+  ``load_model``, :func:`ioi.pipeline.run_load_model_job`), finds no server for its model and
+  starts one (``python -m ioi.server``, detached, its output in ``logs/model-server/``), under a
+  file lock so parallel jobs start exactly one; the server imports the library, loads the model
+  once (:func:`ioi.pipeline.load_workflow_model`, every real loading path: hub, HF cache,
+  model_path) and listens on a Unix socket. That start is the load job's own work: its
+  ``model.json`` records how long it took (:data:`SERVER_INFO`, the client's wait), so the
+  self-check and the experiments after it pay only their connection. Any job that finds no
+  server (it idled out, or the load job ran in an earlier run) starts one the same way and says
+  so on its stderr: that job then pays the load;
 * each job sends its arguments and log path; on CPU the server **forks** a child per job (the
   child shares the loaded weights copy-on-write, sets the job's thread count, writes the job's
   log and results, and exits); on CUDA (no fork after CUDA initialisation) it runs the jobs one
@@ -36,7 +41,14 @@ experiments and share one matplotlib state.
 
 ``IOI_MODEL_SERVER=0`` (or ``model_server: false`` in the config) runs every job in its own process
 as before. Any failure to reach or start a server falls back to that, so a missing model still
-ends with its one-paragraph message.
+ends with its one-paragraph message (given once, by the load job: every model job comes after it).
+
+On a cluster (e.g. ``profiles/slurm``) every job runs on some node, and a Unix socket serves only
+its own node (its folder, ``IOI_MODEL_SERVER_DIR`` or ``XDG_RUNTIME_DIR`` or ``/tmp``, should be
+node-local: a socket file on a shared file system cannot be reached from another node, and the
+job there then starts its own server). So each job on a node without a server starts one and
+pays the load (a group job's later jobs reuse it); the load job's ``model.json`` names the host
+it loaded on.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import select
 import socket
 import subprocess
@@ -59,6 +72,11 @@ from typing import Any, Iterator
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_IDLE_S = 120.0
 START_TIMEOUT_S = 900.0
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path on Linux (sun_path is 108, NUL included)
+# What the running server knows of itself (filled in by :func:`serve`; read by the load job, kind
+# ``load_model``, which a served child inherits): pid, host, socket, start time, its load's parts.
+SERVER_INFO: dict[str, Any] = {}
+_PROCESS_START = time.time()  # this process's start (the server's, when run as ``-m ioi.server``)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,9 +139,9 @@ PLOT_KINDS = ("figure", "page")  # jobs without a model, served by the plot serv
 
 def run_job(kind: str, kwargs: dict[str, Any], log_path: str | None, model=None,
             cwd: str | None = None, sent: float | None = None) -> int:
-    """Run job ``kind`` (``experiment`` / ``selfcheck`` with the model; ``figure`` / ``page``
-    without) with ``kwargs`` in the folder ``cwd`` (the client's: its paths are relative to it);
-    its output goes to ``log_path``. Returns the exit status (0 = done)."""
+    """Run job ``kind`` (``load_model`` / ``selfcheck`` / ``experiment`` with the model;
+    ``figure`` / ``page`` without) with ``kwargs`` in the folder ``cwd`` (the client's: its paths
+    are relative to it); its output goes to ``log_path``. Returns the exit status (0 = done)."""
     from ioi import pipeline
 
     previous = os.getcwd()
@@ -137,8 +155,9 @@ def run_job(kind: str, kwargs: dict[str, Any], log_path: str | None, model=None,
 
 def _run_job(pipeline, kind: str, kwargs: dict[str, Any], log_path: str | None, model,
              sent: float | None = None) -> int:
-    jobs = {"experiment": pipeline.run_experiment_job, "selfcheck": pipeline.run_selfcheck_job,
-            "figure": pipeline.plot_figure_job, "page": pipeline.write_page_job}
+    jobs = {"load_model": pipeline.run_load_model_job, "experiment": pipeline.run_experiment_job,
+            "selfcheck": pipeline.run_selfcheck_job, "figure": pipeline.plot_figure_job,
+            "page": pipeline.write_page_job}
     context = pipeline.log_to(log_path) if log_path else contextlib.nullcontext()
     with context:
         if sent is not None:
@@ -150,6 +169,8 @@ def _run_job(pipeline, kind: str, kwargs: dict[str, Any], log_path: str | None, 
                 raise ValueError(f"Unknown job kind {kind!r}; known: {', '.join(jobs)}.")
             if kind in PLOT_KINDS:
                 jobs[kind](**kwargs)
+            elif kind == "load_model" and model is not None:  # served: what the server did
+                jobs[kind](**kwargs, model=model, server=dict(SERVER_INFO))
             else:
                 jobs[kind](**kwargs, model=model)
         except SystemExit as exit_:
@@ -204,7 +225,9 @@ def serve(model_spec: str, device: str, seed: int, path: Path, idle_s: float = D
 
     torch.set_num_threads(1)  # no OpenMP pool in the parent: children set their own thread count
     t0 = time.perf_counter()
+    imports_s = time.time() - _PROCESS_START  # Python's start, this module's and torch's imports
     model = pipeline.load_workflow_model(model_spec, device=device, seed=seed)
+    t1 = time.perf_counter()
     for spec in EXPERIMENTS.values():  # import every runner's module once, here
         resolve(spec.runner)
     import ioi.selfcheck  # noqa: F401
@@ -213,6 +236,13 @@ def serve(model_spec: str, device: str, seed: int, path: Path, idle_s: float = D
     import transformer_lens.patching  # noqa: F401
     warm_plain_weights(model)
     forking = next(model.parameters()).device.type == "cpu"
+    SERVER_INFO.update(
+        pid=os.getpid(), host=socket.gethostname(), socket=str(path),
+        started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_PROCESS_START)),
+        ready_s=round(time.time() - _PROCESS_START, 3),  # the whole start, as the server saw it
+        parts_s={"python_and_torch_imports": round(imports_s, 3), "load_model": round(t1 - t0, 3),
+                 "runner_imports_and_plain_weights": round(time.perf_counter() - t1, 3)},
+        forking=forking, max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     print(f"model server: {model_spec} on {device} loaded in {time.perf_counter() - t0:.1f} s; "
           f"{'forking a child per job' if forking else 'running jobs one at a time'}; {path}",
           flush=True)
@@ -329,6 +359,7 @@ def _connect(path: Path) -> socket.socket | None:
 
 
 def _start_server(arguments: list[str], path: Path, log_dir: Path) -> socket.socket | None:
+    """Start a detached server and wait until it listens; None when it exits first."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{path.stem}.log", "a")  # noqa: SIM115 - handed to the detached server
     command = [sys.executable, "-m", "ioi.server", *arguments, "--socket", str(path)]
@@ -346,21 +377,32 @@ def _start_server(arguments: list[str], path: Path, log_dir: Path) -> socket.soc
     return None
 
 
-def _server_connection(path: Path, arguments: list[str], log_dir: Path) -> socket.socket | None:
+def _server_connection(path: Path, arguments: list[str], log_dir: Path) -> tuple[socket.socket | None, float | None]:
+    """A connection to the server at ``path`` (started if none runs) and, when this call started
+    it, the seconds from starting it to its first answer (else None). (None, None) when ``path``
+    is too long for a Unix socket (107 bytes on Linux): the server could never bind it, and each
+    job would pay a server's failed start before running in its own process."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        print(f"model server off: its socket path {path} is longer than {MAX_SOCKET_PATH} bytes; set "
+              "IOI_MODEL_SERVER_DIR to a shorter folder", file=sys.stderr)
+        return None, None
     conn = _connect(path)
     if conn is not None:
-        return conn
+        return conn, None
     with _locked(path.with_suffix(".lock")):
         conn = _connect(path)  # another job may have started it meanwhile
-        if conn is None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # a dead server's socket
-            conn = _start_server(arguments, path, log_dir)
-    return conn
+        if conn is not None:
+            return conn, None
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a dead server's socket
+        t0 = time.perf_counter()
+        conn = _start_server(arguments, path, log_dir)
+        return conn, (time.perf_counter() - t0 if conn is not None else None)
 
 
-def _connection_for(kind: str, kwargs: dict[str, Any], log_dir: Path) -> socket.socket | None:
-    """A connection to the server for job ``kind``: the plot server, or the model's server."""
+def _connection_for(kind: str, kwargs: dict[str, Any], log_dir: Path) -> tuple[socket.socket | None, float | None]:
+    """A connection to the server for job ``kind`` (the plot server, or the model's server) and the
+    seconds this call spent starting it (None when it was running)."""
     if kind in PLOT_KINDS:
         return _server_connection(socket_path(plot_server_key(), "plots"), ["--plots"], log_dir)
     model_spec, device, seed = kwargs["model_spec"], str(kwargs["device"]), int(kwargs["seed"])
@@ -372,13 +414,23 @@ def dispatch(kind: str, *, log: str, use_server: bool | None = True,
              server_log_dir: str = "logs/model-server", **kwargs: Any) -> None:
     """Run one workflow job through its server (the model's, or for figures and pages the plot
     server; started if need be), else in this process; exits with the job's status when it fails."""
-    conn = None
+    conn, started_s = None, None
     if enabled(use_server):
-        conn = _connection_for(kind, kwargs, Path(server_log_dir))
+        conn, started_s = _connection_for(kind, kwargs, Path(server_log_dir))
+    server = "plot" if kind in PLOT_KINDS else "model"
+    if conn is not None and started_s is not None and kind not in ("load_model", *PLOT_KINDS):
+        # The load job (workflow rule load_model) starts the run's server; a later job that finds
+        # none (idle for IOI_MODEL_SERVER_IDLE_S, or the load job ran in an earlier run, or on a
+        # cluster node of its own) starts one and pays the load in its overhead.
+        print(f"{kind}: no model server was running for this model (idle longer than "
+              f"IOI_MODEL_SERVER_IDLE_S, the load job ran in an earlier run, or another node); "
+              f"this job started one ({started_s:.1f} s)", file=sys.stderr)
+    if kind == "load_model":
+        kwargs = {**kwargs, "started_s": None if started_s is None else round(started_s, 3),
+                  "server_wanted": enabled(use_server)}
     if conn is None:
         code = run_job(kind, kwargs, log)
     else:
-        server = "plot" if kind in PLOT_KINDS else "model"
         with conn:
             request = {"kind": kind, "kwargs": kwargs, "log": str(Path(log).resolve()), "cwd": os.getcwd(),
                        "sent": time.time()}

@@ -13,6 +13,7 @@ def experiment_inputs(wildcards):
     spec = experiment_spec(wildcards)
     inputs = {kind: dataset_path(kind, experiment_n(wildcards)) for kind in spec.datasets}
     inputs["lib"] = LIBRARY_SOURCES
+    inputs["model"] = MODEL_LOADED
     inputs["selfcheck"] = SELFCHECK
     return inputs
 

@@ -1,6 +1,6 @@
 """The run's self-check (ioi.selfcheck + ioi.identity) -> results/{model}/selfcheck/selfcheck.json.
 
-The first job of a run: it starts the model server (ioi.server) that the experiments then use."""
+Runs after the load job (load_model.py), served by the model server it started (ioi.server)."""
 
 from typing import TYPE_CHECKING
 
