@@ -65,7 +65,9 @@ rule selfcheck:
     threads: config["threads_per_job"] or workflow.cores
     resources:
         gpu=lambda wildcards: 1 if USES_GPU else 0,
-        mem_mb=5000,  # 4010 MB peak at GPT-2 small's shape (benchmarks/measured/dag_cpu_2cores.txt)
+        # 4010 MB peak at GPT-2 small's shape when this job also started the model server
+        # (benchmarks/measured/dag_cpu_2cores.txt, 6078ecd); served, its peak is in selfcheck.json
+        mem_mb=5000,
         runtime=15,
     params:
         model_spec=model_spec(),
