@@ -194,3 +194,20 @@ def test_a_socket_path_too_long_runs_jobs_in_their_own_process(tmp_path, capsys)
     assert server._server_connection(path, ["--spec", SPEC], tmp_path / "logs") == (None, None)
     assert "IOI_MODEL_SERVER_DIR" in capsys.readouterr().err
     assert not (tmp_path / "logs").exists()
+
+
+def test_the_model_server_key_ignores_the_plotting_code_only(tmp_path, monkeypatch):
+    """Editing a plot module needs a new plot server but not a new model server (model jobs never
+    import it, and the load job does not re-run for it); editing any other module needs both."""
+    package = tmp_path / "ioi"
+    (package / "plots").mkdir(parents=True)
+    for name in ("pipeline.py", "labels.py", "plots/common.py"):
+        (package / name).write_text("x = 1\n")
+    monkeypatch.setattr(server, "PACKAGE_DIR", package)
+    model, plots = server.server_key(SPEC, "cpu", 0), server.plot_server_key()
+    for name in ("plots/common.py", "labels.py"):
+        (package / name).write_text("x = 22\n")
+        assert server.server_key(SPEC, "cpu", 0) == model and server.plot_server_key() != plots
+        plots = server.plot_server_key()
+    (package / "pipeline.py").write_text("x = 22\n")
+    assert server.server_key(SPEC, "cpu", 0) != model and server.plot_server_key() != plots

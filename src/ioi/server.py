@@ -23,9 +23,9 @@ Memory-mapping the processed weights would remove only the last part; the import
   at a time in its own process (GPU jobs are serialised by the ``gpu`` resource anyway). The
   client waits and exits with the job's status, so Snakemake sees a normal job;
 * the server's socket name is a hash of the model spec, device, seed, Python and the library's
-  source files (path, size, mtime): editing ``src/ioi`` or changing the model starts a new
-  server, never reuses a stale one. A server exits after ``IOI_MODEL_SERVER_IDLE_S`` seconds
-  (default 120) without a job.
+  source files (path, size, mtime; the plotting code, which no model job imports, left out):
+  editing ``src/ioi`` or changing the model starts a new server, never reuses a stale one. A
+  server exits after ``IOI_MODEL_SERVER_IDLE_S`` seconds (default 120) without a job.
 
 Figure and page jobs (kinds ``figure`` / ``page``) need no model: a **plot server** (one per
 library version, ``python -m ioi.server --plots``) imports matplotlib, pandas, seaborn and every
@@ -84,10 +84,19 @@ _PROCESS_START = time.time()  # this process's start (the server's, when run as 
 # ----------------------------------------------------------------------------------------------
 
 
-def library_fingerprint() -> str:
-    """Hash of every library source file's path, size and mtime (cheap: no file is read)."""
+# What model jobs never import (the plotting code, the figures' model names, the gallery writer):
+# the workflow's model jobs do not take them as inputs either (LIBRARY_SOURCES in
+# workflow/rules/common.smk), so editing them neither re-runs the load job nor needs a new model server.
+NOT_MODEL_SOURCES = ("plots", "gallery.py", "labels.py")
+
+
+def library_fingerprint(model_jobs: bool = False) -> str:
+    """Hash of every library source file's path, size and mtime (cheap: no file is read); with
+    ``model_jobs``, of those the model jobs import (without :data:`NOT_MODEL_SOURCES`)."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        if model_jobs and (path.name in NOT_MODEL_SOURCES or NOT_MODEL_SOURCES[0] in path.relative_to(PACKAGE_DIR).parts):
+            continue
         stat = path.stat()
         digest.update(f"{path.relative_to(PACKAGE_DIR)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -105,7 +114,8 @@ def resolved_device(device: str) -> str:
 def server_key(model_spec: str, device: str, seed: int) -> str:
     spec_path = Path(model_spec).expanduser()
     where = str(spec_path.resolve()) if spec_path.exists() else model_spec
-    text = json.dumps([where, resolved_device(device), int(seed), sys.executable, library_fingerprint()])
+    text = json.dumps([where, resolved_device(device), int(seed), sys.executable,
+                       library_fingerprint(model_jobs=True)])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
