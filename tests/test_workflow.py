@@ -197,3 +197,20 @@ def test_the_load_job_fails_early_once_and_reruns_for_a_new_model(tmp_path):
     log = (scratch / "logs" / "load-missing" / "load_model.log").read_text()
     assert "no such path exists" in log and "Traceback" not in log
     assert not (scratch / "logs" / "load-missing" / "selfcheck.log").exists()  # never started
+
+
+def test_a_checkpoints_files_are_the_load_jobs_inputs(tmp_path):
+    """model_path: the checkpoint folder's files are inputs of the load job, so new weights at the
+    same path re-run the load and everything after it (a dry run: nothing is loaded)."""
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    for name in ("config.json", "model.safetensors", ".hidden"):
+        (checkpoint / name).write_text("{}")
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall",
+                           "results/load-ckpt/model/model.json", "--config", f"model_path={checkpoint}",
+                           "model_name=load-ckpt"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    block = done.stdout.split("rule load_model:", 1)[1].split("\nrule ", 1)[0]
+    inputs = next(line for line in block.splitlines() if line.strip().startswith("input:"))
+    assert str(checkpoint / "config.json") in inputs and str(checkpoint / "model.safetensors") in inputs
+    assert ".hidden" not in inputs
