@@ -13,7 +13,7 @@ import torch
 
 from ioi import ablation as fast
 from ioi import ablation_reference as ref
-from ioi.ablation_engine import KnockoutEngine, KnockoutSpec
+from ioi.ablation_engine import KnockoutEngine, KnockoutSpec, balanced_cuts
 from ioi.experiments import circuit_eval as ce
 from ioi.metrics import LogitDiff
 from ioi_batches import make_batch, sharp_model
@@ -314,3 +314,24 @@ def test_prompt_parts_resume_from_serial_runs_and_back(two_threads):
     torch.testing.assert_close(torch.stack([serial.ld, parted.ld, last.ld]), want, atol=ATOL, rtol=0)
 
 
+
+
+def test_prompt_parts_balance_the_rows_up_to_end():
+    """The cut between two parts is the one with the smaller larger part (not the first prefix past
+    half: rows 3, 4, 4, 3, 2 cut after 2 prompts, 7 | 9, not after 3, 11 | 5); every part is
+    non-empty; the engine's cuts follow its prompts' rows up to END."""
+    assert balanced_cuts([3, 4, 4, 3, 2], 2) == [(0, 2), (2, 5)]
+    assert balanced_cuts([1, 1, 1, 1, 1, 1, 1], 3) == [(0, 2), (2, 5), (5, 7)]
+    assert balanced_cuts([1, 1, 100], 3) == [(0, 1), (1, 2), (2, 3)]
+    assert balanced_cuts([3], 2) == [(0, 1)]
+    assert balanced_cuts([15, 19, 15, 20, 15, 15, 19, 15], 2) == [(0, 4), (4, 8)]  # 69 | 64
+    model = sharp_model("random-L2-H3-D8")
+    batch = _Batch(9, True)
+    engine = KnockoutEngine(model, batch.toks, end=batch.word_idx["END"], io_ids=batch.io_token_ids,
+                            s_ids=batch.s_token_ids)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert engine._prompt_parts() == balanced_cuts((batch.word_idx["END"] + 1).tolist(), 2)
+    finally:
+        torch.set_num_threads(previous)

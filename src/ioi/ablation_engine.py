@@ -73,6 +73,7 @@ few chunks of very different cost).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import copy
 import dataclasses
@@ -89,7 +90,7 @@ from ioi.patching._fast_forward import NetWeights, net_weights, row_tiles
 
 Source = Literal["clean", "ablated"]
 
-__all__ = ["KnockoutEngine", "KnockoutRun", "KnockoutSpec", "FlopCounter"]
+__all__ = ["KnockoutEngine", "KnockoutRun", "KnockoutSpec", "FlopCounter", "balanced_cuts"]
 
 
 @dataclasses.dataclass
@@ -215,6 +216,26 @@ class _StreamPart(_Stream):
         return self._qkv[layer]
 
 
+def balanced_cuts(costs: Sequence[float], parts: int) -> list[tuple[int, int]]:
+    """Contiguous ranges ``[(first, end), ...]`` of ``len(costs)`` items, ``parts`` of them (each
+    non-empty), whose cost sums are about equal: the ``w``-th cut is the prefix whose sum lies
+    closest to ``w / parts`` of the total (for two parts: the cut with the smallest larger part).
+    Deterministic (a function of the costs only), so runs at the same settings cut alike."""
+    n = len(costs)
+    parts = max(1, min(parts, n))
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + float(cost))
+    cuts = [0]
+    for w in range(1, parts):
+        target = prefix[-1] * w / parts
+        above = bisect.bisect_left(prefix, target)  # first prefix >= target
+        best = min((c for c in (above - 1, above) if 0 <= c <= n), key=lambda c: (abs(prefix[c] - target), c))
+        cuts.append(min(max(best, cuts[-1] + 1), n - (parts - w)))
+    cuts.append(n)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 class KnockoutEngine:
     """Knockouts on one batch of prompts (see the module doc).
 
@@ -329,12 +350,13 @@ class KnockoutEngine:
             raise ValueError(f"head_keep has shape {tuple(spec.head_keep.shape)}; expected {shape}.")
         if spec.source not in ("clean", "ablated"):
             raise ValueError(f"source must be 'clean' or 'ablated'; got {spec.source!r}.")
-        if bool((~spec.head_keep).any()) and self.head_means is None:
+        # (the means are checked first: the masks are read only when a mean is missing)
+        if self.head_means is None and not bool(spec.head_keep.all()):
             raise ValueError("This spec ablates heads: give the engine head_means.")
         if spec.mlp_keep is not None:
             if tuple(spec.mlp_keep.shape) != shape[:3]:
                 raise ValueError(f"mlp_keep has shape {tuple(spec.mlp_keep.shape)}; expected {shape[:3]}.")
-            if bool((~spec.mlp_keep).any()):
+            if (self.mlp_means is None or net.attn_only) and not bool(spec.mlp_keep.all()):
                 if self.mlp_means is None:
                     raise ValueError("This spec ablates MLPs: give the engine mlp_means.")
                 if net.attn_only:
@@ -474,13 +496,7 @@ class KnockoutEngine:
             return [(0, self.n)]
         key = ("parts", workers)
         if key not in self._weight_cache:
-            rows = torch.cumsum(self.valid.sum(1).cpu().double(), 0)
-            cuts = [0]
-            for w in range(1, workers):
-                cut = int(torch.searchsorted(rows, rows[-1] * w / workers)) + 1
-                cuts.append(min(max(cut, cuts[-1] + 1), self.n - (workers - w)))
-            cuts.append(self.n)
-            self._weight_cache[key] = list(zip(cuts[:-1], cuts[1:]))
+            self._weight_cache[key] = balanced_cuts(self.valid.sum(1).cpu().tolist(), workers)
         return self._weight_cache[key]
 
     def _part_engine(self, first: int, end: int, sources: set) -> "KnockoutEngine":
