@@ -31,6 +31,7 @@ wall time and by this process's CPU time (the CPU row is the one to read on a sh
     python benchmarks/knockouts.py --n 20 --greedy-runs 1   # a small run
     python benchmarks/knockouts.py --json benchmarks/measured/knockouts_cpu_2threads.json
     python benchmarks/knockouts.py --threads 2 --parallel serial   # A/B: chunks on 2 OpenMP threads
+    python benchmarks/knockouts.py --threads 2 --profile-workers   # + per-worker busy time per pass
 
 ``--parallel`` says how a pass uses T > 1 threads on a CPU: ``prompts`` (default: the prompts cut
 into T parts, each part's pass on its own worker thread), ``chunks`` (a pass's chunks on T worker
@@ -43,7 +44,9 @@ A CPU user who wants completeness in minutes sets fewer greedy runs (``--greedy-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,6 +112,61 @@ class Recorder:
 
     def __exit__(self, *exc):
         ablation_engine.KnockoutEngine.evaluate = self._original
+
+
+class WorkerTimer:
+    """Per pass of parallel prompt parts: each worker's wall and CPU time (``time.thread_time``)
+    and the main thread's CPU time, to tell load imbalance (the slowest worker's CPU time above
+    the mean), off-CPU waits in the workers (wall above CPU: the GIL, or other jobs on a shared
+    machine) and the main thread's serial work (between passes and around them) apart."""
+
+    def __init__(self):
+        self.passes: list[dict] = []
+        self._parts = ablation_engine.KnockoutEngine._evaluate_parts
+        self._here = ablation_engine.KnockoutEngine._evaluate_here
+
+    def __enter__(self):
+        timer, lock = self, threading.Lock()
+
+        def evaluate_parts(engine, specs, bases, parts):
+            record = {"specs": len(specs), "workers": []}
+            timer.passes.append(record)
+            timer._current = record
+            start, start_main = time.perf_counter(), time.thread_time()
+            out = timer._parts(engine, specs, bases, parts)
+            record["wall"], record["main_cpu"] = time.perf_counter() - start, time.thread_time() - start_main
+            return out
+
+        def evaluate_here(engine, specs, bases):
+            if threading.current_thread() is threading.main_thread():
+                return timer._here(engine, specs, bases)
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            out = timer._here(engine, specs, bases)
+            with lock:
+                timer._current["workers"].append((time.perf_counter() - start, time.thread_time() - start_cpu))
+            return out
+
+        ablation_engine.KnockoutEngine._evaluate_parts = evaluate_parts
+        ablation_engine.KnockoutEngine._evaluate_here = evaluate_here
+        return self
+
+    def __exit__(self, *exc):
+        ablation_engine.KnockoutEngine._evaluate_parts = self._parts
+        ablation_engine.KnockoutEngine._evaluate_here = self._here
+
+    def summary(self, main_cpu_total: float) -> dict:
+        passes = [p for p in self.passes if p["workers"]]
+        cpu_max = sum(max(c for _, c in p["workers"]) for p in passes)
+        cpu_mean = sum(sum(c for _, c in p["workers"]) / len(p["workers"]) for p in passes)
+        wall_mean = sum(sum(w for w, _ in p["workers"]) / len(p["workers"]) for p in passes)
+        main_in = sum(p["main_cpu"] for p in passes)
+        return {
+            "parallel_passes": len(passes), "pass_wall_s": sum(p["wall"] for p in passes),
+            "worker_cpu_max_s": cpu_max, "worker_cpu_mean_s": cpu_mean, "worker_wall_mean_s": wall_mean,
+            "imbalance": cpu_max / cpu_mean if cpu_mean else None,  # slowest worker's CPU / the mean, summed over passes
+            "worker_wall_over_cpu": wall_mean / cpu_mean if cpu_mean else None,  # off-CPU waits in the workers
+            "main_cpu_in_passes_s": main_in, "main_cpu_between_passes_s": main_cpu_total - main_in,
+        }
 
 
 def spec_floor(engine, spec, start: int, share_rows: bool = True) -> float:
@@ -180,6 +238,9 @@ def main(argv=None) -> dict:
                              "(one chunk at a time on T torch threads)")
     parser.add_argument("--parallel-chunks", action="store_const", const="chunks", dest="parallel",
                         help="the same as --parallel chunks")
+    parser.add_argument("--profile-workers", action="store_true",
+                        help="also time each worker of every parallel pass (thread CPU and wall) and the main "
+                             "thread: load imbalance, off-CPU waits and serial work (see WorkerTimer)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -203,12 +264,13 @@ def main(argv=None) -> dict:
     try:
         for name, value in counts.items():
             setattr(ce, name, value)
-        with Recorder() as recorder:
-            start, start_cpu = time.perf_counter(), time.process_time()
+        with Recorder() as recorder, (WorkerTimer() if args.profile_workers else contextlib.nullcontext()) as timer:
+            start, start_cpu, start_main = time.perf_counter(), time.process_time(), time.thread_time()
             result = ce.completeness(model, ctx)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+            main_cpu = time.thread_time() - start_main
     finally:
         for name, value in saved.items():
             setattr(ce, name, value)
@@ -248,7 +310,11 @@ def main(argv=None) -> dict:
         "parallel_chunks": ablation_engine.KnockoutEngine.PARALLEL_CHUNKS,
         "parallel": args.parallel,
     }
+    if timer is not None:
+        row["workers"] = timer.summary(main_cpu)
     print(_table(row))
+    if timer is not None:
+        print(_worker_table(row["workers"]))
     if args.json:
         write_json(Path(args.json), {"rows": [row], "provenance": provenance(model=model, datasets=[ioi, abc])})
     return row
@@ -274,6 +340,16 @@ def _table(row: dict) -> str:
     legend = ("wall: seconds and matmul GFLOPS per wall second; cpu: per CPU second of this process "
               "(all threads), which other jobs on a shared machine do not distort")
     return "\n".join([note, header, "-" * len(header), line, legend])
+
+
+def _worker_table(w: dict) -> str:
+    return "\n".join([
+        f"parallel passes: {w['parallel_passes']}, {w['pass_wall_s']:.1f} s wall in all",
+        f"  worker CPU s: slowest {w['worker_cpu_max_s']:.1f}, mean {w['worker_cpu_mean_s']:.1f} "
+        f"(imbalance {w['imbalance']:.3f}); worker wall / CPU {w['worker_wall_over_cpu']:.3f} (off-CPU waits)",
+        f"  main thread CPU s: in the passes {w['main_cpu_in_passes_s']:.1f}, between them "
+        f"{w['main_cpu_between_passes_s']:.1f}",
+    ])
 
 
 if __name__ == "__main__":

@@ -359,10 +359,11 @@ class KnockoutEvaluator:
         missing = [h for h in knockout if h not in self.positions]
         if missing:
             raise ValueError(f"Heads {missing} are not in the circuit (no relevant position).")
+        # every head kept except K's at their positions (the circuit's mask of each head, negated)
         keep = torch.ones(self._shape, dtype=torch.bool, device=self._keep_circuit.device)
-        ablated = circuit_keep_mask({h: self.positions[h] for h in knockout}, *self._shape,
-                                    device=self._keep_circuit.device)
-        return KnockoutSpec(head_keep=keep & ~ablated, source="clean", capture=True)
+        for layer, head in knockout:
+            keep[:, :, layer, head] = ~self._keep_circuit[:, :, layer, head]
+        return KnockoutSpec(head_keep=keep, source="clean", capture=True)
 
     def _bases(self, kind: str, knockouts: Sequence[frozenset]) -> list:
         """Stored runs that are a subset of some requested K (the ones worth resuming from)."""
