@@ -45,17 +45,21 @@ Parallel prompt parts on a CPU (default)
 Prompts never read each other (attention is within a prompt), so a pass splits exactly along
 prompts. With ``parallel_prompts=True`` (class default :attr:`KnockoutEngine.PARALLEL_PROMPTS`, on)
 and ``T > 1`` torch threads on a CPU, :meth:`KnockoutEngine.evaluate` cuts the prompts into ``T``
-contiguous parts with about equal rows up to END and runs each part's whole pass (its groups and
-chunks in turn, ``budget / T`` of memory) on its own worker thread with one torch thread, on views
-of the shared streams; the results are joined along prompts. Captured runs keep their rows per
-part, so a later pass in the same parts resumes from them part by part (a run made on all prompts
-at once is a base for the parts too, through a view; a run made in parts is not a base for a
-serial pass, which then starts from its source: exact either way). Every part does the same work
-on half the rows, so the workers finish together (measured: the slower part's CPU time is 2.6%
-above the mean at N = 60), where one chunk at a time on ``T`` OpenMP threads loses CPU time to
-thread synchronisation and the serial parts of small ops. Each part's arithmetic is
-single-threaded: results are bit-identical between runs at the same ``T`` and equal the serial path
-to float32 rounding (tests).
+contiguous parts with about equal rows up to END (:func:`balanced_cuts`: each cut at the prefix
+closest to its share; at the paper's N = 100, 50 | 50 prompts, 830 | 837 rows) and runs each part's
+whole pass (its groups and chunks in turn, ``budget / T`` of memory) on its own worker thread with
+one torch thread, on views of the shared streams; the results are joined along prompts. Captured
+runs keep their rows per part, so a later pass in the same parts resumes from them part by part (a
+run made on all prompts at once is a base for the parts too, through a view; a run made in parts is
+not a base for a serial pass, which then starts from its source: exact either way). Every part does
+the same work on half the rows, so the workers finish together (measured with
+``benchmarks/knockouts.py --profile-workers``, which times every worker of every pass: on a shared
+2-core machine the slower part's CPU time is 1-3% above the mean, as noisy as that machine; the
+earlier cut, at the first prefix past the share, gave 51 | 49 prompts at N = 100. The GIL costs
+little: every torch op used releases it, and a worker dispatches about a thousand ops per CPU
+second), where one chunk at a time on ``T`` OpenMP threads loses CPU time to thread synchronisation
+and the serial parts of small ops. Each part's arithmetic is single-threaded: results are
+bit-identical between runs at the same ``T`` and equal the serial path to float32 rounding (tests).
 
 Parallel chunks on a CPU (opt-in)
 ---------------------------------
@@ -489,7 +493,8 @@ class KnockoutEngine:
     def _prompt_parts(self) -> list[tuple[int, int]]:
         """Contiguous prompt ranges ``[(first, end), ...]``, one per worker (see "Parallel prompt
         parts"): ``[(0, N)]`` unless ``parallel_prompts`` is on, the device a CPU and ``T > 1``.
-        The cuts balance the rows up to END (the cost of a pass is about proportional to them)."""
+        The cuts balance the rows up to END (the cost of a pass is about proportional to them;
+        :func:`balanced_cuts`)."""
         workers = max(1, torch.get_num_threads()) if self.parallel_prompts and self.net.device.type == "cpu" else 1
         workers = min(workers, self.n)
         if workers <= 1:
