@@ -14,7 +14,10 @@ Rows
   floor: ``circuits x`` the FLOPs of one plain forward pass (every layer at every position up to
   each prompt's END, the full-vocabulary unembedding at END only: :func:`forward_flops`) divided by the machine's
   float32 matmul throughput, measured here on ``[2048, d_model] x [d_model, 4 d_model]``.
-  Target: <= 1.5x the floor.
+  Target: <= 1.5x the floor. Also reported: the engine passes (sets x prompt chunks) and the
+  stages (each layer's head inputs and MLP input, the logits) skipped by resuming each set from
+  the previous set's pass (``stages_skipped``, ``fraction_stages_skipped``; nested top-n sets
+  share their early layers, random sets almost nothing).
 * ``acdc_planted``: :func:`ioi.edges.acdc` on ``planted-ioi`` at ``--acdc-n`` prompts (demo N),
   reporting the edges kept and whether the planted name-mover -> logits edge is among them.
   Target: <= 120 s on 2 CPU cores.
@@ -99,6 +102,14 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def _resume_keys(stats: dict) -> dict:
+    """The passes of a :func:`patch_edges` call and the stages (a layer's head inputs, its MLP
+    input, the logits) that resuming from the previous set's pass skipped."""
+    done = stats["stages_run"] + stats["stages_skipped"]
+    return {"passes": stats["runs"], "stages_per_pass": stats["n_stages"], "stages_skipped": stats["stages_skipped"],
+            "fraction_stages_skipped": stats["stages_skipped"] / done if done else 0.0}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="random-gpt2-small")
@@ -134,22 +145,25 @@ def main(argv=None) -> list[dict]:
         sizes = log_sizes(len(graph), args.circuits)
         floor = args.circuits * forward_flops(model.cfg, metric.end_idx) / (gflops * 1e9)
         circuits = [top_n(scores, graph, int(n)) for n in sizes]
+        stats: dict = {}
         values, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, circuits, metric, graph=graph,
-                                                     mode="keep"))
+                                                     mode="keep", stats=stats))
         rows.append({"experiment": "circuits_exact", "circuits": "top-n of EAP (log-spaced n)", "model": args.model,
                      "N": args.n, "n_circuits": len(circuits), "edges": len(graph), "seconds": seconds,
                      "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
-                     "target": TARGETS["circuits_exact"], "metric_first_last": [float(values[0]), float(values[-1])]})
+                     "target": TARGETS["circuits_exact"], "metric_first_last": [float(values[0]), float(values[-1])],
+                     **_resume_keys(stats)})
     if "circuits" not in args.skip and args.random_circuits > 0:
         floor = args.random_circuits * forward_flops(model.cfg, metric.end_idx) / (gflops * 1e9)
         gen = torch.Generator().manual_seed(args.seed)
         random_sets = torch.rand(args.random_circuits, len(graph), generator=gen) < 0.5
+        stats = {}
         _, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, random_sets, metric, graph=graph,
-                                                mode="keep"))
+                                                mode="keep", stats=stats))
         rows.append({"experiment": "circuits_exact", "circuits": "random (p=1/2)", "model": args.model,
                      "N": args.n, "n_circuits": args.random_circuits, "edges": len(graph), "seconds": seconds,
                      "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
-                     "target": TARGETS["circuits_exact"]})
+                     "target": TARGETS["circuits_exact"], **_resume_keys(stats)})
     if "acdc" not in args.skip:
         planted = load_model("planted-ioi", device=args.device)
         small = IOIDataset(N=args.acdc_n, seed=args.seed)
@@ -189,6 +203,9 @@ def main(argv=None) -> list[dict]:
         ratio = "-" if floor is None else f"{row['ratio_to_floor']:.2f}"
         auc = f"{row['auc']:.3f}" if "auc" in row else "-"
         found = ""
+        if "fraction_stages_skipped" in row:
+            found = (f"; resumed: {row['stages_skipped']} of {row['passes'] * row['stages_per_pass']} stages "
+                     f"skipped ({100 * row['fraction_stages_skipped']:.0f}%, {row['passes']} passes)")
         if row["experiment"] == "acdc_planted":
             found = (f"; kept {row['edges_kept']} ({row['true_positives']}/{row['planted_edges']} planted, "
                      f"{row['false_positives']} extra)")

@@ -284,6 +284,82 @@ def test_repeated_sets_are_evaluated_once_and_returned_in_place(setup, monkeypat
     torch.testing.assert_close(values, torch.cat([ref[3:], ref, ref[:2]]), atol=ATOL, rtol=0)
 
 
+def _nested_sets(graph: EdgeGraph, seed: int) -> torch.Tensor:
+    """Top-n sets of a random ranking (nested, n from 0 to every edge), shuffled, plus two random
+    sets: a faithfulness curve's sets, not in any order that shares prefixes."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(graph), generator=gen)
+    sizes = sorted({0, 1, 2, 3, 5, 9, 17, len(graph) // 4, len(graph) // 2, len(graph) - 3, len(graph)})
+    sets = torch.zeros(len(sizes) + 2, len(graph), dtype=torch.bool)
+    for i, n in enumerate(sizes):
+        sets[i, order[:n]] = True
+    sets[-2:] = torch.rand(2, len(graph), generator=gen) < 0.5
+    return sets[torch.randperm(len(sets), generator=gen)]
+
+
+@pytest.mark.parametrize("positions", [None, POSITIONS], ids=["allpos", "allslots"])
+def test_resumed_sets_equal_independent_passes_and_reference(setup, positions):
+    """One set a pass (as at GPT-2 scale), sets in trie order, each resumed from the previous pass:
+    equal to independent passes (RESUME_SETS off) to float32 rounding and to the hook reference,
+    in the caller's order; stages are actually skipped; on 2 threads (prompt chunks on 2 workers,
+    one prompt a chunk) the same values, and a repeat is bit-identical."""
+    from ioi.edges import patching as edge_patching
+
+    model, toks, new, word_idx, metric, groups = setup
+    graph = EdgeGraph.from_model(model, positions=positions)
+    sets = _nested_sets(graph, seed=len(graph))
+    stats: dict = {}
+    resumed = patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep",
+                          max_sets_per_batch=1, stats=stats)
+    assert stats["runs"] == len(sets) and stats["stages_skipped"] > 0
+    assert stats["stages_run"] + stats["stages_skipped"] == stats["runs"] * stats["n_stages"]
+    edge_patching.RESUME_SETS = False
+    try:
+        independent = patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep",
+                                  max_sets_per_batch=1)
+    finally:
+        edge_patching.RESUME_SETS = True
+    torch.testing.assert_close(resumed, independent, atol=1e-6, rtol=0)
+    ref = patch_edges_reference(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep")
+    torch.testing.assert_close(resumed, ref, atol=ATOL, rtol=0)
+    assert float(ref.max() - ref.min()) > 0.05
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = [patch_edges(model, toks, new, sets, metric, graph=graph, word_idx=word_idx, mode="keep",
+                                memory_budget_mb=0.01) for _ in range(2)]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(parallel[0], parallel[1])
+    torch.testing.assert_close(parallel[0], ref, atol=ATOL, rtol=0)
+    if positions is None:  # mean ablation through the same path
+        means = mean_sender_outputs(model, new, graph, groups=groups)
+        fast = patch_edges(model, toks, None, sets[:5], metric, graph=graph, mean_activations=means, mode="keep",
+                           max_sets_per_batch=1)
+        ref = patch_edges_reference(model, toks, None, sets[:5], metric, graph=graph, mean_activations=means,
+                                    mode="keep")
+        torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+
+
+def test_resume_restarts_where_a_later_receiver_reads_an_unwritten_difference(setup):
+    """Patch mode: the empty set runs first and reads no head on its own (their differences are not
+    written); the next set patches only a0.h0 -> logits, whose mask differs at the logits alone, but
+    the logits read a0.h0's difference: the pass must start from scratch (no stage skipped)."""
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model)
+    sets = [[], ["a0.h0->logits"], ["a0.h0->logits", "a0.h1->logits"]]
+    stats: dict = {}
+    fast = patch_edges(model, toks, new, sets, metric, graph=graph, max_sets_per_batch=1, stats=stats)
+    ref = patch_edges_reference(model, toks, new, sets, metric, graph=graph)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+    assert abs(float(ref[1] - ref[0])) > 1e-3  # the edge matters, so reading an unwritten entry would show
+    # set 2 resumes from set 1 only if a0.h1 was written (layer 0 reads more than half its heads
+    # on their own only with 2 heads); set 1 restarts from scratch
+    n_stages = stats["n_stages"]
+    assert stats["stages_skipped"] <= 2 * (model.cfg.n_layers - 1)
+    assert stats["stages_run"] >= 2 * n_stages
+
+
 def test_patching_errors(setup):
     model, toks, new, word_idx, metric, _ = setup
     graph = EdgeGraph.from_model(model, positions=("END",))

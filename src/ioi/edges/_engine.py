@@ -94,10 +94,40 @@ class EdgeForward:
             if not net.attn_only:
                 reads[self.mlp_receivers[layer]] = self.mlp_senders[layer]
         self._senders_read = reads
+        # the stage at which each receiver reads (see n_stages) and at which each sender writes
+        stage = torch.full((self.n_receivers,), 2 * L, dtype=torch.long, device="cpu")
+        writes = torch.full((self.n_senders,), -1, dtype=torch.long, device="cpu")  # embed: before all
+        for layer in range(L):
+            r0, s0 = self.head_receivers[layer], self.head_senders[layer]
+            stage[r0 : r0 + 3 * H] = 2 * layer
+            writes[s0 : s0 + H] = 2 * layer
+            if not net.attn_only:
+                stage[self.mlp_receivers[layer]] = 2 * layer + 1
+                writes[self.mlp_senders[layer]] = 2 * layer + 1
+        self.receiver_stage, self.sender_stage = stage, writes
 
     @property
     def device(self) -> torch.device:
         return self.net.device
+
+    @property
+    def n_stages(self) -> int:
+        """Stages of a run: each layer's head inputs (``2 * layer``) and MLP input (``2 * layer + 1``),
+        then the logits (``2 * n_layers``); an attention-only model skips the odd ones."""
+        return 2 * self.net.n_layers + 1
+
+    def stage_of(self, g: int) -> tuple[int, str]:
+        """``(layer, "attn" | "mlp" | "final")`` of stage ``g``."""
+        if g == 2 * self.net.n_layers:
+            return self.net.n_layers, "final"
+        return g // 2, ("mlp" if g % 2 else "attn")
+
+    def senders_before(self, g: int) -> int:
+        """How many senders write before stage ``g`` reads (a prefix of ``graph.senders``)."""
+        layer, stage = self.stage_of(g)
+        if stage == "final":
+            return self.n_senders
+        return self.mlp_senders[layer] if stage == "mlp" else self.head_senders[layer]
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -178,6 +208,7 @@ class EdgeForward:
         start: "EngineState | None" = None,
         end_pos: Int[Tensor, "n"] | None = None,
         host_masks: Float[Tensor, "k slots receivers senders"] | None = None,
+        trail: "Trail | None" = None,
     ) -> tuple[Float[Tensor, "k n pos d"], Tensor | None]:
         """Final residual streams (the logits receiver's input) of the ``k`` mask sets.
 
@@ -196,6 +227,19 @@ class EdgeForward:
         ``host_masks``: ``masks`` on the CPU (when ``masks`` is on an accelerator; else copied once
         here). Which receivers are patched, their distinct rows and the senders they read are
         decided from it, so the loops over layers and sets never wait on the device.
+
+        ``trail`` (one set, ``k = 1``, with ``target``; see :class:`Trail`): resume from the previous
+        run on the same ``tokens`` and ``target``. Receivers are in topological order; if this
+        set's mask rows equal the previous set's for every receiver before stage ``g`` (the head
+        inputs of a layer, its MLP input, the logits), the residual stream, every sender output and
+        every difference before ``g`` are those of the previous run: the run starts at ``g`` from
+        the residual saved there and the previous run's difference store (entries of senders
+        before ``g`` kept, the rest overwritten in place, no copy). It starts earlier where a
+        receiver at or after ``g`` reads a sender before ``g`` whose difference the previous runs
+        left unwritten (heads no receiver read on their own), and at most at the last layer's
+        attention when ``end_pos`` is given (after it only END rows are kept). The same numbers
+        as a run from scratch up to float32 rounding (a layer's heads may have been summed by the
+        fused or the per-head product, depending on which set computed them).
         """
         if end_pos is not None and keep_outputs:
             raise ValueError("end_pos restricts the last layer to END rows: it cannot keep every output.")
@@ -217,7 +261,17 @@ class EdgeForward:
         read = (self.senders_read(hmasks, slot_idx)
                 if deltas.can_fuse_heads and not keep_outputs and not differentiable else None)
         first_layer, stage = 0, "attn"
-        if start is None:
+        begin = 0  # the stage this run starts at (2 * layer, + 1 for the MLP; 2 * n_layers: the logits)
+        if trail is not None:
+            if k != 1 or target is None or start is not None or read is None or fixed_delta is not None:
+                raise ValueError("trail= resumes one set (k = 1) with target=, from scratch (no start=, "
+                                 "keep_outputs, fixed_delta or autograd).")
+            begin = trail.begin(self, tokens, target, hmasks[0], read, end_pos is not None)
+            deltas.continue_trail(trail, self.senders_before(begin) if begin else 0, begin)
+        if begin > 0:
+            first_layer, stage = self.stage_of(begin)
+            resid = trail.resid[begin]
+        elif start is None:
             emb = (self.embed(tokens) if embed is None else embed).reshape(1, T, D)
             deltas.computed(0, 1, emb[:, None])
             if outputs is not None:
@@ -247,6 +301,8 @@ class EdgeForward:
 
         for layer in range(first_layer, net.n_layers):
             if not (layer == first_layer and stage == "mlp") and stage != "final":
+                if trail is not None:
+                    trail.save(2 * layer, resid, deltas.total)
                 r0, s0 = self.head_receivers[layer], self.head_senders[layer]
                 block = hmasks[:, :, r0 : r0 + 3 * H, :s0]
                 grouped = not differentiable and bool(block.any())
@@ -291,6 +347,8 @@ class EdgeForward:
                 resid = resid + attn_out
             if net.attn_only or stage == "final":
                 continue
+            if trail is not None and not restricted:
+                trail.save(2 * layer + 1, resid, deltas.total)
             rm, sm = self.mlp_receivers[layer], self.mlp_senders[layer]
             x = self._single_input(resid, masks[:, :, rm : rm + 1, :sm], hmasks[:, :, rm : rm + 1, :sm], deltas,
                                    slot_idx, differentiable)
@@ -299,6 +357,8 @@ class EdgeForward:
             if outputs is not None:
                 outputs[:, sm] = mlp_out
             resid = resid + mlp_out
+        if trail is not None and not restricted:
+            trail.save(2 * net.n_layers, resid, deltas.total)
         x = self._single_input(resid, masks[:, :, -1:, :], hmasks[:, :, -1:, :], deltas, slot_idx, differentiable)
         resid = resid if x is None else x
         if resid.shape[0] != k:
@@ -435,6 +495,56 @@ class EdgeForward:
         return outputs[0]
 
 
+class Trail:
+    """What one run leaves for the next set on the same prompts (:meth:`EdgeForward.run`'s
+    ``trail``): the difference store ``[1, senders, T, d]`` (reused in place by every run),
+    which of its entries are unwritten, the residual stream and the running sum of differences
+    at the start of every stage (full token rows only), and the last run's mask.
+
+    ``stages_run`` / ``stages_skipped`` count the stages computed and resumed over (per run,
+    :attr:`EdgeForward.n_stages` in all)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.mask: Tensor | None = None
+        self.store: Tensor | None = None
+        self.unwritten: Tensor | None = None
+        self.resid: dict[int, Tensor] = {}
+        self.total: dict[int, Tensor | None] = {}
+        self.runs = self.stages_run = self.stages_skipped = 0
+
+    def begin(self, engine: EdgeForward, tokens: Tensor, target: Tensor, mask: Tensor, read: Tensor,
+              restricted_end: bool) -> int:
+        """The stage the run of ``mask`` ``[slots, R, S]`` (host) starts at, and record it."""
+        key = (tokens.data_ptr(), tuple(tokens.shape), target.data_ptr(), tuple(target.shape))
+        g = 0
+        if self.mask is not None and self.key == key:
+            differs = (mask != self.mask).any(-1).any(0)  # [R]
+            changed = differs.nonzero()[:, 0]
+            g = int(engine.receiver_stage[changed].min()) if len(changed) else engine.n_stages - 1
+            # a sender some receiver reads whose difference the store does not hold: start at it
+            missing = (read & self.unwritten).nonzero()[:, 0]
+            if len(missing):
+                g = min(g, int(engine.sender_stage[missing].min()))
+            g = max(0, min(g, max(self.resid) if self.resid else 0))
+            if restricted_end:  # the last layer's MLP and the logits read END rows only
+                g = min(g, 2 * (engine.net.n_layers - 1))
+            while g > 0 and g not in self.resid:  # attention only: no MLP stages
+                g -= 1
+        if self.key != key:
+            self.store, self.unwritten, self.resid, self.total = None, None, {}, {}
+        self.key, self.mask = key, mask
+        self.runs += 1
+        self.stages_skipped += g
+        self.stages_run += engine.n_stages - g
+        return g
+
+    def save(self, g: int, resid: Tensor, total: Tensor | None) -> None:
+        """The residual ``[1, T, d]`` and running sum of differences where stage ``g`` starts
+        (references: the run never writes into either)."""
+        self.resid[g], self.total[g] = resid, total
+
+
 @dataclasses.dataclass
 class EngineState:
     """Where a resumed forward starts: ``layer``/``stage`` (``"attn"``: before the heads of
@@ -477,6 +587,19 @@ class _Deltas:
         if self.fixed:
             self.shared = fixed_delta.reshape(1, n_senders, T, d)
             self.n_shared = n_senders
+
+    def continue_trail(self, trail: Trail, n_senders: int, g: int) -> None:
+        """Use ``trail``'s store in place (allocated on the first run): the differences of the
+        first ``n_senders`` senders are kept, every later one is overwritten by this run; the
+        running sum is the one saved at stage ``g``."""
+        if trail.store is None:
+            trail.store = self.like.new_empty(1, self.n_senders, self.T, self.d)
+            trail.unwritten = torch.zeros(self.n_senders, dtype=torch.bool, device="cpu")
+        if trail.store.shape != (1, self.n_senders, self.T, self.d):
+            raise ValueError(f"trail store {tuple(trail.store.shape)} does not fit this run.")
+        self.shared, self.n_shared, self.unwritten = trail.store, n_senders, trail.unwritten
+        self.total = trail.total[g] if g else None
+        self.borrowed = False
 
     def resume(self, delta: Tensor, n_senders: int, delta_sum: Tensor | None = None) -> None:
         """Start from a saved state's differences (borrowed: copied before any write)."""
@@ -581,6 +704,7 @@ class _Deltas:
         """Where the differences of senders ``s0:s1`` computed with batch ``b`` (1 or k) go:
         ``[1 or k, s1 - s0, T, d]`` (the shared part while every set agrees, else the per-set part)."""
         borrowed = getattr(self, "borrowed", False)
+        self.unwritten[s0:s1] = False  # (re)written now; computed_heads_sum marks the heads it skips
         if b == 1 and self.perk is None and not borrowed:
             if self.shared is None:
                 self.shared = self.like.new_empty(1, self.n_senders, self.T, self.d)

@@ -61,6 +61,8 @@ PARALLEL_SETS = True
 # a chunk also ends where END changes once it holds this many rows (prompts x positions), so each
 # chunk is computed up to its own longest END with little or no padding.
 MIN_CHUNK_ROWS = 128
+# Where one set fits a pass: sets in trie order, each resumed from the previous one (patch_edges).
+RESUME_SETS = True
 
 __all__ = ["edge_forward", "mean_sender_outputs", "patch_edges", "sender_outputs", "set_masks"]
 
@@ -115,6 +117,53 @@ def _distinct_sets(mask: Tensor) -> tuple[Tensor, Tensor]:
     return mask[first[order]], position[inverse]
 
 
+def _trie_order(mask: Tensor) -> list[int]:
+    """The sets (rows of ``mask`` ``[n_sets, n_edges]``, edges in receiver order) sorted
+    lexicographically: each set then shares with the one before it the longest prefix of
+    receivers that any earlier set shares with it."""
+    rows = mask.cpu().numpy().astype("uint8")
+    return sorted(range(len(rows)), key=lambda i: rows[i].tobytes())
+
+
+def _resumed_sets(engine: EdgeForward, mask: Tensor, clean, corrupted, means, metric: LogitDiff, graph: EdgeGraph, word_idx,
+                  host_all: Tensor, dense_all: Tensor, chunks: list[Tensor], end_cpu: Tensor, per_prompt: Tensor,
+                  workers: int, bar, stats: dict | None) -> None:
+    """Every set on every prompt chunk, one set a pass, sets in trie order, each pass resumed
+    from the previous one on its chunk (:class:`ioi.edges._engine.Trail`); the chunks run on
+    ``workers`` threads (largest first), each walking every set. Writes ``per_prompt``."""
+    from ioi.edges._engine import Trail
+
+    device = engine.device
+    order = _trie_order(mask)
+    counts: list[Trail] = []
+
+    def chunk_job(rows: Tensor) -> None:
+        P_chunk = int(end_cpu[rows].max()) + 1
+        rows_dev = rows.to(device)
+        toks = clean[rows_dev, :P_chunk]
+        chunk_idx = None if word_idx is None else {k: torch.as_tensor(v)[rows] for k, v in word_idx.items()}
+        slots = slot_token_index(graph, chunk_idx, toks.shape[0], P_chunk, device)
+        target = (engine.sender_outputs(corrupted[rows_dev, :P_chunk]) if corrupted is not None
+                  else means[:, rows_dev, :P_chunk].contiguous())
+        m = metric[rows]
+        ends, io_ids, s_ids = m.end_idx.to(device).long(), m.io_ids.to(device), m.s_ids.to(device)
+        trail = Trail()
+        for s in order:
+            final, _ = engine.run(toks, dense_all[s : s + 1], slots, target=target, end_pos=ends,
+                                  host_masks=host_all[s : s + 1], trail=trail)
+            io, s_logit = engine.net.answer_logits(final[:, :, 0], io_ids, s_ids)
+            per_prompt[s, rows_dev] = (io - s_logit)[0]
+            bar.update(1)
+        counts.append(trail)
+
+    work = [len(rows) * (int(end_cpu[rows].max()) + 1) for rows in chunks]
+    largest_first = [chunks[i] for i in sorted(range(len(chunks)), key=lambda i: -work[i])]
+    map_on_workers(chunk_job, largest_first, workers)
+    if stats is not None:
+        stats.update(runs=sum(t.runs for t in counts), stages_run=sum(t.stages_run for t in counts),
+                     stages_skipped=sum(t.stages_skipped for t in counts), n_stages=engine.n_stages)
+
+
 def _budget(memory_budget_mb: float | None, device: torch.device) -> float:
     mb = DEFAULT_MEMORY_BUDGET_MB.get(device.type, 1024) if memory_budget_mb is None else memory_budget_mb
     return float(mb) * 2**20
@@ -147,6 +196,7 @@ def patch_edges(
     memory_budget_mb: float | None = None,
     max_sets_per_batch: int | None = None,
     progress: bool = False,
+    stats: dict | None = None,
 ) -> Tensor:
     """The metric with each edge set patched (see the module docstring): ``Tensor[n_sets]``
     (``[n_sets, n]`` for a per-prompt metric).
@@ -165,6 +215,15 @@ def patch_edges(
             (:func:`mean_sender_outputs`) instead of a corrupted run.
         mode: ``"patch"`` or ``"keep"``.
         memory_budget_mb: working memory of one batched pass (default 1 GiB on CPU).
+        stats: a dict filled with ``runs`` (engine passes), ``stages_run`` / ``stages_skipped``
+            (stages computed / resumed over, summed over passes) and ``n_stages`` (per pass).
+
+    Where only one set fits a pass (``RESUME_SETS``, a :class:`~ioi.metrics.LogitDiff` metric),
+    the sets are evaluated one after another in lexicographic order of their masks in receiver
+    order (a walk of their trie), each resumed from the previous set's pass on the same prompt
+    chunk where their masks agree on every receiver before a stage (:class:`ioi.edges._engine.Trail`):
+    nested circuits (top-n, faithfulness curves, ACDC-like sweeps) share their early layers.
+    Results are returned in the caller's order and equal independent passes up to float32 rounding.
     """
     engine = edge_forward(model, graph)
     device = engine.device
@@ -211,6 +270,10 @@ def patch_edges(
     sets_chunk = max(1, int(budget // (per * prompt_chunk)) - 1)
     if max_sets_per_batch is not None:
         sets_chunk = max(1, min(sets_chunk, max_sets_per_batch))
+    resume = is_ld and RESUME_SETS and sets_chunk == 1 and n_sets > 1
+    if resume:  # each pass also keeps the residual and the running sum at every stage (the trail)
+        per += 2 * _BYTES * P_used * engine.net.d_model * engine.n_stages
+        prompt_chunk = max(1, min(n, int(budget // (2 * per))))
 
     host_all = graph.dense_masks(mask)  # [n_sets, slots, R, S] on the CPU: the engine reads the structure there
     dense_all = host_all.to(device)
@@ -222,6 +285,13 @@ def patch_edges(
     else:
         chunks = [torch.arange(n, device="cpu")]  # prompt indices (CPU, as length_chunks gives)
     bar = tqdm(total=n_sets * len(chunks), disable=not progress, desc="edge patching")
+    if resume:
+        _resumed_sets(engine, mask, clean, corrupted, means, metric, graph, word_idx, host_all, dense_all, chunks,
+                      end_cpu, per_prompt, workers, bar, stats)
+        bar.close()
+        return metric.reduce(per_prompt).cpu()[repeat_of]
+    if stats is not None:
+        stats.update(runs=0, stages_run=0, stages_skipped=0, n_stages=engine.n_stages)
     for rows in chunks:
         P_chunk = int(end_cpu[rows].max()) + 1 if is_ld else P_used
         rows_dev = rows.to(device)
@@ -243,6 +313,9 @@ def patch_edges(
                 bar.update(dense.shape[0])
 
             map_on_workers(ld_of_sets, range(0, n_sets, sets_chunk), workers)
+            if stats is not None:
+                runs = math.ceil(n_sets / sets_chunk)
+                stats.update(runs=stats["runs"] + runs, stages_run=stats["stages_run"] + runs * engine.n_stages)
             continue
         for s0 in range(0, n_sets, sets_chunk):  # any metric on full logits: in order, here
             dense, host = dense_all[s0 : s0 + sets_chunk], host_all[s0 : s0 + sets_chunk]
