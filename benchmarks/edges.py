@@ -14,7 +14,8 @@ Rows
   floor: ``circuits x`` the FLOPs of one plain forward pass (every layer at every position up to
   each prompt's END, the full-vocabulary unembedding at END only: :func:`forward_flops`) divided by the machine's
   float32 matmul throughput, measured here on ``[2048, d_model] x [d_model, 4 d_model]``.
-  Target: <= 1.5x the floor. Also reported: the engine passes (sets x prompt chunks) and the
+  Target: <= 1.5x the floor. ``--memory-budget-mb`` (default 2048, the workflow's
+  ``memory_budget_mb``) is patch_edges' working memory. Also reported: the engine passes (sets x prompt chunks) and the
   stages (each layer's head inputs and MLP input, the logits) skipped by resuming each set from
   the previous set's pass (``stages_skipped``, ``fraction_stages_skipped``; nested top-n sets
   share their early layers, random sets almost nothing).
@@ -120,6 +121,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--acdc-n", type=int, default=100)
     parser.add_argument("--acdc-tau", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-budget-mb", type=float, default=2048,
+                        help="patch_edges' working memory (default: config/config.yaml's memory_budget_mb, "
+                             "what the workflow's edge_circuits passes)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip", nargs="*", default=(), choices=("eap", "circuits", "acdc"))
     parser.add_argument("--json", default=None)
@@ -147,11 +151,12 @@ def main(argv=None) -> list[dict]:
         circuits = [top_n(scores, graph, int(n)) for n in sizes]
         stats: dict = {}
         values, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, circuits, metric, graph=graph,
-                                                     mode="keep", stats=stats))
+                                                     mode="keep", stats=stats,
+                                                     memory_budget_mb=args.memory_budget_mb))
         rows.append({"experiment": "circuits_exact", "circuits": "top-n of EAP (log-spaced n)", "model": args.model,
                      "N": args.n, "n_circuits": len(circuits), "edges": len(graph), "seconds": seconds,
                      "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
-                     "target": TARGETS["circuits_exact"], "metric_first_last": [float(values[0]), float(values[-1])],
+                     "target": TARGETS["circuits_exact"], "memory_budget_mb": args.memory_budget_mb, "metric_first_last": [float(values[0]), float(values[-1])],
                      **_resume_keys(stats)})
     if "circuits" not in args.skip and args.random_circuits > 0:
         floor = args.random_circuits * forward_flops(model.cfg, metric.end_idx) / (gflops * 1e9)
@@ -159,11 +164,13 @@ def main(argv=None) -> list[dict]:
         random_sets = torch.rand(args.random_circuits, len(graph), generator=gen) < 0.5
         stats = {}
         _, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, random_sets, metric, graph=graph,
-                                                mode="keep", stats=stats))
+                                                mode="keep", stats=stats,
+                                                memory_budget_mb=args.memory_budget_mb))
         rows.append({"experiment": "circuits_exact", "circuits": "random (p=1/2)", "model": args.model,
                      "N": args.n, "n_circuits": args.random_circuits, "edges": len(graph), "seconds": seconds,
                      "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
-                     "target": TARGETS["circuits_exact"], **_resume_keys(stats)})
+                     "target": TARGETS["circuits_exact"], "memory_budget_mb": args.memory_budget_mb,
+                     **_resume_keys(stats)})
     if "acdc" not in args.skip:
         planted = load_model("planted-ioi", device=args.device)
         small = IOIDataset(N=args.acdc_n, seed=args.seed)

@@ -389,9 +389,8 @@ class EdgeForward:
             complement = coef.sum(1) > n_s / 2
             if bool(complement.any()):
                 coef = torch.where(complement[:, None], coef - 1.0, coef)
-            out = deltas.combine(kk, coef, base.reshape(1, T * D)).view(U, T, D)
-            for u in complement.nonzero()[:, 0].tolist():
-                out[u] += deltas.running_total(kk)
+            total = deltas.running_total(kk).reshape(1, T * D) if bool(complement.any()) else None
+            out = deltas.combine(kk, coef, base.reshape(1, T * D), complement, total).view(U, T, D)
             return out, inverse
         out = base.expand(U, T, D).clone()
         for j, idx in enumerate(slot_idx):
@@ -639,14 +638,21 @@ class _Deltas:
             self.total = self.shared[:, : self.n_shared].sum(1)
         return self.total[min(kk, self.total.shape[0] - 1)]
 
-    def combine(self, kk: int, coef: Tensor, base: Tensor) -> Tensor:
-        """``base + coef @ differences`` for set ``kk``: ``[U, T * d]`` (``coef`` ``[U, n_s]``).
+    def combine(self, kk: int, coef: Tensor, base: Tensor, with_total: Tensor | None = None,
+                total: Tensor | None = None) -> Tensor:
+        """``base + coef @ differences`` for set ``kk``: ``[U, T * d]`` (``coef`` ``[U, n_s]``),
+        plus ``total`` ``[1, T * d]`` in the rows ``with_total`` (``BoolTensor[U]``, CPU) marks.
 
         Reads only the senders some row uses: gathered when few, else the contiguous views
         between the first and last used sender (no copy)."""
         U, n_s = coef.shape
         Td = self.T * self.d
-        out = base.expand(U, Td).clone()
+        out = base.new_empty(U, Td)
+        if with_total is None or total is None:
+            out.copy_(base.expand(U, Td))
+        else:
+            for u, add in enumerate(with_total.tolist()):
+                torch.add(base[0], total[0], out=out[u]) if add else out[u].copy_(base[0])
         used = coef.abs().sum(0).nonzero()[:, 0]
         if not len(used):
             return out

@@ -232,7 +232,9 @@ class NetWeights:
         return out.view(resid.shape)
 
     def _mlp_rows(self, layer: int, rows: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_model"]:
-        hidden = self.act(torch.addmm(self.b_in[layer], self.ln(rows, self.ln2[layer]), self.W_in[layer]))
+        hidden = torch.addmm(self.b_in[layer], self.ln(rows, self.ln2[layer]), self.W_in[layer])
+        # the activation in place on the fresh pre-activation when no gradient flows (same numbers)
+        hidden = self.act(hidden) if hidden.requires_grad else self.act_(hidden)
         return torch.addmm(self.b_out[layer], hidden, self.W_out[layer])
 
     def add_mlp_(self, layer: int, resid: Tensor) -> Tensor:
