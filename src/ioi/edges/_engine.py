@@ -268,6 +268,11 @@ class EdgeForward:
                                  "keep_outputs, fixed_delta or autograd).")
             begin = trail.begin(self, tokens, target, hmasks[0], read, end_pos is not None)
             deltas.continue_trail(trail, self.senders_before(begin) if begin else 0, begin)
+            for s in trail.fill:
+                lay = int(self.sender_stage[s]) // 2
+                h = s - self.head_senders[lay]
+                torch.addmm(deltas.target[s], trail.z[lay][0, h], net.W_O[lay][h], alpha=-1.0, out=trail.store[0, s])
+                trail.unwritten[s] = False
         if begin > 0:
             first_layer, stage = self.stage_of(begin)
             resid = trail.resid[begin]
@@ -322,6 +327,8 @@ class EdgeForward:
                                 for t in flat.view(kz, T, 3, H * net.d_head).unbind(2))
                 z = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=net.attn_scales[layer])
                 z = z.view(kz, H, T, net.d_head)
+                if trail is not None:
+                    trail.z[layer] = z
                 if rows is not None and layer == net.n_layers - 1:
                     resid = restrict(resid)
                     z = z.index_select(2, rows)
@@ -498,7 +505,9 @@ class Trail:
     """What one run leaves for the next set on the same prompts (:meth:`EdgeForward.run`'s
     ``trail``): the difference store ``[1, senders, T, d]`` (reused in place by every run),
     which of its entries are unwritten, the residual stream and the running sum of differences
-    at the start of every stage (full token rows only), and the last run's mask.
+    at the start of every stage and each layer's attention output (full token rows only), and
+    the last run's mask. A head's difference that a resumed set reads but no earlier set wrote
+    is computed from its layer's saved attention output (``target - z_h @ W_O[h]``).
 
     ``stages_run`` / ``stages_skipped`` count the stages computed and resumed over (per run,
     :attr:`EdgeForward.n_stages` in all)."""
@@ -510,6 +519,8 @@ class Trail:
         self.unwritten: Tensor | None = None
         self.resid: dict[int, Tensor] = {}
         self.total: dict[int, Tensor | None] = {}
+        self.z: dict[int, Tensor] = {}  # layer -> its heads' attention output [1, H, T, d_head]
+        self.fill: list[int] = []  # heads whose difference this run computes from self.z first
         self.runs = self.stages_run = self.stages_skipped = 0
 
     def begin(self, engine: EdgeForward, tokens: Tensor, target: Tensor, mask: Tensor, read: Tensor,
@@ -521,17 +532,23 @@ class Trail:
             differs = (mask != self.mask).any(-1).any(0)  # [R]
             changed = differs.nonzero()[:, 0]
             g = int(engine.receiver_stage[changed].min()) if len(changed) else engine.n_stages - 1
-            # a sender some receiver reads whose difference the store does not hold: start at it
-            missing = (read & self.unwritten).nonzero()[:, 0]
-            if len(missing):
-                g = min(g, int(engine.sender_stage[missing].min()))
             g = max(0, min(g, max(self.resid) if self.resid else 0))
             if restricted_end:  # the last layer's MLP and the logits read END rows only
                 g = min(g, 2 * (engine.net.n_layers - 1))
             while g > 0 and g not in self.resid:  # attention only: no MLP stages
                 g -= 1
+            # heads before g that some receiver reads on their own but whose difference the store
+            # lacks (no earlier set read them): filled from their layer's saved attention output,
+            # or, without one, the run starts at their layer
+            missing = (read & self.unwritten & (engine.sender_stage < g)).nonzero()[:, 0]
+            no_z = [int(s) for s in missing if int(engine.sender_stage[s]) // 2 not in self.z]
+            if no_z:
+                g = min(g, int(engine.sender_stage[torch.tensor(no_z, device="cpu")].min()))
+            self.fill = [int(s) for s in missing if int(engine.sender_stage[s]) < g]
+        else:
+            self.fill = []
         if self.key != key:
-            self.store, self.unwritten, self.resid, self.total = None, None, {}, {}
+            self.store, self.unwritten, self.resid, self.total, self.z = None, None, {}, {}, {}
         self.key, self.mask = key, mask
         self.runs += 1
         self.stages_skipped += g

@@ -61,8 +61,10 @@ PARALLEL_SETS = True
 # a chunk also ends where END changes once it holds this many rows (prompts x positions), so each
 # chunk is computed up to its own longest END with little or no padding.
 MIN_CHUNK_ROWS = 128
-# Where one set fits a pass: sets in trie order, each resumed from the previous one (patch_edges).
+# Where at most RESUME_MAX_BATCH sets fit a pass (a large model: batching sets gains little there),
+# the sets run one a pass in trie order, each resumed from the previous one (patch_edges).
 RESUME_SETS = True
+RESUME_MAX_BATCH = 4
 
 __all__ = ["edge_forward", "mean_sender_outputs", "patch_edges", "sender_outputs", "set_masks"]
 
@@ -218,9 +220,10 @@ def patch_edges(
         stats: a dict filled with ``runs`` (engine passes), ``stages_run`` / ``stages_skipped``
             (stages computed / resumed over, summed over passes) and ``n_stages`` (per pass).
 
-    Where only one set fits a pass (``RESUME_SETS``, a :class:`~ioi.metrics.LogitDiff` metric),
-    the sets are evaluated one after another in lexicographic order of their masks in receiver
-    order (a walk of their trie), each resumed from the previous set's pass on the same prompt
+    Where at most ``RESUME_MAX_BATCH`` sets fit a pass in the memory budget, or
+    ``max_sets_per_batch=1`` (``RESUME_SETS``, a :class:`~ioi.metrics.LogitDiff` metric), the sets
+    are evaluated one a pass in lexicographic order of their masks in receiver order (a walk of
+    their trie), each resumed from the previous set's pass on the same prompt
     chunk where their masks agree on every receiver before a stage (:class:`ioi.edges._engine.Trail`):
     nested circuits (top-n, faithfulness curves, ACDC-like sweeps) share their early layers.
     Results are returned in the caller's order and equal independent passes up to float32 rounding.
@@ -268,11 +271,13 @@ def patch_edges(
     per = _bytes_per_prompt_set(engine, P_used)
     prompt_chunk = n if not is_ld else max(1, min(n, int(budget // (2 * per))))
     sets_chunk = max(1, int(budget // (per * prompt_chunk)) - 1)
+    few_fit = sets_chunk <= RESUME_MAX_BATCH
     if max_sets_per_batch is not None:
         sets_chunk = max(1, min(sets_chunk, max_sets_per_batch))
-    resume = is_ld and RESUME_SETS and sets_chunk == 1 and n_sets > 1
-    if resume:  # each pass also keeps the residual and the running sum at every stage (the trail)
-        per += 2 * _BYTES * P_used * engine.net.d_model * engine.n_stages
+    resume = is_ld and RESUME_SETS and (few_fit or sets_chunk == 1) and n_sets > 1
+    if resume:  # each pass also keeps the residual and the running sum at every stage and each
+        # layer's attention output (the trail)
+        per += _BYTES * P_used * engine.net.d_model * (2 * engine.n_stages + engine.net.n_layers)
         prompt_chunk = max(1, min(n, int(budget // (2 * per))))
 
     host_all = graph.dense_masks(mask)  # [n_sets, slots, R, S] on the CPU: the engine reads the structure there
