@@ -17,6 +17,7 @@ carry no difference in any of the ``K`` sets takes the fused projection of the s
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 from typing import Sequence
 
@@ -66,6 +67,9 @@ def slot_token_index(
         else:
             out.append(named[label])
     return out
+
+
+_HEAD_SUMS_LOCK = threading.Lock()
 
 
 class EdgeForward:
@@ -133,16 +137,25 @@ class EdgeForward:
 
     def head_target_sums(self, target: Float[Tensor, "senders n pos d"]) -> Float[Tensor, "n_layers T d"]:
         """Per layer, the sum over its heads of ``target`` ``[L, n * pos, d]``: kept while ``target``
-        is the same unmodified tensor (every set chunk of one :func:`patch_edges` call shares it)."""
+        is the same unmodified tensor (every set chunk of one :func:`patch_edges` call shares it;
+        a few targets at once, as the prompt chunks on parallel workers)."""
         version = None if target.is_inference() else target._version  # inference tensors keep no counter
         key = (id(target), version, target.data_ptr(), tuple(target.shape))
-        cached = getattr(self, "_head_sums", None)
-        if cached is not None and cached[0] == key and cached[1]() is target:
-            return cached[2]
+        cache = getattr(self, "_head_sums", None)
+        if not isinstance(cache, dict):
+            cache = self._head_sums = {}
+        cached = cache.get(key)
+        if cached is not None and cached[0]() is target:
+            return cached[1]
         flat = target.reshape(self.n_senders, -1, self.net.d_model)
         H = self.net.n_heads
         sums = torch.stack([flat[s0 : s0 + H].sum(0) for s0 in self.head_senders])
-        self._head_sums = (key, weakref.ref(target), sums)
+        with _HEAD_SUMS_LOCK:  # worker threads share the engine
+            for old in [k for k, (ref, _) in cache.items() if ref() is None]:
+                del cache[old]  # targets no longer alive
+            while len(cache) >= 8:
+                del cache[next(iter(cache))]
+            cache[key] = (weakref.ref(target), sums)
         return sums
 
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
