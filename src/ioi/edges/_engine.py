@@ -753,14 +753,17 @@ class _Deltas:
 
     def computed_heads(self, layer: int, s0: int, s1: int, z: Tensor, W_O: Tensor) -> Tensor:
         """Heads ``s0:s1`` of ``layer`` with ``z`` ``[b, H, T, d_head]``: their differences
-        ``target - z[h] @ W_O[h]`` are written into the store by one GEMM per set (no output
-        tensor, no subtraction pass). Returns the heads' summed output ``[b', T, d]``
+        ``target - z[h] @ W_O[h]`` are written into the store by one GEMM per set and one in-place
+        subtraction (no output tensor). Returns the heads' summed output ``[b', T, d]``
         (``sum_h target_h - sum_h delta_h``; b' the store's batch)."""
         b = z.shape[0]
         dst = self._store(s0, s1, b)
         target = self.target[s0:s1]
         for kk in range(b):
-            torch.baddbmm(target, z[kk], W_O, alpha=-1.0, out=dst[kk])
+            # the products into the store, then target - product in place: ``baddbmm`` with
+            # ``out`` would first copy ``target`` into ``out`` (a pass as long as this one)
+            torch.bmm(z[kk], W_O, out=dst[kk])
+            torch.sub(target, dst[kk], out=dst[kk])
         if dst.shape[0] > b:  # a shared input, differences stored per set
             dst[b:].copy_(dst[:b].expand(dst.shape[0] - b, -1, -1, -1))
         added = dst.sum(1) if dst.shape[0] == b else dst[:b].sum(1)
