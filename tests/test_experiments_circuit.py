@@ -186,6 +186,40 @@ def test_evaluator_matches_reference_knockouts(model, datasets):
         torch.testing.assert_close(evaluator.model_without(k), y, atol=1e-5, rtol=0)
 
 
+def test_evaluator_spec_masks_are_the_definition(model, datasets):
+    """F(C\\K)'s mask: the circuit's with K's heads ablated at every position; F(M\\K)'s: every head
+    kept but K's at their circuit positions (built per head here; the evaluator broadcasts)."""
+    ioi = datasets["ioi"]
+    clean = ce.CleanRun.build(model, ioi, memory_budget_mb=64)
+    evaluator = clean.evaluator(_reference_means(model, datasets), TINY_CIRCUIT, ioi)
+    circuit_mask = evaluator._keep_circuit
+    for k in ([(2, 1)], [(1, 1), (3, 0)], [(0, 0), (2, 0), (3, 1)]):
+        want_c, want_m = circuit_mask.clone(), torch.ones_like(circuit_mask)
+        for layer, head in k:
+            want_c[:, :, layer, head] = False
+            want_m[:, :, layer, head] = ~circuit_mask[:, :, layer, head]
+        assert torch.equal(evaluator._spec("C", frozenset(k)).head_keep, want_c), k
+        assert torch.equal(evaluator._spec("M", frozenset(k)).head_keep, want_m), k
+    with pytest.raises(ValueError, match="not in the circuit"):
+        evaluator._spec("M", frozenset([(0, 3)]))
+
+
+def test_one_torch_thread_restores_the_count():
+    from ioi._threads import one_torch_thread
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_torch_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_torch_thread():
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_every_head_everywhere_is_the_model(model, datasets):
     """A 'circuit' of every head at every position ablates nothing: F(C) = F(M)."""
     ioi = datasets["ioi"]

@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ioi._threads import map_on_workers
+from ioi._threads import map_on_workers, one_torch_thread
 from ioi.patching._fast_forward import NetWeights, net_weights, row_tiles
 
 Source = Literal["clean", "ablated"]
@@ -561,8 +561,9 @@ class KnockoutEngine:
         turn) on its own worker thread with one torch thread; the runs are joined along prompts
         (``ld``/``logits`` concatenated; captured rows kept per part, for later passes in the same
         parts)."""
-        for spec in specs:
-            self.check_spec(spec)
+        with one_torch_thread():  # small serial checks (see one_torch_thread)
+            for spec in specs:
+                self.check_spec(spec)
         sources = {spec.source for spec in specs}
         engines = [self._part_engine(first, end, sources) for first, end in parts]
 
@@ -578,15 +579,16 @@ class KnockoutEngine:
                     setattr(self.flops, field.name, getattr(self.flops, field.name) + getattr(engine.flops, field.name))
         self.flops.evaluated += len(specs)
         out = []
-        for j, spec in enumerate(specs):
-            pieces = [runs[j] for runs in done]
-            run = KnockoutRun(spec=spec, start=min(p.start for p in pieces), base=None,
-                              parts=dict(zip(parts, pieces)) if spec.capture else None)
-            if self.ld_mode:
-                run.ld = torch.cat([p.ld for p in pieces])
-            else:
-                run.logits = torch.cat([p.logits for p in pieces])
-            out.append(run)
+        with one_torch_thread():  # small joins (see one_torch_thread)
+            for j, spec in enumerate(specs):
+                pieces = [runs[j] for runs in done]
+                run = KnockoutRun(spec=spec, start=min(p.start for p in pieces), base=None,
+                                  parts=dict(zip(parts, pieces)) if spec.capture else None)
+                if self.ld_mode:
+                    run.ld = torch.cat([p.ld for p in pieces])
+                else:
+                    run.logits = torch.cat([p.logits for p in pieces])
+                out.append(run)
         return out
 
     def _evaluate_here(self, specs: Sequence[KnockoutSpec], bases: Sequence[KnockoutRun]) -> list[KnockoutRun]:

@@ -58,6 +58,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ioi._threads import one_torch_thread
 from ioi.ablation import circuit_keep_mask, circuit_positions, compute_template_means
 from ioi.ablation_engine import KnockoutEngine, KnockoutSpec
 from ioi.circuits import (
@@ -351,18 +352,20 @@ class KnockoutEvaluator:
     def _spec(self, kind: str, knockout: frozenset) -> KnockoutSpec:
         """F(C\\K) (K ablated at every position, the other circuit heads kept at theirs; source: the
         all-ablated stream) or F(M\\K) (only K ablated, at its positions; source: the clean run)."""
-        if kind == "C":
-            keep = self._keep_circuit.clone()
-            for layer, head in knockout:
-                keep[:, :, layer, head] = False
-            return KnockoutSpec(head_keep=keep, source="ablated", capture=True)
-        missing = [h for h in knockout if h not in self.positions]
-        if missing:
-            raise ValueError(f"Heads {missing} are not in the circuit (no relevant position).")
-        # every head kept except K's at their positions (the circuit's mask of each head, negated)
-        keep = torch.ones(self._shape, dtype=torch.bool, device=self._keep_circuit.device)
+        if kind != "C":
+            missing = [h for h in knockout if h not in self.positions]
+            if missing:
+                raise ValueError(f"Heads {missing} are not in the circuit (no relevant position).")
+        # K as a [layer, head] mask, broadcast over prompts and positions: one full-size op per
+        # spec (the main thread builds every spec of a pass between parallel passes)
+        in_k = torch.zeros(self._shape[2:], dtype=torch.bool)
         for layer, head in knockout:
-            keep[:, :, layer, head] = ~self._keep_circuit[:, :, layer, head]
+            in_k[layer, head] = True
+        in_k = in_k.to(self._keep_circuit.device)
+        if kind == "C":  # the circuit's mask with K's heads ablated everywhere
+            return KnockoutSpec(head_keep=self._keep_circuit & ~in_k, source="ablated", capture=True)
+        # every head kept except K's at their positions (the circuit's mask of each head, negated)
+        keep = torch.logical_and(self._keep_circuit, in_k).logical_not_()
         return KnockoutSpec(head_keep=keep, source="clean", capture=True)
 
     def _bases(self, kind: str, knockouts: Sequence[frozenset]) -> list:
@@ -378,9 +381,11 @@ class KnockoutEvaluator:
             todo = [k for k in sets if (kind, k) not in self._values]
             if not todo:
                 continue
-            specs = [self._spec(kind, k) for k in todo]
+            with one_torch_thread():  # small mask ops between passes (see one_torch_thread)
+                specs = [self._spec(kind, k) for k in todo]
             runs = self.engine.evaluate(specs, bases=self._bases(kind, todo))
-            values = torch.stack([run.ld for run in runs]).cpu()  # one device -> host copy, not one per K
+            with one_torch_thread():
+                values = torch.stack([run.ld for run in runs]).cpu()  # one device -> host copy, not one per K
             for k, run, value in zip(todo, runs, values.unbind(0)):
                 self._values[(kind, k)] = value
                 self._remember((kind, k), run)
