@@ -154,7 +154,7 @@ class WorkerTimer:
         ablation_engine.KnockoutEngine._evaluate_parts = self._parts
         ablation_engine.KnockoutEngine._evaluate_here = self._here
 
-    def summary(self, main_cpu_total: float) -> dict:
+    def summary(self, main_cpu_total: float, wall_total: float) -> dict:
         passes = [p for p in self.passes if p["workers"]]
         cpu_max = sum(max(c for _, c in p["workers"]) for p in passes)
         cpu_mean = sum(sum(c for _, c in p["workers"]) / len(p["workers"]) for p in passes)
@@ -166,6 +166,9 @@ class WorkerTimer:
             "imbalance": cpu_max / cpu_mean if cpu_mean else None,  # slowest worker's CPU / the mean, summed over passes
             "worker_wall_over_cpu": wall_mean / cpu_mean if cpu_mean else None,  # off-CPU waits in the workers
             "main_cpu_in_passes_s": main_in, "main_cpu_between_passes_s": main_cpu_total - main_in,
+            # wall time outside the parallel passes (the workers idle): the main thread's serial
+            # work, its OpenMP regions (the shared runs) and its waits (e.g. for OpenMP threads)
+            "wall_between_passes_s": wall_total - sum(p["wall"] for p in self.passes),
         }
 
 
@@ -311,7 +314,7 @@ def main(argv=None) -> dict:
         "parallel": args.parallel,
     }
     if timer is not None:
-        row["workers"] = timer.summary(main_cpu)
+        row["workers"] = timer.summary(main_cpu, seconds)
     print(_table(row))
     if timer is not None:
         print(_worker_table(row["workers"]))
@@ -348,7 +351,7 @@ def _worker_table(w: dict) -> str:
         f"  worker CPU s: slowest {w['worker_cpu_max_s']:.1f}, mean {w['worker_cpu_mean_s']:.1f} "
         f"(imbalance {w['imbalance']:.3f}); worker wall / CPU {w['worker_wall_over_cpu']:.3f} (off-CPU waits)",
         f"  main thread CPU s: in the passes {w['main_cpu_in_passes_s']:.1f}, between them "
-        f"{w['main_cpu_between_passes_s']:.1f}",
+        f"{w['main_cpu_between_passes_s']:.1f}; wall outside the passes {w['wall_between_passes_s']:.1f} s",
     ])
 
 

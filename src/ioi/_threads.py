@@ -45,9 +45,11 @@ def one_torch_thread():
 
     For the main thread's small serial work between parallel passes (building masks, checking
     them, joining results): a tensor op above torch's grain size would otherwise open an OpenMP
-    region on ``T`` threads, whose workers sleep after a pass; waking them costs milliseconds per
-    op on a loaded machine (measured: about 10 ms per mask op on the shared 2-core machine), far
-    more than the op. Results do not change (the ops in question are boolean or exact copies)."""
+    region on ``T`` threads, whose workers sleep after a pass (on the shared 2-core machine,
+    cProfile of the completeness benchmark's main thread saw about 10 ms of wall time per
+    full-size mask op there, against 0.2 ms for the same op in a loop; the main thread's CPU time
+    did not change measurably with this, so the cost was waiting, not work). Results do not change
+    (the ops in question are boolean or exact copies)."""
     threads = torch.get_num_threads()
     if threads <= 1:
         yield
