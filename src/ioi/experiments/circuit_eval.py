@@ -358,7 +358,7 @@ class KnockoutEvaluator:
                 raise ValueError(f"Heads {missing} are not in the circuit (no relevant position).")
         # K as a [layer, head] mask, broadcast over prompts and positions: one full-size op per
         # spec (the main thread builds every spec of a pass between parallel passes)
-        in_k = torch.zeros(self._shape[2:], dtype=torch.bool)
+        in_k = torch.zeros(self._shape[2:], dtype=torch.bool, device="cpu")  # filled on the host, then moved once
         for layer, head in knockout:
             in_k[layer, head] = True
         in_k = in_k.to(self._keep_circuit.device)
