@@ -13,8 +13,12 @@ Rows
   case, every receiver's input distinct). Beside each the arithmetic
   floor: ``circuits x`` the FLOPs of one plain forward pass (every layer at every position up to
   each prompt's END, the full-vocabulary unembedding at END only: :func:`forward_flops`) divided by the machine's
-  float32 matmul throughput, measured here on ``[2048, d_model] x [d_model, 4 d_model]``.
-  Target: <= 1.5x the floor. ``--memory-budget-mb`` (default 2048, the workflow's
+  float32 matmul throughput on ``[2048, d_model] x [d_model, 4 d_model]``, *sampled during the
+  row's run* (``benchmarks/_throughput.py``: every ``--probe-interval`` seconds, between two
+  passes, as the engine runs them: ``T`` threads at once, one torch thread each; the probes'
+  seconds are taken out of ours): ``x floor`` is at the median of those samples; the JSON also
+  has the ratio at the fastest sample and at the one probe taken before the rows (one GEMM on
+  ``T`` OpenMP threads, the rule before in-run sampling). Target: <= 1.5x the floor. ``--memory-budget-mb`` (default 2048, the workflow's
   ``memory_budget_mb``) is patch_edges' working memory. Also reported: the engine passes (sets x prompt chunks) and the
   stages (each layer's head inputs and MLP input, the logits) skipped by resuming each set from
   the previous set's pass (``stages_skipped``, ``fraction_stages_skipped``; nested top-n sets
@@ -34,7 +38,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,7 +50,12 @@ from ioi.edges import EdgeGraph, acdc, eap_scores, patch_edges, top_n
 from ioi.edges.scoring import circuit_confusion, roc_auc, truth_labels
 from ioi.metrics import LogitDiff
 from ioi.models import load_model
+from ioi.edges._engine import EdgeForward
+from ioi.edges.patching import _workers as _patch_workers
 from ioi.provenance import device_description, provenance, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _throughput import EngineShapedProbe, ThroughputSampler  # noqa: E402
 
 TARGETS = {"eap_all_edges": "<= 60 s", "circuits_exact": "<= 1.5x floor", "acdc_planted": "<= 120 s"}
 
@@ -103,6 +114,34 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def _sampled(fn, probe: EngineShapedProbe, interval_s: float):
+    """``(fn(), wall seconds without the probes, the sampler's summary)``: ``fn`` timed with the
+    matmul probe sampled between the engine's passes (:meth:`EdgeForward.run`) during it."""
+    sampler = ThroughputSampler(probe.probe, interval_s)
+    original = EdgeForward.run
+    EdgeForward.run = sampler.gate(original)
+    try:
+        out, seconds = _timed(fn)
+    finally:
+        EdgeForward.run = original
+    seconds -= sampler.probe_wall_s
+    _CPU_SECONDS[-1] -= sampler.probe_cpu_s
+    sampler.sample()  # one more after the run
+    return out, seconds, sampler.summary()
+
+
+def _floor_keys(flops: float, seconds: float, samples: dict, gflops_before: float) -> dict:
+    """The floor at the in-run median probe (the target's), at the fastest sample, and at the
+    probe taken before the rows."""
+    floor = flops / (samples["median_gflops"] * 1e9)
+    fastest = flops / (samples["max_gflops"] * 1e9)
+    before = flops / (gflops_before * 1e9)
+    return {"floor_flops": flops, "floor_seconds": floor, "ratio_to_floor": seconds / floor,
+            "matmul_gflops": samples["median_gflops"], "probe_samples": samples,
+            "floor_seconds_fastest_sample": fastest, "ratio_to_floor_fastest_sample": seconds / fastest,
+            "matmul_gflops_before": gflops_before, "ratio_to_floor_before_probe": seconds / before}
+
+
 def _resume_keys(stats: dict) -> dict:
     """The passes of a :func:`patch_edges` call and the stages (a layer's head inputs, its MLP
     input, the logits) that resuming from the previous set's pass skipped."""
@@ -126,6 +165,8 @@ def main(argv=None) -> list[dict]:
                              "what the workflow's edge_circuits passes)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip", nargs="*", default=(), choices=("eap", "circuits", "acdc"))
+    parser.add_argument("--probe-interval", type=float, default=15.0,
+                        help="seconds between the matmul probes sampled between passes during a circuits row")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -138,6 +179,8 @@ def main(argv=None) -> list[dict]:
     metric = LogitDiff.from_dataset(ioi)
     graph = EdgeGraph.from_model(model)
     gflops = matmul_gflops(model.cfg.d_model, device)
+    probe = EngineShapedProbe(model.cfg.d_model, 4 * model.cfg.d_model, _patch_workers(device), device, rows=2048,
+                              repeats=4)
 
     scores = None
     if "eap" not in args.skip or "circuits" not in args.skip:
@@ -147,28 +190,27 @@ def main(argv=None) -> list[dict]:
                      "max_abs_score": float(scores.abs().max())})
     if "circuits" not in args.skip:
         sizes = log_sizes(len(graph), args.circuits)
-        floor = args.circuits * forward_flops(model.cfg, metric.end_idx) / (gflops * 1e9)
         circuits = [top_n(scores, graph, int(n)) for n in sizes]
         stats: dict = {}
-        values, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, circuits, metric, graph=graph,
-                                                     mode="keep", stats=stats,
-                                                     memory_budget_mb=args.memory_budget_mb))
+        values, seconds, samples = _sampled(
+            lambda: patch_edges(model, ioi.toks, abc.toks, circuits, metric, graph=graph, mode="keep",
+                                stats=stats, memory_budget_mb=args.memory_budget_mb), probe, args.probe_interval)
         rows.append({"experiment": "circuits_exact", "circuits": "top-n of EAP (log-spaced n)", "model": args.model,
                      "N": args.n, "n_circuits": len(circuits), "edges": len(graph), "seconds": seconds,
-                     "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
+                     **_floor_keys(args.circuits * forward_flops(model.cfg, metric.end_idx), seconds, samples, gflops),
                      "target": TARGETS["circuits_exact"], "memory_budget_mb": args.memory_budget_mb, "metric_first_last": [float(values[0]), float(values[-1])],
                      **_resume_keys(stats)})
     if "circuits" not in args.skip and args.random_circuits > 0:
-        floor = args.random_circuits * forward_flops(model.cfg, metric.end_idx) / (gflops * 1e9)
         gen = torch.Generator().manual_seed(args.seed)
         random_sets = torch.rand(args.random_circuits, len(graph), generator=gen) < 0.5
         stats = {}
-        _, seconds = _timed(lambda: patch_edges(model, ioi.toks, abc.toks, random_sets, metric, graph=graph,
-                                                mode="keep", stats=stats,
-                                                memory_budget_mb=args.memory_budget_mb))
+        _, seconds, samples = _sampled(
+            lambda: patch_edges(model, ioi.toks, abc.toks, random_sets, metric, graph=graph, mode="keep",
+                                stats=stats, memory_budget_mb=args.memory_budget_mb), probe, args.probe_interval)
         rows.append({"experiment": "circuits_exact", "circuits": "random (p=1/2)", "model": args.model,
                      "N": args.n, "n_circuits": args.random_circuits, "edges": len(graph), "seconds": seconds,
-                     "floor_seconds": floor, "ratio_to_floor": seconds / floor, "matmul_gflops": gflops,
+                     **_floor_keys(args.random_circuits * forward_flops(model.cfg, metric.end_idx), seconds, samples,
+                                   gflops),
                      "target": TARGETS["circuits_exact"], "memory_budget_mb": args.memory_budget_mb,
                      **_resume_keys(stats)})
     if "acdc" not in args.skip:
@@ -198,8 +240,17 @@ def main(argv=None) -> list[dict]:
     for row, cpu in zip(rows, _CPU_SECONDS[-len(rows):]):
         row["cpu_seconds"] = cpu
     print(json.dumps(rows, indent=2, default=str))
+    probe.close()
     print(f"device {device_description(device)}, torch threads {torch.get_num_threads()}, "
-          f"matmul {gflops:.1f} GFLOP/s")
+          f"matmul {gflops:.1f} GFLOP/s before the rows (one GEMM on the torch threads)")
+    for row in rows:
+        if "probe_samples" in row:
+            p = row["probe_samples"]
+            print(f"  {row['experiment']} / {row['circuits']}: floor at the median of {p['samples']} in-run probes "
+                  f"({probe.describe()}): {p['median_gflops']:.1f} GFLOP/s (range {p['min_gflops']:.0f}-"
+                  f"{p['max_gflops']:.0f}; {p['probe_wall_s']:.1f} s of probes taken out of ours); x floor at the "
+                  f"fastest sample {row['ratio_to_floor_fastest_sample']:.2f}, at the probe before the rows "
+                  f"{row['ratio_to_floor_before_probe']:.2f}")
     header = (f"{'experiment':<16} {'circuits':<28} {'model':<18} {'N':>4} {'edges':>6} {'seconds':>8} {'cpu s':>6} {'floor s':>8} "
               f"{'x floor':>7} {'AUC':>6}  target / found")
     print(header)
@@ -222,7 +273,8 @@ def main(argv=None) -> list[dict]:
         write_json(args.json, {
             "provenance": provenance(model, N=args.n, seed=args.seed, device=device_description(device),
                                      threads=torch.get_num_threads(), dataset_hash=ioi.content_hash(),
-                                     abc_dataset_hash=abc.content_hash(), matmul_gflops=gflops),
+                                     abc_dataset_hash=abc.content_hash(), matmul_gflops_before=gflops,
+                                     probe=probe.describe()),
             "rows": rows,
         })
     return rows

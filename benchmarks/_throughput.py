@@ -1,0 +1,154 @@
+"""The machine's float32 matmul throughput, sampled during a benchmark run.
+
+The floors of ``benchmarks/knockouts.py`` and ``benchmarks/edges.py`` are FLOPs divided by the
+machine's matmul throughput. On a shared host that throughput drifts by 20-40% within minutes
+(the quiet run at f24c130 read 223 GFLOP/s before the completeness benchmark and 305 after it), so
+a probe taken only before and after a five-minute run says little about the minutes between.
+
+:class:`ThroughputSampler` probes between the engine's passes while the run goes on: it wraps
+the function a pass calls (:meth:`ThroughputSampler.gate`), and at the first pass that starts at
+least ``interval_s`` after the last sample it holds the other passes back (a pass already
+running finishes first), runs the probe alone, and lets them go on. The probe's own seconds
+(wall and process CPU) are added up so the caller can take them out of its timings; the time the
+other workers spend waiting for a running pass to finish is *not* taken out (it counts against
+the engine).
+
+:class:`EngineShapedProbe` is the probe: ``T`` threads at once (the engine's workers), each
+running, on one torch thread, ``repeats`` products ``[rows, d_model] x [d_model, d_mlp]`` plus
+bias (the MLP's input projection, the engine's largest GEMM), FLOPs over the wall time of the
+whole group. Both engines run their passes that way on a CPU (``ioi._threads.map_on_workers``:
+``T`` chunks on one torch thread each), so this is the throughput their GEMMs can reach; it reads
+higher than one GEMM on ``T`` OpenMP threads (no fork/join per product), which makes the floor
+lower, never higher.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import statistics
+import threading
+import time
+from typing import Callable
+
+import torch
+
+
+class EngineShapedProbe:
+    """``T`` concurrent single-threaded ``addmm`` loops; ``probe()`` -> GFLOP/s per wall second
+    (on CUDA: one loop on the device)."""
+
+    def __init__(self, d_model: int, d_mlp: int, threads: int, device: torch.device, *, rows: int = 1024,
+                 repeats: int = 8):
+        self.device = torch.device(device)
+        self.threads = 1 if self.device.type != "cpu" else max(1, threads)
+        self.repeats = repeats
+        self.flops = self.threads * repeats * 2.0 * rows * d_model * d_mlp
+        self.shape = (rows, d_model, d_mlp)
+        generator = torch.Generator().manual_seed(0)
+        make = lambda *shape: torch.randn(*shape, generator=generator).to(self.device)  # noqa: E731
+        self._operands = [(make(d_mlp), make(rows, d_model), make(d_model, d_mlp)) for _ in range(self.threads)]
+        self._pool = (concurrent.futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="probe")
+                      if self.threads > 1 else None)
+        self.probe()  # warm: thread start-up, first-touch pages, BLAS buffers
+
+    def _loop(self, index: int) -> None:
+        bias, x, weight = self._operands[index]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(self.repeats):
+                torch.addmm(bias, x, weight)
+        finally:
+            torch.set_num_threads(threads)
+
+    def probe(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        if self._pool is None:
+            self._loop(0)
+        else:
+            list(self._pool.map(self._loop, range(self.threads)))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.flops / (time.perf_counter() - start) / 1e9
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def describe(self) -> str:
+        rows, d_model, d_mlp = self.shape
+        return (f"{self.threads} thread(s) x {self.repeats} x [{rows}, {d_model}] x [{d_model}, {d_mlp}] "
+                f"addmm, one torch thread each")
+
+
+class ThroughputSampler:
+    """Samples ``probe()`` (GFLOP/s) at most every ``interval_s`` seconds between passes."""
+
+    def __init__(self, probe: Callable[[], float], interval_s: float = 15.0):
+        self._probe = probe
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []  # (seconds since the sampler started, GFLOP/s)
+        self.probe_wall_s = 0.0  # the probes' own wall seconds
+        self.probe_cpu_s = 0.0  # and this process's CPU seconds during them
+        self._origin = time.perf_counter()
+        self._last: float | None = None
+        self._cond = threading.Condition()
+        self._running = 0  # passes running now
+        self._pending = False  # a sample is waiting for the running passes to finish
+        self._inside = threading.local()  # this thread's depth of gated calls (nested calls pass through)
+
+    def sample(self) -> float:
+        """Probe now (the caller makes sure no pass is running), and record it."""
+        start, start_cpu = time.perf_counter(), time.process_time()
+        gflops = self._probe()
+        end = time.perf_counter()
+        self.probe_wall_s += end - start
+        self.probe_cpu_s += time.process_time() - start_cpu
+        self._last = end
+        self.samples.append((start - self._origin, gflops))
+        return gflops
+
+    def gate(self, fn: Callable) -> Callable:
+        """``fn`` wrapped: before each call, take a sample if one is due (alone on the machine)."""
+        sampler = self
+
+        def gated(*args, **kwargs):
+            depth = getattr(sampler._inside, "depth", 0)
+            if depth:  # a pass inside a pass: no sample here (it would wait for itself)
+                return fn(*args, **kwargs)
+            with sampler._cond:
+                while sampler._pending:
+                    sampler._cond.wait()
+                due = sampler._last is None or time.perf_counter() - sampler._last >= sampler.interval_s
+                if due:
+                    sampler._pending = True
+                    while sampler._running:
+                        sampler._cond.wait()
+                    try:
+                        sampler.sample()
+                    finally:
+                        sampler._pending = False
+                        sampler._cond.notify_all()
+                sampler._running += 1
+            sampler._inside.depth = 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sampler._inside.depth = 0
+                with sampler._cond:
+                    sampler._running -= 1
+                    sampler._cond.notify_all()
+
+        return gated
+
+    def summary(self) -> dict:
+        values = [g for _, g in self.samples]
+        return {
+            "samples": len(values), "interval_s": self.interval_s,
+            "median_gflops": statistics.median(values) if values else None,
+            "max_gflops": max(values) if values else None, "min_gflops": min(values) if values else None,
+            "probe_wall_s": self.probe_wall_s, "probe_cpu_s": self.probe_cpu_s,
+            "series": [[round(t, 2), round(g, 2)] for t, g in self.samples],
+        }
