@@ -65,6 +65,20 @@ def planted_demo():
     return CI_RESULTS
 
 
+@pytest.fixture(scope="session")
+def tiny_dry_run() -> str:
+    """``snakemake -n`` of the whole DAG (target ``all``) for ``model=random-tiny``, stdout and
+    stderr, run once per session for every test that reads the jobs it lists (each dry run parses
+    the workflow and builds the DAG: about 8 s on the 2-core runner)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--config", "model=random-tiny"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core runner OpenMP's thread

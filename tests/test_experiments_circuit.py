@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -518,14 +516,10 @@ def test_paper_values_only_for_gpt2_shapes(results):
     assert set(ce.PAPER_FIG20) == {f"{l}.{h}" for l, h in PAPER_CIRCUIT.heads()}
 
 
-def test_snakemake_dry_run_lists_the_figures(tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text("model: random-tiny\n")
-    targets = [f"figures/random-tiny/{name}.png" for name in OUR_FIGURES]
-    run = subprocess.run([sys.executable, "-m", "snakemake", "-n", *targets, "--configfile", str(config)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    listed = run.stdout + run.stderr
+def test_snakemake_dry_run_lists_the_figures(tiny_dry_run):
+    listed = tiny_dry_run
+    for name in OUR_FIGURES:
+        assert f"figures/random-tiny/{name}.png" in listed, name
     for name in OUR_EXPERIMENTS:
         assert f"results/random-tiny/{name}/summary.json" in listed, name
 
