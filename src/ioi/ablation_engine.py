@@ -257,6 +257,9 @@ class KnockoutEngine:
 
     PARALLEL_CHUNKS = False  # see the module doc: less CPU time, more wall time on a quiet CPU
     PARALLEL_PROMPTS = True  # see the module doc: "Parallel prompt parts on a CPU"
+    # clean-source chunks: attend only the query rows asked for (a padded window per prompt, an
+    # explicit causal bias) instead of every row of every prompt (the fused causal kernel)
+    WINDOW_QUERIES = True
 
     def __init__(
         self,
@@ -743,7 +746,7 @@ class KnockoutEngine:
         means_rows = None if self.head_means is None else self.head_means[n_idx, p_idx].unbind(1)
         # clean source (F(M\\K): long windows): full per-spec layouts; all-ablated source (F(C\\K): a
         # few rows per prompt): padded windows against the shared source keys
-        layout = self._full_layout(flat, rows_mask) if source == "clean" else self._layout(n_idx, p_idx, rows_mask)
+        layout = self._full_layout(flat, rows_mask, n_idx, p_idx) if source == "clean" else self._layout(n_idx, p_idx, rows_mask)
         trimmed = False
         for layer in range(first, L):
             # join the specs starting here
@@ -824,13 +827,38 @@ class KnockoutEngine:
         return {"W": W, "slot": slot, "pad_n": pad_n, "pad_w": pad_w, "src": bias(src_ok), "win": bias(win_ok),
                 "src_end": None if src_end is None else bias(src_end), "win_end": bias(valid)}
 
-    def _full_layout(self, flat: Tensor, rows_mask: Tensor) -> dict:
-        """The full ``[k, N * seq]`` layout: every prompt's own key/value sequence per spec (the
-        source stream's keys and values at rows that are not recomputed, the spec's at the
-        recomputed ``flat`` rows), so plain causal attention over it is the spec's attention. The
-        buffers in ``"work"`` are reused by every layer of the chunk."""
+    def _full_layout(self, flat: Tensor, rows_mask: Tensor, n_idx: Tensor, p_idx: Tensor) -> dict:
+        """The full ``[k, N * seq]`` key/value layout: every prompt's own key/value sequence per spec
+        (the source stream's keys and values at rows that are not recomputed, the spec's at the
+        recomputed ``flat`` rows). Queries sit in a padded per-prompt window (only the rows asked
+        for; see :meth:`_query_window`). The buffers in ``"work"`` are reused by every layer of the
+        chunk."""
         others = (~rows_mask).reshape(-1).nonzero()[:, 0]
-        return {"full": True, "others": others, "work": {}}
+        return {"full": True, "others": others, "work": {}, "n_idx": n_idx, "p_idx": p_idx}
+
+    def _query_window(self, layout: dict, q_rows: Tensor, key: str) -> tuple[int, Tensor, Tensor]:
+        """The padded query layout of packed rows ``q_rows`` (prompt-major): ``(Wq, dest, bias)``
+        with ``Wq`` the most query rows of one prompt, ``dest`` each row's index in ``[N * Wq]``
+        (prompt ``n``'s rows at ``n * Wq + 0, 1, ...``) and ``bias [N, Wq, seq]`` the causal
+        attention bias (0 where the key's position is <= the query's, -inf elsewhere; padding slots
+        attend to every key, so their never-read outputs stay finite). Cached under ``key``."""
+        work = layout["work"]
+        cache_key = ("queries", key)
+        if cache_key not in work:
+            N, S = self.n, self.seq
+            n_q, p_q = layout["n_idx"][q_rows], layout["p_idx"][q_rows]
+            device = n_q.device
+            counts = torch.bincount(n_q, minlength=N)
+            Wq = int(counts.max())
+            slot = torch.arange(len(n_q), device=device) - (torch.cumsum(counts, 0) - counts)[n_q]
+            dest = n_q * Wq + slot
+            pos = torch.full((N * Wq,), S, dtype=torch.long, device=device)  # padding: every key
+            pos[dest] = p_q
+            allowed = torch.arange(S, device=device)[None, :] <= pos[:, None]  # [N * Wq, S]
+            bias = torch.zeros(allowed.shape, dtype=self.net.W_E.dtype, device=device)
+            bias.masked_fill_(~allowed, float("-inf"))
+            work[cache_key] = (Wq, dest, bias.view(N, Wq, S))
+        return work[cache_key]
 
     def _buffer(self, work: dict, name: str, shape: tuple, zero: bool) -> Tensor:
         """A buffer of ``work`` kept across layers (re-made when its shape changes); ``zero``: made
@@ -847,8 +875,11 @@ class KnockoutEngine:
 
         ``q [k, len(q_rows), n_act * dh]`` are the queries at packed rows ``q_rows`` (all recomputed
         rows, or only END rows in the last layer); ``kv [k, r, 2 * n_act * dh]`` the recomputed keys
-        and values. Query rows that are not asked for hold zeros or an earlier layer's queries
-        (finite; their outputs are never read)."""
+        and values. With :attr:`WINDOW_QUERIES` (default) only those query rows are attended, in a
+        padded per-prompt window against every key of the prompt with an explicit causal bias
+        (:meth:`_query_window`); without it, every row of every prompt is attended with the fused
+        causal kernel (query rows not asked for hold zeros or an earlier layer's queries: finite,
+        never read). Same maths."""
         net = self.net
         N, S, dh = self.n, self.seq, net.d_head
         k = q.shape[0]
@@ -857,22 +888,37 @@ class KnockoutEngine:
         work = layout["work"]
         k_max = max(k, work.get("k_max", 0))
         work["k_max"] = k_max
-        q_full = self._buffer(work, "q", (k_max, N * S, w), zero=True)[:k]
         kv_full = self._buffer(work, "kv", (k_max, N * S, 2 * w), zero=False)[:k]
         others = layout["others"]
         if others.numel():
             src = self._source_kv_rows(stream, layer, active, others)  # [n_others, 2, n_act, dh] (a view)
             kv_full.view(k, N * S, 2, n_act, dh).index_copy_(1, others, src.expand(k, -1, -1, -1, -1))
         kv_full.index_copy_(1, flat, kv)
-        q_flat = flat[q_rows]
-        q_full.index_copy_(1, q_flat, q)
-        qh = q_full.view(k * N, S, n_act, dh).transpose(1, 2)
         kvh = kv_full.view(k * N, S, 2, n_act, dh)
-        z = F.scaled_dot_product_attention(qh, kvh[:, :, 0].transpose(1, 2), kvh[:, :, 1].transpose(1, 2),
-                                           is_causal=True, scale=net.attn_scales[layer])  # [kN, a, S, dh]
-        z = z.transpose(1, 2).reshape(k, N * S, w)
-        self.flops.attention += 4.0 * k * N * n_act * S * S * dh
-        return z.index_select(1, q_flat).view(k, len(q_rows), n_act, dh)
+        keys, values = kvh[:, :, 0].transpose(1, 2), kvh[:, :, 1].transpose(1, 2)  # [kN, a, S, dh]
+        scale = net.attn_scales[layer]
+        if not self.WINDOW_QUERIES:
+            q_full = self._buffer(work, "q", (k_max, N * S, w), zero=True)[:k]
+            q_flat = flat[q_rows]
+            q_full.index_copy_(1, q_flat, q)
+            qh = q_full.view(k * N, S, n_act, dh).transpose(1, 2)
+            z = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=scale)  # [kN, a, S, dh]
+            z = z.transpose(1, 2).reshape(k, N * S, w)
+            self.flops.attention += 4.0 * k * N * n_act * S * S * dh
+            return z.index_select(1, q_flat).view(k, len(q_rows), n_act, dh)
+        every_row = len(q_rows) == len(flat)
+        Wq, dest, bias = self._query_window(layout, q_rows, "all" if every_row else "end")
+        # zeros at the padding slots (written once; only the real rows are overwritten per layer)
+        q_win = self._buffer(work, ("q", Wq), (k_max, N * Wq, w), zero=True)[:k]
+        q_win.index_copy_(1, dest, q)
+        mask_key = ("mask", Wq, k)
+        if mask_key not in work:  # the bias per (spec, prompt) batch: [k N, 1, Wq, S]
+            work[mask_key] = bias[None].expand(k, N, Wq, S).reshape(k * N, 1, Wq, S)
+        qh = q_win.view(k * N, Wq, n_act, dh).transpose(1, 2)
+        z = F.scaled_dot_product_attention(qh, keys, values, attn_mask=work[mask_key], scale=scale)  # [kN, a, Wq, dh]
+        z = z.transpose(1, 2).reshape(k, N * Wq, w)
+        self.flops.attention += 4.0 * k * N * n_act * Wq * S * dh
+        return z.index_select(1, dest).view(k, len(q_rows), n_act, dh)
 
     def _source_kv_rows(self, stream: _Stream, layer: int, active: Tensor, rows: Tensor) -> Tensor:
         """The source stream's keys and values ``[len(rows), 2, n_act, d_head]`` of the ``active``
