@@ -32,8 +32,11 @@ the source stream's keys and values. In the last layer only END rows are compute
 
 Attention at the recomputed rows, two layouts (same maths): for clean-source chunks (long windows
 from the first ablated position to END) each spec's keys/values are laid out in full ``[k, N *
-seq]`` buffers (the source's at the other rows, reused by every layer of the chunk) and attended
-with the fused causal kernel; for all-ablated-source chunks (a few rows per prompt, few heads) the
+seq]`` buffers (the source's at the other rows, reused by every layer of the chunk) and only the
+query rows that are needed (the window's rows; END rows only in the last layer in LD mode) attend to
+them, in a padded per-prompt query window with an explicit causal bias (``WINDOW_QUERIES``; off:
+every row of every prompt through the fused causal kernel, the old layout, kept as the twin the
+tests compare with); for all-ablated-source chunks (a few rows per prompt, few heads) the
 recomputed rows sit in a padded per-prompt window and attend to the source keys shared by the
 chunk's specs, without copying them per spec.
 
