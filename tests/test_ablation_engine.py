@@ -339,8 +339,7 @@ def test_prompt_parts_balance_the_rows_up_to_end():
 
 
 @pytest.mark.parametrize("spec", SHAPES)
-@pytest.mark.parametrize("bos", [False, True])
-@pytest.mark.parametrize("ld_mode", [True, False])
+@pytest.mark.parametrize(("bos", "ld_mode"), [(False, True), (True, False)])  # each of BOS and LD, on and off
 def test_window_queries_equal_the_full_query_layout(spec, bos, ld_mode, monkeypatch):
     """Clean-source chunks attend only the query rows they need (a padded window per prompt with an
     explicit causal bias; END rows only in the last layer in LD mode): the same values as the
