@@ -465,12 +465,24 @@ class EdgeForward:
                 if u == largest and fuse:
                     continue
                 members = (inverse == u).nonzero()[:, 0].to(y.device)
-                W_u = W.index_select(0, members).permute(1, 0, 2).reshape(D, -1)
+                W_u = self.receiver_columns(layer, members)  # [D, members * dh] (one gather)
                 b_u = b.index_select(0, members).reshape(-1)
                 proj = torch.addmm(b_u, y[u], W_u).view(T, len(members), dh)
                 out[kk].index_copy_(0, members, proj.permute(1, 0, 2))
         qkv = out.view(k, H, 3, n, P, dh)
         return tuple(qkv[:, :, i].reshape(k * H, n, P, dh) for i in range(3))
+
+    def receiver_columns(self, layer: int, members: Tensor) -> Float[Tensor, "d_model members_dh"]:
+        """The q/k/v weights of receivers ``members`` (offsets into the layer's ``3 * n_heads``
+        head receivers) side by side: ``[d_model, len(members) * d_head]``, gathered by one
+        column selection from the layer's receiver-major weights (kept once per engine)."""
+        cols = getattr(self, "_receiver_cols", None)
+        if cols is None:  # [L, D, (3H receivers, dh)]: each receiver's d_head columns side by side
+            L, R, D, dh = self.W_hqkv.shape[0], 3 * self.net.n_heads, self.net.d_model, self.net.d_head
+            cols = self._receiver_cols = self.W_hqkv.view(L, R, D, dh).permute(0, 2, 1, 3).reshape(L, D, R * dh)
+        dh = self.net.d_head
+        idx = (members[:, None] * dh + torch.arange(dh, device=members.device)).reshape(-1)
+        return cols[layer].index_select(1, idx)
 
     def _single_input(self, resid: Tensor, block: Tensor, host_block: Tensor, deltas: "_Deltas", slot_idx,
                       differentiable: bool):
@@ -682,11 +694,14 @@ class _Deltas:
         U, n_s = coef.shape
         Td = self.T * self.d
         out = base.new_empty(U, Td)
-        if with_total is None or total is None:
-            out.copy_(base.expand(U, Td))
+        n_total = 0 if with_total is None or total is None else int(with_total.sum())
+        if n_total == U:  # every row: base + total (one broadcast add, the same numbers as row by row)
+            torch.add(base.expand(U, Td), total, out=out)
         else:
-            for u, add in enumerate(with_total.tolist()):
-                torch.add(base[0], total[0], out=out[u]) if add else out[u].copy_(base[0])
+            out.copy_(base.expand(U, Td))
+            if n_total:
+                rows = with_total.nonzero()[:, 0].to(out.device)
+                out.index_add_(0, rows, total.expand(n_total, Td))  # base + total in those rows
         used = coef.abs().sum(0).nonzero()[:, 0]
         if not len(used):
             return out
@@ -701,9 +716,12 @@ class _Deltas:
             inside = used[(used >= lo) & (used < hi)]
             if not len(inside):
                 continue
-            # contiguous runs of used senders with no unwritten store entry between them
+            # runs of used senders with no unwritten store entry between them, each read as one
+            # contiguous view; a run is also cut where more than 2 U unused senders lie between two
+            # used ones (reading them would cost more than another pass over ``out``'s U rows)
             gaps = torch.cumsum(self.unwritten.long(), 0)[inside]
-            cuts = (gaps[1:] != gaps[:-1]).nonzero()[:, 0] + 1
+            far = (inside[1:] - inside[:-1] - 1) > 2 * U
+            cuts = ((gaps[1:] != gaps[:-1]) | far).nonzero()[:, 0] + 1
             for run in torch.tensor_split(inside, cuts):
                 a, b = int(run[0]), int(run[-1]) + 1
                 out.addmm_(coef[:, a:b].to(out.device), store[a - offset : b - offset].reshape(b - a, Td))
