@@ -643,3 +643,32 @@ def test_ln_projection_vjp_equals_the_layer_norm_vjp_of_the_projected_gradient()
         expected = _ln_vjp(x, torch.bmm(grad_out, W.transpose(1, 2)), weight, 1e-5)
         torch.testing.assert_close(_ln_projection_vjp(x, grad_out, W, weight, 1e-5), expected, atol=1e-5, rtol=0)
         assert float(expected.abs().max()) > 1
+
+
+def test_trie_walk_cut_into_pieces_of_equal_work_on_two_threads(setup):
+    """On 2 worker threads the trie walk is cut into 2 consecutive pieces (each its own job per
+    prompt chunk, started from scratch): the pieces cover the walk in order, every set is run once
+    per chunk, and the values equal the 1-thread walk to float32 rounding and the hook reference."""
+    from ioi.edges import patching as edge_patching
+
+    model, toks, new, word_idx, metric, _ = setup
+    graph = EdgeGraph.from_model(model)
+    sets = _nested_sets(graph, seed=3)
+    engine = edge_patching.edge_forward(model, graph)
+    mask, _ = edge_patching._distinct_sets(edge_patching.set_masks(graph, sets, "keep"))
+    order = edge_patching._trie_order(mask)
+    pieces = edge_patching._trie_parts(engine, graph.dense_masks(mask), order, 2)
+    assert len(pieces) == 2 and all(pieces) and pieces[0] + pieces[1] == order
+    serial = patch_edges(model, toks, new, sets, metric, graph=graph, mode="keep", max_sets_per_batch=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stats: dict = {}
+        parallel = patch_edges(model, toks, new, sets, metric, graph=graph, mode="keep", max_sets_per_batch=1,
+                               memory_budget_mb=0.01, stats=stats)
+    finally:
+        torch.set_num_threads(previous)
+    assert stats["trie_pieces"] == 2 and stats["runs"] == len(mask) * len(toks)  # one prompt a chunk
+    torch.testing.assert_close(parallel, serial, atol=1e-6, rtol=0)
+    ref = patch_edges_reference(model, toks, new, sets, metric, graph=graph, mode="keep")
+    torch.testing.assert_close(parallel, ref, atol=ATOL, rtol=0)

@@ -127,19 +127,50 @@ def _trie_order(mask: Tensor) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: rows[i].tobytes())
 
 
+def _trie_parts(engine: EdgeForward, host_all: Tensor, order: list[int], parts: int) -> list[list[int]]:
+    """``order`` (the trie walk) cut into at most ``parts`` consecutive pieces of about equal work:
+    a set resumed from its predecessor runs the stages from the first receiver whose mask row
+    differs (at most the last layer's attention, where END rows take over); the first set of a
+    piece runs every stage. Decided from the host masks alone (the same pieces every run)."""
+    n = len(order)
+    if parts <= 1 or n < 2 * parts:
+        return [order]
+    n_stages = engine.n_stages
+    last_attention = 2 * (engine.net.n_layers - 1)
+    cost = [float(n_stages)]
+    for prev, cur in zip(order[:-1], order[1:]):
+        changed = (host_all[cur] != host_all[prev]).any(-1).any(0).nonzero()[:, 0]
+        g = int(engine.receiver_stage[changed].min()) if len(changed) else n_stages - 1
+        cost.append(float(n_stages - min(g, last_attention)))
+    total = sum(cost)
+    pieces, start, acc = [], 0, 0.0
+    for i, c in enumerate(cost):
+        acc += c
+        if len(pieces) < parts - 1 and acc >= total * (len(pieces) + 1) / parts and i + 1 < n:
+            pieces.append(order[start : i + 1])
+            start = i + 1
+    pieces.append(order[start:])
+    return pieces
+
+
 def _resumed_sets(engine: EdgeForward, mask: Tensor, clean, corrupted, means, metric: LogitDiff, graph: EdgeGraph, word_idx,
                   host_all: Tensor, dense_all: Tensor, chunks: list[Tensor], end_cpu: Tensor, per_prompt: Tensor,
                   workers: int, bar, stats: dict | None) -> None:
     """Every set on every prompt chunk, one set a pass, sets in trie order, each pass resumed
-    from the previous one on its chunk (:class:`ioi.edges._engine.Trail`); the chunks run on
-    ``workers`` threads (largest first), each walking every set. Writes ``per_prompt``."""
+    from the previous one on its chunk (:class:`ioi.edges._engine.Trail`). On ``workers > 1``
+    threads the trie walk is also cut into ``workers`` pieces of about equal work
+    (:func:`_trie_parts`) and each (chunk, piece) is one job, largest first: the workers then
+    finish together (whole chunks alone left one idle for up to a chunk's share; each piece
+    computes its chunk's target outputs again, one pass per extra piece). Writes ``per_prompt``."""
     from ioi.edges._engine import Trail
 
     device = engine.device
     order = _trie_order(mask)
+    pieces = _trie_parts(engine, host_all, order, workers)
     counts: list[Trail] = []
 
-    def chunk_job(rows: Tensor) -> None:
+    def chunk_job(job: tuple[Tensor, list[int]]) -> None:
+        rows, piece = job
         P_chunk = int(end_cpu[rows].max()) + 1
         rows_dev = rows.to(device)
         toks = clean[rows_dev, :P_chunk]
@@ -150,7 +181,7 @@ def _resumed_sets(engine: EdgeForward, mask: Tensor, clean, corrupted, means, me
         m = metric[rows]
         ends, io_ids, s_ids = m.end_idx.to(device).long(), m.io_ids.to(device), m.s_ids.to(device)
         trail = Trail()
-        for s in order:
+        for s in piece:
             final, _ = engine.run(toks, dense_all[s : s + 1], slots, target=target, end_pos=ends,
                                   host_masks=host_all[s : s + 1], trail=trail)
             io, s_logit = engine.net.answer_logits(final[:, :, 0], io_ids, s_ids)
@@ -158,12 +189,14 @@ def _resumed_sets(engine: EdgeForward, mask: Tensor, clean, corrupted, means, me
             bar.update(1)
         counts.append(trail)
 
-    work = [len(rows) * (int(end_cpu[rows].max()) + 1) for rows in chunks]
-    largest_first = [chunks[i] for i in sorted(range(len(chunks)), key=lambda i: -work[i])]
+    jobs = [(rows, piece) for rows in chunks for piece in pieces]
+    work = [len(rows) * (int(end_cpu[rows].max()) + 1) for rows, _ in jobs]  # the pieces: about equal work
+    largest_first = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: -work[i])]
     map_on_workers(chunk_job, largest_first, workers)
     if stats is not None:
         stats.update(runs=sum(t.runs for t in counts), stages_run=sum(t.stages_run for t in counts),
-                     stages_skipped=sum(t.stages_skipped for t in counts), n_stages=engine.n_stages)
+                     stages_skipped=sum(t.stages_skipped for t in counts), n_stages=engine.n_stages,
+                     trie_pieces=len(pieces))
 
 
 def _budget(memory_budget_mb: float | None, device: torch.device) -> float:
@@ -218,7 +251,8 @@ def patch_edges(
         mode: ``"patch"`` or ``"keep"``.
         memory_budget_mb: working memory of one batched pass (default 1 GiB on CPU).
         stats: a dict filled with ``runs`` (engine passes), ``stages_run`` / ``stages_skipped``
-            (stages computed / resumed over, summed over passes) and ``n_stages`` (per pass).
+            (stages computed / resumed over, summed over passes) and ``n_stages`` (per pass); when
+            resumed, also ``trie_pieces`` (the trie walk's pieces, one per worker thread).
 
     Where at most ``RESUME_MAX_BATCH`` sets fit a pass in the memory budget, or
     ``max_sets_per_batch=1`` (``RESUME_SETS``, a :class:`~ioi.metrics.LogitDiff` metric), the sets
