@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _throughput import EngineShapedProbe, ThroughputSampler  # noqa: E402
+from _throughput import EngineShapedProbe, OpenMPProbe, ThroughputSampler, probes_for  # noqa: E402
 
 
 def test_samples_only_between_passes_on_two_workers():
@@ -89,3 +89,37 @@ def test_probe_restores_thread_count(threads):
     probe.probe()
     probe.close()
     assert torch.get_num_threads() == before
+
+
+def test_the_floor_rate_is_the_faster_kinds_median():
+    rates = iter([(100.0, 90.0), (120.0, 200.0), (80.0, 210.0)])
+    current = {}
+
+    def kind(index):
+        def probe():
+            if index == 0:
+                current["pair"] = next(rates)
+            return current["pair"][index]
+        return probe
+
+    sampler = ThroughputSampler({"engine": kind(0), "openmp": kind(1)}, interval_s=0.0)
+    for _ in range(3):
+        sampler.sample()
+    summary = sampler.summary()
+    assert summary["probes"]["engine"]["median_gflops"] == 100.0
+    assert summary["probes"]["openmp"]["median_gflops"] == 200.0
+    assert summary["rate_probe"] == "openmp" and summary["median_gflops"] == 200.0
+    assert summary["max_gflops"] == 210.0 and summary["min_gflops"] == 80.0
+
+
+def test_probes_for_a_cpu_with_two_threads_are_both_kinds():
+    before = torch.get_num_threads()
+    probes = probes_for(8, 16, 2, torch.device("cpu"), rows=8, repeats=1)
+    try:
+        assert set(probes) == {"engine", "openmp"}
+        assert isinstance(probes["openmp"], OpenMPProbe) and probes["openmp"].probe() > 0
+        assert torch.get_num_threads() == before
+    finally:
+        for probe in probes.values():
+            probe.close()
+    assert set(probes_for(8, 16, 1, torch.device("cpu"), rows=8, repeats=1)) == {"engine"}
