@@ -55,25 +55,16 @@ from ioi.edges.patching import _workers as _patch_workers
 from ioi.provenance import device_description, provenance, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _throughput import ThroughputSampler, probes_for  # noqa: E402
+from _throughput import OpenMPProbe, ThroughputSampler, probes_for  # noqa: E402
 
 TARGETS = {"eap_all_edges": "<= 60 s", "circuits_exact": "<= 1.5x floor", "acdc_planted": "<= 120 s"}
 
 
 def matmul_gflops(d_model: int, device: torch.device, repeats: int = 10) -> float:
-    """Measured float32 matmul throughput (GFLOP/s) on a forward-pass-shaped product."""
-    a = torch.randn(2048, d_model, device=device)
-    b = torch.randn(d_model, 4 * d_model, device=device)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return repeats * 2 * a.shape[0] * d_model * 4 * d_model / (time.perf_counter() - start) / 1e9
+    """Measured float32 matmul throughput (GFLOP/s) on a forward-pass-shaped product
+    ``[2048, d_model] x [d_model, 4 d_model]``, as one GEMM on the torch threads
+    (:class:`_throughput.OpenMPProbe`, ``repeats`` products): the probe before the rows."""
+    return OpenMPProbe(d_model, 4 * d_model, torch.get_num_threads(), device, rows=2048, repeats=repeats).probe()
 
 
 def forward_flops(cfg, end_idx: torch.Tensor) -> float:

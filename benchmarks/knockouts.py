@@ -70,7 +70,7 @@ from ioi.experiments.core import RunContext  # noqa: E402
 from ioi.models import load_model  # noqa: E402
 from ioi.provenance import device_description, provenance, write_json  # noqa: E402
 
-from _throughput import ThroughputSampler, probes_for  # noqa: E402
+from _throughput import OpenMPProbe, ThroughputSampler, probes_for  # noqa: E402
 
 
 PARALLEL_MODES = ("prompts", "chunks", "serial")
@@ -78,24 +78,16 @@ PARALLEL_NOTES = {"prompts": "parallel prompt parts", "chunks": "parallel chunks
 
 
 def matmul_gflops(net, device: torch.device, repeats: int = 5) -> tuple[float, float]:
-    """Best GFLOPS of the MLP's input projection on 1024 rows (fp32), as the engine runs it: per
+    """Best GFLOPS of the MLP's input projection on 1024 rows (fp32) as one GEMM on the torch
+    threads (:class:`_throughput.OpenMPProbe`, 8 products a probe), over ``repeats`` probes: per
     wall second and per CPU second of this process (the latter is what a shared machine's other
-    jobs do not distort)."""
-    x = torch.randn(1024, net.d_model, device=device)
-    W, b = net.W_in[0], net.b_in[0]
-    torch.addmm(b, x, W)
+    jobs do not distort). The rule before in-run sampling, taken before and after the run."""
+    probe = OpenMPProbe(net.d_model, net.d_mlp, torch.get_num_threads(), device, rows=1024, repeats=8)
     wall, cpu = [], []
-    flops = 8 * 2.0 * 1024 * net.d_model * net.d_mlp
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        for _ in range(8):
-            torch.addmm(b, x, W)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall.append(flops / (time.perf_counter() - start) / 1e9)
-        cpu.append(flops / max(time.process_time() - start_cpu, 1e-9) / 1e9)
+        start_cpu = time.process_time()
+        wall.append(probe.probe())
+        cpu.append(probe.flops / max(time.process_time() - start_cpu, 1e-9) / 1e9)
     return max(wall), max(cpu)
 
 
