@@ -19,7 +19,7 @@ engine's workers), each running, on one torch thread, ``repeats`` products ``[ro
 the wall time of the whole group (``ioi._threads.map_on_workers``: ``T`` chunks on one torch thread
 each). :class:`OpenMPProbe` is the same product as one GEMM on ``T`` torch (OpenMP) threads. On the
 quiet 2-core host the OpenMP GEMM read about 7% faster than two single-threaded ones side by side
-(301 against 280 GFLOP/s, medians of 12 alternations; they compete for the shared cache), so the
+(301 against 280 GFLOP/s, medians of 12 alternations, `benchmarks/probe_kinds.py`; they compete for the shared cache), so the
 sampler runs both at every sample and the floor takes the faster kind's median: the machine's
 best measured rate, not only the rate of the engine's own way of running.
 """
