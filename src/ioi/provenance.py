@@ -70,13 +70,29 @@ def git_commit(repo: str | Path | None = None) -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere).
+    Hosts of one machine kind differ (e.g. an AVX-512 Intel part and an AVX2 AMD EPYC, 2-3x apart
+    in float32 matmul speed), so timings name it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def device_description(device: str | torch.device) -> str:
+    """``cuda:<card>``, or ``cpu:<arch>:<threads>threads (<CPU model>, <torch's CPU kernels>)``."""
     import torch  # lazily: figure and dataset jobs write provenance without loading torch
 
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
+            f" ({cpu_model()}, {capability})")
 
 
 def provenance(model=None, *, extra: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:

@@ -429,6 +429,11 @@ class EdgeForward:
         return out, inverse
 
     def _grouped_qkv(self, layer: int, resid: Tensor, block: Tensor, deltas: "_Deltas", slot_idx, n: int, P: int):
+        """q, k and v of every head of ``layer`` (``[k * H, n, P, d_head]`` each) from each receiver's
+        own input: the distinct inputs of the block are built once (:meth:`_distinct_inputs`) and
+        LayerNorm-ed once, and each receiver's projection ``LN1(x_u) @ W_r + b_r`` is one GEMM
+        written straight into its slot of the output (``W_r`` a contiguous ``[d_model, d_head]``
+        block of the per-head weights: no weight gather, no copy of the weights, no scatter)."""
         net = self.net
         H, dh = net.n_heads, net.d_head
         k = block.shape[0]
@@ -440,49 +445,23 @@ class EdgeForward:
             base = resid[min(kk, resid.shape[0] - 1)]
             x, inverse = self._distinct_inputs(base, block[kk], deltas, kk, slot_idx)
             y = net.ln(x, net.ln1[layer])
-            if x.shape[0] == 3 * H:  # every input distinct: permute the (smaller) weights, not the inputs
-                order = torch.empty_like(inverse)
-                order[inverse] = torch.arange(3 * H, device=inverse.device)
-                order = order.to(x.device)
-                proj = torch.baddbmm(b.index_select(0, order)[:, None], y, W.index_select(0, order))
-                out[kk].index_copy_(0, order, proj)
-                continue
             counts = torch.bincount(inverse, minlength=x.shape[0])
             largest = int(counts.argmax())
             # fused only when few receivers are overwritten: each overwritten one is a wasted
-            # [T, D] @ [D, d_head] GEMM, dearer than gathering the group's weights beyond about
-            # a sixth of the receivers (measured at T ~ 830, D 768: 24 of 36 in one group,
-            # 37 ms fused vs 31 ms gathered; 30 of 36 equal; 35 of 36 26 vs 29 ms)
+            # [T, D] @ [D, d_head] GEMM (the rule was measured against per-group GEMMs with gathered
+            # weights, at T ~ 830, D 768: 24 of 36 in one group, 37 ms fused vs 31 ms; 30 of 36
+            # equal; 35 of 36 26 vs 29 ms)
             fuse = 6 * (3 * H - int(counts[largest])) <= 3 * H
             if fuse:
                 # a group of at least five sixths of the receivers takes the fused projection of
-                # every receiver (no weight copy); the other groups then overwrite their receivers
+                # every receiver (no weight copy); the other receivers are then overwritten
                 fused = torch.addmm(net.b_qkv[layer], y[largest], net.W_qkv[layer])  # [T, (3, H, dh)]
                 out[kk].view(H, 3, T, dh).copy_(fused.view(T, 3, H, dh).permute(2, 1, 0, 3))
-            # else one projection per distinct input with its receivers' weights (the weights are
-            # gathered: smaller than the inputs, which are never copied)
-            for u in range(x.shape[0]):
-                if u == largest and fuse:
-                    continue
-                members = (inverse == u).nonzero()[:, 0].to(y.device)
-                W_u = self.receiver_columns(layer, members)  # [D, members * dh] (one gather)
-                b_u = b.index_select(0, members).reshape(-1)
-                proj = torch.addmm(b_u, y[u], W_u).view(T, len(members), dh)
-                out[kk].index_copy_(0, members, proj.permute(1, 0, 2))
+            for r, u in enumerate(inverse.tolist()):
+                if not (fuse and u == largest):
+                    torch.addmm(b[r], y[u], W[r], out=out[kk, r])
         qkv = out.view(k, H, 3, n, P, dh)
         return tuple(qkv[:, :, i].reshape(k * H, n, P, dh) for i in range(3))
-
-    def receiver_columns(self, layer: int, members: Tensor) -> Float[Tensor, "d_model members_dh"]:
-        """The q/k/v weights of receivers ``members`` (offsets into the layer's ``3 * n_heads``
-        head receivers) side by side: ``[d_model, len(members) * d_head]``, gathered by one
-        column selection from the layer's receiver-major weights (kept once per engine)."""
-        cols = getattr(self, "_receiver_cols", None)
-        if cols is None:  # [L, D, (3H receivers, dh)]: each receiver's d_head columns side by side
-            L, R, D, dh = self.W_hqkv.shape[0], 3 * self.net.n_heads, self.net.d_model, self.net.d_head
-            cols = self._receiver_cols = self.W_hqkv.view(L, R, D, dh).permute(0, 2, 1, 3).reshape(L, D, R * dh)
-        dh = self.net.d_head
-        idx = (members[:, None] * dh + torch.arange(dh, device=members.device)).reshape(-1)
-        return cols[layer].index_select(1, idx)
 
     def _single_input(self, resid: Tensor, block: Tensor, host_block: Tensor, deltas: "_Deltas", slot_idx,
                       differentiable: bool):
