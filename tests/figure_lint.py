@@ -29,8 +29,9 @@ OVERLAP_TOLERANCE_PT = 1.0
 # matplotlib writes). Fixed format reads better for any magnitude a figure shows; a true numerical
 # error is written 1.2×10⁻⁷ (ioi.plots.common.sci).
 E_NOTATION = re.compile(r"(?<![0-9A-Za-z_.])[-+−]?\d+(?:\.\d*)?[eE][-+−]?\d+(?![0-9A-Za-z_])")
-# The ×10ⁿ form where fixed format is as short: 10⁻³ .. 10⁴.
-SHORT_POWER = re.compile(r"×\s?10([⁻]?)([⁰¹²³⁴])(?![⁰¹²³⁴⁵⁶⁷⁸⁹])")
+# The ×10ⁿ form where fixed format is as short: 10⁻³ .. 10⁴ (a colour scale factors out 10⁻⁴ and
+# below: ioi.plots.common._display_exponent).
+SHORT_POWER = re.compile(r"×\s?10(?:⁻[¹²³]|[⁰¹²³⁴])(?![⁰¹²³⁴⁵⁶⁷⁸⁹])")
 
 
 @dataclasses.dataclass

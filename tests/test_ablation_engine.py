@@ -279,8 +279,9 @@ def test_parallel_paths_match_reference_and_repeat_bit_identically(mode, two_thr
     expected = torch.stack([_reference(model, batch, means, circuit, k, "all_positions") for k in sets]
                            + [_reference(model, batch, means, circuit, k, "relevant_positions") for k in sets])
     torch.testing.assert_close(values[0], expected, atol=ATOL, rtol=0)
-    # float32 rounding (the parts' matmuls have other row counts): a few ulps of the logits
-    torch.testing.assert_close(values[0], values[2], atol=1e-6, rtol=1e-6)
+    # float32 rounding (the parts' matmuls have other row counts): a few ulps of the logits through
+    # three layers (up to 1.6e-6 at a logit difference of 0.54 with MKL's AVX2 kernels, AMD EPYC)
+    torch.testing.assert_close(values[0], values[2], atol=1e-5, rtol=1e-5)
 
 
 def test_prompt_parts_resume_from_serial_runs_and_back(two_threads):

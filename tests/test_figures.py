@@ -200,3 +200,23 @@ def test_lint_catches_each_defect_on_a_synthetic_figure():
     assert any("far too long" in p for p in cells) and not any("'x'" in p for p in cells), cells
     assert numbers and "1.4e+02" in numbers[0], numbers
     assert outlines and "outlines no circuit head" in outlines[0], outlines
+
+
+def test_the_exponent_lint_agrees_with_the_colour_scale_rule():
+    """A colour scale factors out the power of ten below 1e-3 and from 1e5 up
+    (ioi.plots.common._display_exponent); the lint accepts exactly those labels and flags the
+    ×10ⁿ form where fixed ticks read as well (10⁻³ .. 10⁴)."""
+    import math
+
+    from figure_lint import SHORT_POWER
+
+    from ioi.plots.common import _SUPERSCRIPT, _display_exponent
+
+    for bound in (9.9e-4, 1e-4, 3e-5, 2e-7, 1e5, 4e12):
+        exponent = _display_exponent(bound)
+        assert exponent == math.floor(math.log10(bound))
+        assert not SHORT_POWER.search(f"(×10{str(exponent).translate(_SUPERSCRIPT)})"), bound
+    for bound in (1e-3, 0.5, 12.0, 9.9e4):
+        assert _display_exponent(bound) == 0
+    for exponent in (-3, -2, -1, 0, 1, 2, 3, 4):
+        assert SHORT_POWER.search(f"×10{str(exponent).translate(_SUPERSCRIPT)}"), exponent
