@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## Run the test suite (what CI runs).
+## Run the test suite (what CI runs): one pytest-xdist worker per core, each test file on one worker
+## (its module fixtures are built once); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 ## Regenerate every figure and table from GPT-2 small (needs network once, or model_path).
 figures: $(STAMP)

@@ -29,6 +29,14 @@ if TEST_DEVICE != "cpu":
 
 TINY_SPECS = ("random-L2-H4-D16", "random-L3-H2-D8", "random-L1-H3-D12")
 
+# `make test` runs the suite on pytest-xdist workers (one per core). Each worker then takes its share
+# of the cores for torch's intra-op threads: two workers of two threads on a 2-core runner would
+# oversubscribe it (OpenMP's spinning makes small ops several times slower). A test that sets its own
+# thread count still does; this is only the default.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
@@ -49,20 +57,42 @@ CI_RESULTS = REPO / "results" / "planted-ioi-ci"
 CI_FIGURES = REPO / "figures" / "planted-ioi-ci"
 
 
+def _repo_workflow_lock(tmp_path_factory):
+    """One lock, shared by every xdist worker of the session (their common temporary root), around
+    every real Snakemake run in the repository folder: Snakemake refuses a second run on files a
+    running one holds, and the demo's results are shared by the tests of every worker."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if XDIST_WORKERS > 1:
+        root = root.parent
+    return FileLock(str(root / "repo-workflow.lock"))
+
+
 @pytest.fixture(scope="session")
-def planted_demo():
+def planted_demo(tmp_path_factory):
     """Run the offline demo DAG (planted model, reduced N: config/ci.yaml) once per session.
 
-    Snakemake only re-runs what is out of date, so a second session is fast."""
+    Snakemake only re-runs what is out of date, so a second session (or the second xdist worker,
+    which waits on the lock for the first) is fast."""
     import subprocess
     import sys
 
     command = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile",
                "config/offline.yaml", "config/ci.yaml", "--quiet", "rules"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    with _repo_workflow_lock(tmp_path_factory):
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         pytest.fail(f"offline demo failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
     return CI_RESULTS
+
+
+@pytest.fixture
+def repo_workflow(planted_demo, tmp_path_factory):
+    """For a test that runs Snakemake in the repository folder itself (a report, the SLURM run):
+    holds the workflow lock for the test, so no other worker's demo run overlaps it."""
+    with _repo_workflow_lock(tmp_path_factory):
+        yield planted_demo
 
 
 @pytest.fixture(scope="session")

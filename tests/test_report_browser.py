@@ -137,7 +137,7 @@ def _plain(text: str) -> str:
 
 
 @pytest.mark.slow
-def test_report_renders_every_figure_and_caption_in_chromium(planted_demo, tmp_path):
+def test_report_renders_every_figure_and_caption_in_chromium(repo_workflow, tmp_path):
     chromium = _chromium()
     report = tmp_path / "report.html"
     done = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "config/offline.yaml",

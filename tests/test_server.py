@@ -7,6 +7,8 @@ the one-paragraph message; a job that finds the server gone (idled out) starts o
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,11 +35,15 @@ def _selfcheck(tmp_path: Path, name: str) -> dict:
 @pytest.fixture
 def server_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("IOI_MODEL_SERVER_DIR", str(tmp_path))
+    # The sockets in a short folder of their own: an AF_UNIX path holds at most 107 bytes, and
+    # pytest-xdist's per-worker temporary folders (``.../popen-gw0/<test>0/``) can pass that.
+    sockets = Path(tempfile.mkdtemp(prefix="ioi-srv-", dir="/tmp"))
+    monkeypatch.setenv("IOI_MODEL_SERVER_DIR", str(sockets))
     monkeypatch.setenv("IOI_MODEL_SERVER_IDLE_S", "30")
     yield tmp_path
-    for sock in tmp_path.glob("*.sock"):
+    for sock in sockets.glob("*.sock"):
         sock.unlink()  # the server stops when its socket goes
+    shutil.rmtree(sockets, ignore_errors=True)
 
 
 def test_served_jobs_equal_jobs_in_their_own_process(server_dir, monkeypatch, capsys):

@@ -197,7 +197,7 @@ def test_never_starts_flags_jobs_beyond_the_node():
 
 
 @pytest.mark.slow
-def test_demo_on_slurm_matches_the_local_run(planted_demo, slurm_env, tmp_path):
+def test_demo_on_slurm_matches_the_local_run(repo_workflow, slurm_env, tmp_path):
     assert {FIGURES[name].experiment for name in FIGURES_ON_CLUSTER} == set(ON_CLUSTER) - {
         PAGES[name].experiment for name in PAGES_ON_CLUSTER}
     for folder in (SLURM, SLURM_FIGURES):
@@ -256,7 +256,7 @@ def test_demo_on_slurm_matches_the_local_run(planted_demo, slurm_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_job_the_node_cannot_run_fails_fast(slurm_env, tmp_path):
+def test_a_job_the_node_cannot_run_fails_fast(repo_workflow, slurm_env, tmp_path):
     """A model load (the run's first job) asking for one CPU more than the node has stays PENDING
     (PartitionConfig) for ever: the watchdog stops the run and fails within seconds, naming the job."""
     cpus = int(_run(["sinfo", "-h", "-N", "-o", "%c"], slurm_env).split()[0])

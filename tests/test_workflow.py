@@ -53,7 +53,7 @@ def test_offline_demo_produces_every_file(planted_demo):
 
 
 @pytest.mark.slow
-def test_report_holds_every_figure_with_its_caption(planted_demo, tmp_path):
+def test_report_holds_every_figure_with_its_caption(repo_workflow, tmp_path):
     report = tmp_path / "report.html"
     done = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "config/offline.yaml",
                            "config/ci.yaml", "--report", str(report)],
