@@ -38,22 +38,18 @@ def test_layer0_s2_residual_patch_restores_clean(results):
     assert np.allclose(grid[:, others], 0.0, atol=1e-4)  # positions before S2 carry no difference
 
 
-def _assert_same_effects(a, b, summary) -> None:
+def _assert_same_effects(a, b) -> None:
     """Two experiments' normalised effects ``(LD - LD_corrupted) / (LD_clean - LD_corrupted)`` of
-    the same patch agree at the project's tolerance (1e-4, float32), and their logit differences
-    to 1e-6. On this random model ``LD_clean - LD_corrupted`` is about 0.0015, so float32 rounding
-    of the logit difference (~1e-7 to 1e-8) moves the normalised effect by up to ~1e-4; the two
-    experiments batch their runs differently and round differently on different CPU kernels (an
-    AVX512 host read 2.0e-5 where others read below 1e-5)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    np.testing.assert_allclose(a, b, atol=1e-4)
-    scale = abs(summary["clean_logit_diff"] - summary["corrupted_logit_diff"])
-    np.testing.assert_allclose(a * scale, b * scale, atol=1e-6)
+    the same patch agree at the project's tolerance (1e-4, float32). On this random model
+    ``LD_clean - LD_corrupted`` is about 0.0015, so float32 rounding of the logit difference moves
+    the normalised effect by up to ~1e-4: the two experiments batch their runs differently and round
+    differently on different CPU kernels (an AVX512 host read 2.0e-5, over the 1e-5 this used)."""
+    np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), atol=1e-4)
 
 
 def test_block_resid_pre_matches_resid_pre_experiment(results):
     _assert_same_effects(results["act_patch_block"].summary["resid_pre"],
-                         results["act_patch_resid_pre"].summary["resid_pre"], results["act_patch_resid_pre"].summary)
+                         results["act_patch_resid_pre"].summary["resid_pre"])
 
 
 def test_head_every_output_matches_head_out(results):
@@ -61,7 +57,7 @@ def test_head_every_output_matches_head_out(results):
     out = results["act_patch_head_out"].summary["output"]
     assert set(every) >= set(out)
     keys = sorted(out)
-    _assert_same_effects([every[k] for k in keys], [out[k] for k in keys], results["act_patch_head_out"].summary)
+    _assert_same_effects([every[k] for k in keys], [out[k] for k in keys])
 
 
 @pytest.mark.parametrize("name", NAMES)
